@@ -1,0 +1,24 @@
+"""Liveness and readiness, for load balancers and orchestrators (not behind the API key)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from modelhost.registry.registry import Registry
+
+
+def health_routes(registry: Registry) -> list[Route]:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        waiting = registry.not_ready_required()
+        models = {rt.spec.id: rt.state.value for rt in registry.runtimes.values()}
+        if waiting:
+            return JSONResponse({"status": "not_ready", "waiting_for": waiting,
+                                 "models": models}, status_code=503)
+        return JSONResponse({"status": "ready", "models": models})
+
+    return [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]

@@ -1,0 +1,105 @@
+"""One exception tree, one error envelope.
+
+Every error a client sees has the OpenAI shape::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+    ModelhostError                  500 server_error
+    ├── InvalidRequest              400 invalid_request_error (malformed JSON, bad fields)
+    ├── Unauthorized                401 authentication_error
+    ├── NotFound                    404 invalid_request_error
+    │   └── ModelNotFound           404 code=model_not_found
+    ├── RequestTooLarge             413 invalid_request_error
+    ├── Overloaded                  429 rate_limit_error, Retry-After
+    ├── UpstreamError               502 upstream_error: the worker failed, not the gateway
+    └── ModelNotReady               503 service_unavailable, Retry-After
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class ModelhostError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class InvalidRequest(ModelhostError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ModelhostError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ModelhostError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class RequestTooLarge(ModelhostError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Overloaded(ModelhostError):
+    status = 429
+    type = "rate_limit_error"
+    code = "model_overloaded"
+
+
+class UpstreamError(ModelhostError):
+    status = 502
+    type = "upstream_error"
+    code = "worker_error"
+
+
+class ModelNotReady(ModelhostError):
+    status = 503
+    type = "service_unavailable"
+    code = "model_not_ready"
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def sse_error_event(error: ModelhostError) -> bytes:
+    """The last event of a stream that failed after it started (status is already sent)."""
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"

@@ -1,0 +1,341 @@
+"""One model's owner: the only task that moves the model through its lifecycle.
+
+Callers never change state themselves. They say what they want (`ensure_ready`, `unload`)
+and the owner task drives the model there, one step at a time, so that downloads, starts,
+crash restarts, idle unloads and shutdown can never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from modelhost.catalog import SourceUnavailable, local_weights
+from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
+from modelhost.errors import ModelNotReady, UpstreamError
+from modelhost.registry.lifecycle import State, check_transition
+from modelhost.workers.plans import launch_plan
+from modelhost.workers.process import (
+    BackendConfigError,
+    WorkerProcess,
+    WorkerStartError,
+    free_port,
+)
+
+log = logging.getLogger(__name__)
+
+# A worker that stayed up this long is healthy again: its crash count starts over.
+HEALTHY_UPTIME = 60.0
+MAX_BACKOFF = 30.0
+# A failed model is retried by the next request only after this many seconds.
+FAILED_RETRY_AFTER = 10.0
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    cache_dir: Path
+    log_dir: Path
+    stop_timeout: float
+    hf_token: str | None = None
+
+
+Listener = Callable[["ModelRuntime", State], None]
+
+
+class ModelRuntime:
+    def __init__(self, spec: ModelSpec, ctx: RuntimeContext) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.state = State.cached
+        self.last_error: str | None = None
+        self.worker: WorkerProcess | None = None
+        self.weights: Path | None = None
+        self.upstream: str | None = None  # base URL ending in /v1 while ready
+        self.last_used = time.monotonic()
+        self.restarts = 0
+        self.failures = 0
+        self.listeners: list[Listener] = []
+        self._failed_at = 0.0
+        self._want_ready = False
+        self._retry = False
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what callers use --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find where the model's weights are and start the owner task."""
+        try:
+            self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
+            needs_download = isinstance(self.spec.source, HubSource) and self.weights is None
+            self.state = State.absent if needs_download else State.cached
+        except SourceUnavailable as exc:
+            self.state, self.last_error = State.failed, str(exc)
+            self._failed_at = time.monotonic()
+        self._task = asyncio.create_task(self._own(), name=f"owner:{self.spec.id}")
+
+    async def ensure_ready(self, timeout: float) -> str:
+        """Return the worker's base URL, loading the model first if needed.
+
+        Idempotent and safe to call from many requests at once: they all wait for the same
+        load. Waits at most `timeout` seconds (ModelNotReady, 503 with Retry-After); a load
+        that fails raises UpstreamError (502) with the reason.
+        """
+        self.last_used = time.monotonic()
+        if self.state is State.ready and self.upstream is not None:
+            return self.upstream
+        if self.state is State.failed:
+            wait = FAILED_RETRY_AFTER - (time.monotonic() - self._failed_at)
+            if wait > 0:
+                raise UpstreamError(f"model '{self.spec.id}' failed: {self.last_error}",
+                                    code="model_failed", retry_after=wait)
+        failures = self.failures
+        self.want_ready()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.state is State.ready and self.upstream is not None:
+                return self.upstream
+            if self.state is State.failed and self.failures != failures:
+                raise UpstreamError(f"model '{self.spec.id}' failed to load: {self.last_error}",
+                                    code="model_failed", retry_after=FAILED_RETRY_AFTER)
+            if not self._want_ready:
+                raise ModelNotReady(f"model '{self.spec.id}' was unloaded while loading",
+                                    retry_after=1)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelNotReady(
+                    f"model '{self.spec.id}' is not ready yet (state: {self.state}); "
+                    "retry later", retry_after=5)
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
+    def want_ready(self) -> None:
+        if not self._want_ready or self.state is State.failed:
+            self._want_ready = True
+            self._retry = True
+            self._wake.set()
+
+    def unload(self) -> None:
+        self._want_ready = False
+        self._wake.set()
+
+    async def worker_lost(self, grace: float = 2.0) -> bool:
+        """After a connection to the worker was refused: wait briefly for the owner to see
+        the worker's exit. True when the worker is gone (a restart is under way)."""
+        worker = self.worker
+        deadline = time.monotonic() + grace
+        while worker is not None and worker.returncode is None and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return worker is None or worker.returncode is not None or self.state is not State.ready
+
+    async def close(self) -> None:
+        """Stop the worker and the owner task (gateway shutdown)."""
+        self._want_ready = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.worker is not None:
+            if self.state in (State.ready, State.starting):
+                self._set(State.stopping)
+            await self.worker.stop()
+            self.worker = None
+            self.upstream = None
+            if self.state is State.stopping:
+                self._set(State.cached)
+
+    # -- the owner ---------------------------------------------------------------------
+
+    def _set(self, new: State, error: str | None = None) -> None:
+        check_transition(self.state, new)
+        old, self.state = self.state, new
+        if new is State.failed:
+            self.failures += 1
+            self._failed_at = time.monotonic()
+            self.last_error = error
+            log.error("model %s failed: %s", self.spec.id, error)
+        elif error:
+            self.last_error = error
+        if old is not new:
+            log.info("model %s: %s -> %s", self.spec.id, old, new)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self.listeners:
+            listener(self, old)
+
+    async def _own(self) -> None:
+        while True:
+            self._wake.clear()
+            state = self.state
+            if self._want_ready:
+                if state is State.absent:
+                    await self._download()
+                    continue
+                if state is State.cached:
+                    await self._launch()
+                    continue
+                if state is State.ready:
+                    await self._watch()
+                    continue
+                if state is State.failed and self._retry:
+                    self._retry = False
+                    self.restarts = 0
+                    retry_from = State.cached if self.weights is not None or \
+                        not isinstance(self.spec.source, HubSource) else State.absent
+                    with contextlib.suppress(SourceUnavailable):
+                        self.weights = await asyncio.to_thread(
+                            local_weights, self.spec, self.ctx.cache_dir)
+                    self._set(retry_from)
+                    continue
+            elif state is State.ready:
+                await self._stop()
+                continue
+            await self._wake.wait()
+
+    async def _download(self) -> None:
+        source = self.spec.source
+        assert isinstance(source, HubSource)
+        self._set(State.downloading)
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = await asyncio.to_thread(
+                snapshot_download, source.hf, revision=source.revision,
+                allow_patterns=source.files, cache_dir=self.ctx.cache_dir,
+                token=self.ctx.hf_token)
+        except Exception as exc:  # any hub or disk error fails the download, with its reason
+            self._set(State.failed, f"download of {source.hf}@{source.revision} failed: {exc}")
+            return
+        self.weights = Path(path)
+        self._set(State.cached)
+
+    async def _launch(self) -> None:
+        """cached → starting → ready, retrying with backoff; failed when retries run out."""
+        if self.state is not State.starting:  # a crash restart is already in `starting`
+            self._set(State.starting)
+        while self._want_ready:
+            try:
+                self.upstream = await self._start_once()
+            except (WorkerStartError, BackendConfigError, OSError) as exc:
+                if isinstance(exc, BackendConfigError | FileNotFoundError | PermissionError) \
+                        or self.restarts >= self.spec.max_restarts:
+                    self._set(State.failed, str(exc))
+                    return
+                await self._backoff(str(exc))
+                continue
+            self._set(State.ready)
+            return
+        # Unloaded while starting.
+        self._set(State.stopping)
+        await self._stop_worker()
+        self._set(State.cached)
+
+    async def _start_once(self) -> str:
+        spec = self.spec
+        if spec.backend is Backend.remote:
+            assert isinstance(spec.source, UrlSource)
+            await _probe_remote(spec.source)
+            return spec.source.url
+        port = free_port(LOOPBACK)
+        plan = launch_plan(spec, self.weights, LOOPBACK, port, _gpus(spec), self.ctx.hf_token)
+        plan.env.update(spec.env)
+        safe = spec.id.replace("/", "__").replace(":", "_")
+        worker = WorkerProcess(spec.id, plan, LOOPBACK, port,
+                               self.ctx.log_dir / "workers" / f"{safe}.log", self.ctx.stop_timeout)
+        self.worker = worker
+        await worker.start()
+        try:
+            await worker.wait_ready(spec.start_timeout)
+        except BaseException:
+            await worker.stop()
+            self.worker = None
+            raise
+        return worker.base_url + "/v1"
+
+    async def _backoff(self, reason: str) -> None:
+        self.restarts += 1
+        delay = min(0.5 * 2 ** (self.restarts - 1), MAX_BACKOFF)
+        self.last_error = reason
+        log.warning("model %s: %s; restart %d/%d in %.1f s", self.spec.id, reason,
+                    self.restarts, self.spec.max_restarts, delay)
+        self._set(State.starting)
+        with contextlib.suppress(asyncio.TimeoutError):
+            # An unload during the backoff ends it early.
+            await asyncio.wait_for(self._until_unwanted(), delay)
+
+    async def _until_unwanted(self) -> None:
+        while self._want_ready:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _watch(self) -> None:
+        """While ready: wait for the worker to exit (a crash) or for a change of plan."""
+        worker = self.worker
+        if worker is None:  # a remote model: nothing to watch
+            await self._wake.wait()
+            return
+        exited = asyncio.ensure_future(worker.wait())
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({exited, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not exited.done():
+                exited.cancel()
+        if not exited.done() or exited.cancelled():
+            return
+        code = exited.result()
+        uptime = time.monotonic() - worker.started_at
+        reason = f"worker exited with status {code}"
+        tail = worker.tail(8)
+        self.worker = None
+        self.upstream = None
+        if uptime > HEALTHY_UPTIME:
+            self.restarts = 0
+        log.warning("model %s: %s after %.0f s%s", self.spec.id, reason, uptime,
+                    f"; last output:\n{tail}" if tail else "")
+        if self.restarts >= self.spec.max_restarts:
+            self._set(State.failed, f"{reason}; {self.restarts} restart(s) did not help")
+            return
+        await self._backoff(reason)
+        await self._launch()
+
+    async def _stop(self) -> None:
+        self._set(State.stopping)
+        await self._stop_worker()
+        self._set(State.cached)
+
+    async def _stop_worker(self) -> None:
+        self.upstream = None
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+
+
+def _gpus(spec: ModelSpec) -> list[int]:
+    if spec.gpus is not None:
+        return list(spec.gpus)
+    return list(range(spec.gpu_count))
+
+
+async def _probe_remote(source: UrlSource) -> None:
+    headers = {"Authorization": f"Bearer {source.api_key}"} if source.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=10)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(source.url + "/models", headers=headers) as resp:
+            if resp.status != 200:
+                raise WorkerStartError(f"remote server {source.url} answered {resp.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise WorkerStartError(f"remote server {source.url} unreachable: {exc}") from exc

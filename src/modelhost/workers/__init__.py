@@ -1,0 +1,1 @@
+"""Worker processes: what a worker is (a backend's launch plan) and how it is supervised."""

@@ -1,0 +1,25 @@
+"""What a worker is: from a model spec to the command line that serves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelhost.config import Backend, ModelSpec
+from modelhost.workers import llamacpp, vllm
+from modelhost.workers.process import BackendConfigError, LaunchPlan
+
+
+def launch_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
+                gpus: list[int], hf_token: str | None = None) -> LaunchPlan:
+    if spec.backend is Backend.command:
+        assert spec.command is not None
+        argv = [part.replace("{port}", str(port)).replace("{host}", host)
+                for part in spec.command]
+        return LaunchPlan(argv=argv, env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))})
+    if weights is None:
+        raise BackendConfigError(f"model '{spec.id}' has no local weights")
+    if spec.backend is Backend.llamacpp:
+        return llamacpp.plan(spec, weights, host, port, gpus)
+    if spec.backend is Backend.vllm:
+        return vllm.plan(spec, weights, host, port, gpus, hf_token)
+    raise BackendConfigError(f"backend '{spec.backend}' does not start processes")

@@ -1,0 +1,174 @@
+"""Supervision of one worker process: spawn, readiness probe, output capture, stop.
+
+A `WorkerProcess` is one run of a worker; a restart is a new `WorkerProcess`. Restart policy
+lives with the model's owner (`registry.runtime`), not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+OUTPUT_LINES = 400
+LOG_FILE_BYTES = 10 * 1024 * 1024
+
+
+@dataclass
+class LaunchPlan:
+    """What to run for a worker: the command, its environment, and how to probe it."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    probe_path: str = "/v1/models"
+
+
+class BackendConfigError(Exception):
+    """A model spec that cannot be turned into a worker command line."""
+
+
+class WorkerStartError(Exception):
+    """The worker exited or did not answer its probe in time; the message says which."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerProcess:
+    def __init__(self, name: str, plan: LaunchPlan, host: str, port: int,
+                 log_file: Path | None, stop_timeout: float) -> None:
+        self.name = name
+        self.plan = plan
+        self.host = host
+        self.port = port
+        self.base_url = f"http://{host}:{port}"
+        self.log_file = log_file
+        self.stop_timeout = stop_timeout
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+        self.started_at = 0.0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(list(self.output)[-lines:])
+
+    async def start(self) -> None:
+        env = {**os.environ, **self.plan.env, "MODELHOST_SHIM_PARENT": str(os.getpid()),
+               "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "modelhost.workers.shim", str(self.stop_timeout), "--",
+                *self.plan.argv]
+        log.info("starting worker %s on port %d: %s", self.name, self.port,
+                 " ".join(self.plan.argv))
+        self.started_at = time.monotonic()
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a stop reaches every child
+        )
+        self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.name}")
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        sink = None
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                if self.log_file.stat().st_size > LOG_FILE_BYTES:
+                    self.log_file.replace(self.log_file.with_suffix(".log.1"))
+            sink = self.log_file.open("ab")
+        try:
+            async for raw in self._proc.stdout:
+                if sink is not None:
+                    sink.write(raw)
+                    sink.flush()
+                self.output.append(raw.decode(errors="replace").rstrip())
+        finally:
+            if sink is not None:
+                sink.close()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll the worker's probe until it answers 200, it exits, or `timeout` passes."""
+        assert self._proc is not None
+        url = self.base_url + self.plan.probe_path
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                if self._proc.returncode is not None:
+                    await self._drain()
+                    raise WorkerStartError(
+                        f"worker exited with status {self._proc.returncode} while starting"
+                        + self._tail_note())
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(url) as resp:
+                        if resp.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(
+                        f"worker did not answer {self.plan.probe_path} within {timeout:g} s"
+                        + self._tail_note())
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+
+    def _tail_note(self) -> str:
+        tail = self.tail(8)
+        return f"; last output:\n{tail}" if tail else ""
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        self._sweep_group()
+        await self._drain()
+        return code
+
+    async def _drain(self) -> None:
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 2)
+
+    def _sweep_group(self) -> None:
+        # Whatever the worker left in its group after the shim exited.
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+    async def stop(self) -> int | None:
+        """SIGTERM (the shim forwards it to the group), then SIGKILL after the timeout."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                # The shim itself escalates after stop_timeout; allow it a little more.
+                await asyncio.wait_for(proc.wait(), self.stop_timeout + 2)
+            except asyncio.TimeoutError:
+                log.warning("worker %s ignored SIGTERM; killing its process group", self.name)
+        self._sweep_group()
+        code = await proc.wait()
+        await self._drain()
+        return code

@@ -1,0 +1,87 @@
+"""Process-group guardian placed between the gateway and every worker.
+
+    python -m modelhost.workers.shim GRACE_SECONDS -- COMMAND [ARGS...]
+
+The gateway starts this shim as the leader of a new process group; the shim starts the real
+worker (vllm, llama.cpp, ...) inside that group and stays as its parent. It guarantees that no
+worker outlives the gateway, even when the gateway is killed with SIGKILL and cannot clean up:
+
+* Linux: PR_SET_PDEATHSIG delivers SIGTERM to the shim the moment its parent dies;
+  elsewhere a thread polls getppid() once a second.
+* On SIGTERM/SIGINT (a graceful stop, or the parent's death) the shim sends SIGTERM to the
+  whole group, so the worker's own children (vLLM's tensor-parallel processes) stop too,
+  waits GRACE_SECONDS, then SIGKILLs the group.
+
+The shim exits with the worker's exit status (128 + signal number when it was killed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+
+
+def _watch_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def poll() -> None:
+        while True:
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=poll, daemon=True).start()
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m modelhost.workers.shim GRACE -- COMMAND [ARGS...]",
+              file=sys.stderr)
+        return 2
+    grace = float(argv[0])
+    parent = int(os.environ.pop("MODELHOST_SHIM_PARENT", os.getppid()))
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _watch_parent(parent)
+    if stopping.is_set():
+        return 128 + signal.SIGTERM
+
+    child = subprocess.Popen(argv[2:])
+    while child.poll() is None and not stopping.wait(0.2):
+        pass
+    if stopping.is_set() and child.poll() is None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        pgid = os.getpgrp()
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Kill whatever is left in the group (the worker's own children, the shim last).
+        os.killpg(pgid, signal.SIGKILL)
+    code = child.wait()
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

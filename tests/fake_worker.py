@@ -1,0 +1,116 @@
+"""A small OpenAI-compatible worker for relay and fault tests: a real process on loopback.
+
+    python tests/fake_worker.py --port PORT [--startup-delay S] [--exit-at-start CODE]
+
+Each request may carry a `fake` object to steer it:
+    tokens (int, 3)            chunks/words in the answer
+    first_token_delay (float)  seconds before the first chunk
+    gap (float)                seconds between chunks
+    crash_after (int)          the process exits (os._exit) after sending this many chunks
+    status (int)               answer with this HTTP status and an OpenAI error body
+GET /stats reports requests, completed and cancelled streams (a client that went away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+stats = {"requests": 0, "completed": 0, "cancelled": 0}
+
+
+def _chunk(model: str, i: int, content: str | None, finish: str | None) -> bytes:
+    delta: dict[str, Any] = {"content": content} if content is not None else {}
+    if i == 0:
+        delta["role"] = "assistant"
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    stats["requests"] += 1
+    payload = await request.json()
+    fake = payload.get("fake") or {}
+    model = payload.get("model", "fake")
+    if "status" in fake:
+        return web.json_response({"error": {"message": f"fake error {fake['status']}",
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": None}}, status=int(fake["status"]))
+    tokens = int(fake.get("tokens", 3))
+    words = [f"word{i}" for i in range(tokens)]
+    await asyncio.sleep(float(fake.get("first_token_delay", 0)))
+    if not payload.get("stream"):
+        stats["completed"] += 1
+        return web.json_response({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": " ".join(words)}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
+                      "total_tokens": tokens + 1}})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    try:
+        for i, word in enumerate(words):
+            if "crash_after" in fake and i >= int(fake["crash_after"]):
+                os._exit(17)
+            await resp.write(_chunk(model, i, word + " ", None))
+            await asyncio.sleep(float(fake.get("gap", 0)))
+        await resp.write(_chunk(model, tokens, None, "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        stats["cancelled"] += 1
+        raise
+    stats["completed"] += 1
+    return resp
+
+
+async def completions(request: web.Request) -> web.Response:
+    stats["requests"] += 1
+    payload = await request.json()
+    stats["completed"] += 1
+    return web.json_response({
+        "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
+        "model": payload.get("model", "fake"),
+        "choices": [{"index": 0, "text": " fake", "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": "fake", "object": "model", "created": 1, "owned_by": "fake"}]})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response({**stats, "pid": os.getpid()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--startup-delay", type=float, default=0)
+    parser.add_argument("--exit-at-start", type=int)
+    args = parser.parse_args()
+    print(f"fake worker starting on {args.host}:{args.port}", flush=True)
+    if args.exit_at_start is not None:
+        print("fake worker: exiting at start as asked", flush=True)
+        sys.exit(args.exit_at_start)
+    time.sleep(args.startup_delay)
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", get_stats)
+    web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    main()
