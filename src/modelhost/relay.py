@@ -9,7 +9,6 @@ response (502 when the worker failed); after, a final `data: {"error": ...}` eve
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -68,7 +67,7 @@ class Relay:
                 return _RelayStream(runtime, admission, resp, content_type)
             try:
                 data = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
                                     f"{_describe(exc)}") from exc
             finally:
@@ -86,7 +85,7 @@ class Relay:
             base = await runtime.ensure_ready(self.load_wait_timeout)
             try:
                 return await self._session.post(base + path, data=body, headers=headers)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
                 if attempt == 1 and await runtime.worker_lost():
@@ -119,7 +118,7 @@ class _RelayStream(StreamingResponse):
             async for chunk in self._resp.content.iter_any():
                 yield chunk
             self._complete = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("model %s: stream broken: %s", self._runtime.spec.id, _describe(exc))
             yield sse_error_event(UpstreamError(
                 f"worker of '{self._runtime.spec.id}' failed mid-stream: {_describe(exc)}"))
@@ -150,7 +149,7 @@ async def _upstream_failure(runtime: ModelRuntime, resp: aiohttp.ClientResponse
                             ) -> ModelhostError:
     try:
         raw = await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         raw = b""
     finally:
         resp.release()

@@ -23,7 +23,8 @@ class Registry:
         self.catalog = catalog
         self.lazy = lazy
         self.reap_interval = reap_interval
-        self.runtimes: dict[str, ModelRuntime] = {s.id: ModelRuntime(s, ctx) for s in catalog.models}
+        self.runtimes: dict[str, ModelRuntime] = {
+            s.id: ModelRuntime(s, ctx) for s in catalog.models}
         self.admissions = {s.id: Admission(s.id, s.max_concurrency, s.max_queue)
                            for s in catalog.models}
         self._reaper: asyncio.Task[None] | None = None

@@ -337,5 +337,5 @@ async def _probe_remote(source: UrlSource) -> None:
                 session.get(source.url + "/models", headers=headers) as resp:
             if resp.status != 200:
                 raise WorkerStartError(f"remote server {source.url} answered {resp.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise WorkerStartError(f"remote server {source.url} unreachable: {exc}") from exc

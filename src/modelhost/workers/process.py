@@ -166,7 +166,7 @@ class WorkerProcess:
             try:
                 # The shim itself escalates after stop_timeout; allow it a little more.
                 await asyncio.wait_for(proc.wait(), self.stop_timeout + 2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("worker %s ignored SIGTERM; killing its process group", self.name)
         self._sweep_group()
         code = await proc.wait()
