@@ -1,6 +1,7 @@
 """A small OpenAI-compatible worker for relay and fault tests: a real process on loopback.
 
     python tests/fake_worker.py --port PORT [--startup-delay S] [--exit-at-start CODE]
+                                [--events FILE]
 
 Each request may carry a `fake` object to steer it:
     tokens (int, 3)            chunks/words in the answer
@@ -8,7 +9,9 @@ Each request may carry a `fake` object to steer it:
     gap (float)                seconds between chunks
     crash_after (int)          the process exits (os._exit) after sending this many chunks
     status (int)               answer with this HTTP status and an OpenAI error body
-GET /stats reports requests, completed and cancelled streams (a client that went away).
+GET /stats reports requests, completed and cancelled streams (a client that went away);
+with --events, the same happenings are appended to FILE as lines ("started PID", "request",
+"completed", "cancelled"), so a test can watch a worker it cannot address.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from typing import Any
 from aiohttp import web
 
 stats = {"requests": 0, "completed": 0, "cancelled": 0}
+events_file: str | None = None
+
+
+def record(event: str) -> None:
+    if event in stats:
+        stats[event] += 1
+    if events_file:
+        with open(events_file, "a") as f:
+            f.write(event + "\n")
 
 
 def _chunk(model: str, i: int, content: str | None, finish: str | None) -> bytes:
@@ -36,7 +48,7 @@ def _chunk(model: str, i: int, content: str | None, finish: str | None) -> bytes
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    stats["requests"] += 1
+    record("requests")
     payload = await request.json()
     fake = payload.get("fake") or {}
     model = payload.get("model", "fake")
@@ -48,7 +60,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     words = [f"word{i}" for i in range(tokens)]
     await asyncio.sleep(float(fake.get("first_token_delay", 0)))
     if not payload.get("stream"):
-        stats["completed"] += 1
+        record("completed")
         return web.json_response({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "finish_reason": "stop", "message": {
@@ -66,16 +78,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await resp.write(_chunk(model, tokens, None, "stop"))
         await resp.write(b"data: [DONE]\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
-        stats["cancelled"] += 1
+        record("cancelled")
         raise
-    stats["completed"] += 1
+    record("completed")
     return resp
 
 
 async def completions(request: web.Request) -> web.Response:
-    stats["requests"] += 1
+    record("requests")
     payload = await request.json()
-    stats["completed"] += 1
+    record("completed")
     return web.json_response({
         "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
         "model": payload.get("model", "fake"),
@@ -98,7 +110,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--startup-delay", type=float, default=0)
     parser.add_argument("--exit-at-start", type=int)
+    parser.add_argument("--events")
     args = parser.parse_args()
+    global events_file
+    events_file = args.events
+    record(f"started {os.getpid()}")
     print(f"fake worker starting on {args.host}:{args.port}", flush=True)
     if args.exit_at_start is not None:
         print("fake worker: exiting at start as asked", flush=True)
