@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from tests.conftest import Gateway, fake_model, started_pids, wait_for, wait_gone
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_stream_is_passed_through(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="fake", messages=MESSAGES, stream=True,
         extra_body={"fake": {"tokens": 4}})
-    chunks = list(stream)
+    chunks: list[ChatCompletionChunk] = list(stream)
     for chunk in chunks:
         ChatCompletionChunk.model_validate(chunk.model_dump())
     text = "".join(c.choices[0].delta.content or "" for c in chunks)

@@ -49,12 +49,12 @@ class Catalog:
 
     @classmethod
     def build(cls, models_file: ModelsFile) -> Catalog:
-        declared = {s.id for s in models_file.models}
         names = {n for s in models_file.models for n in s.names}
         builtin = []
         if models_file.include_builtin:
             for spec in BUILTIN_MODELS:
-                if spec.id in declared:
+                # A user model named like a built-in (by id or alias) replaces it.
+                if spec.id in names:
                     continue
                 # A user model may take a built-in alias; the built-in then loses it.
                 aliases = [a for a in spec.aliases if a not in names]
@@ -67,7 +67,10 @@ class SourceUnavailable(Exception):
 
 
 def package_path(source: PackageSource) -> Path:
-    spec = importlib.util.find_spec(source.package)
+    try:
+        spec = importlib.util.find_spec(source.package)
+    except (ImportError, ValueError):  # a dotted name whose parent package is missing
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise SourceUnavailable(
             f"package '{source.package}' is not installed "

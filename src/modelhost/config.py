@@ -183,6 +183,13 @@ class ModelSpec(_Strict):
             cls._id(alias)
         return value
 
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(set(value)) != len(value) or any(g < 0 for g in value)):
+            raise ValueError("must list distinct non-negative GPU indices")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> ModelSpec:
         if self.backend is Backend.remote and not isinstance(self.source, UrlSource):
@@ -199,16 +206,16 @@ class ModelSpec(_Strict):
             raise ValueError("`command` is only for backend 'command'")
         if self.backend in (Backend.llamacpp, Backend.vllm) and self.source is None:
             raise ValueError(f"backend '{self.backend}' needs a `source`")
-        if self.gpus is not None:
-            if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
-                raise ValueError("`gpus` must list distinct non-negative GPU indices")
-            if self.gpu_count and self.gpu_count != len(self.gpus):
-                raise ValueError("`gpu_count` disagrees with the pinned `gpus`")
+        if self.gpus is not None and self.gpu_count and self.gpu_count != len(self.gpus):
+            raise ValueError("`gpu_count` disagrees with the pinned `gpus`")
         if self.backend is Backend.vllm:
             tp = self.engine_args.get("tensor_parallel_size",
                                       self.engine_args.get("tensor-parallel-size"))
             n = len(self.gpus) if self.gpus is not None else self.gpu_count
-            if tp is not None and n and int(tp) != n:
+            if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+                raise ValueError(f"engine_args.tensor_parallel_size must be a positive "
+                                 f"integer, not {tp!r}")
+            if tp is not None and n and tp != n:
                 raise ValueError(f"engine_args.tensor_parallel_size={tp} but the model is "
                                  f"given {n} GPU(s); they must agree")
         return self

@@ -120,9 +120,10 @@ class ModelRuntime:
                 await asyncio.wait_for(changed.wait(), left)
 
     def want_ready(self) -> None:
-        if not self._want_ready or self.state is State.failed:
+        if self.state is State.failed:
+            self._retry = True  # a new demand retries a failed model (once per failure)
+        if not self._want_ready or self._retry:
             self._want_ready = True
-            self._retry = True
             self._wake.set()
 
     def unload(self) -> None:
@@ -228,9 +229,13 @@ class ModelRuntime:
             try:
                 self.upstream = await self._start_once()
             except (WorkerStartError, BackendConfigError, OSError) as exc:
-                if isinstance(exc, BackendConfigError | FileNotFoundError | PermissionError) \
-                        or self.restarts >= self.spec.max_restarts:
+                permanent = isinstance(exc, BackendConfigError | OSError) or \
+                    (isinstance(exc, WorkerStartError) and exc.permanent)
+                if permanent:
                     self._set(State.failed, str(exc))
+                    return
+                if self.restarts >= self.spec.max_restarts:
+                    self._set(State.failed, f"{exc}; gave up after {self.restarts} restart(s)")
                     return
                 await self._backoff(str(exc))
                 continue
@@ -306,7 +311,7 @@ class ModelRuntime:
         log.warning("model %s: %s after %.0f s%s", self.spec.id, reason, uptime,
                     f"; last output:\n{tail}" if tail else "")
         if self.restarts >= self.spec.max_restarts:
-            self._set(State.failed, f"{reason}; {self.restarts} restart(s) did not help")
+            self._set(State.failed, f"{reason}; gave up after {self.restarts} restart(s)")
             return
         await self._backoff(reason)
         await self._launch()

@@ -35,5 +35,11 @@ def snake_flags(args: dict[str, Any]) -> list[str]:
         if value is None:
             continue
         flag = "--" + key.replace("-", "_")
-        out += [flag, _value(value).lower() if isinstance(value, bool) else _value(value)]
+        if isinstance(value, bool):
+            out += [flag, str(value).lower()]
+        elif isinstance(value, list) and not any(isinstance(v, dict | list) for v in value):
+            # llama_cpp.server declares list settings (tensor_split) with nargs="*".
+            out += [flag, *(str(v) for v in value)]
+        else:
+            out += [flag, _value(value)]
     return out

@@ -24,19 +24,22 @@ def gguf_file(spec: ModelSpec, weights: Path) -> Path:
     if not first:
         raise BackendConfigError(f"model '{spec.id}': no .gguf file in {weights}")
     if len(first) > 1:
+        how = "`source.files`" if isinstance(spec.source, HubSource) \
+            else "`source.path` pointing at the file"
         raise BackendConfigError(
             f"model '{spec.id}': several .gguf files in {weights}; choose one with "
-            f"`source.files`: {', '.join(p.name for p in first)}")
+            f"{how}: {', '.join(p.name for p in first)}")
     return first[0]
 
 
 def plan(spec: ModelSpec, weights: Path, host: str, port: int,
          gpus: list[int]) -> LaunchPlan:
-    clash = RESERVED & {k.replace("-", "_") for k in spec.engine_args}
+    # One spelling per key, so that `n-gpu-layers` is seen by the default below.
+    args = {k.replace("-", "_"): v for k, v in spec.engine_args.items()}
+    clash = RESERVED & set(args)
     if clash:
         raise BackendConfigError(f"model '{spec.id}': engine_args may not set "
                                  f"{', '.join(sorted(clash))} (the gateway sets them)")
-    args = dict(spec.engine_args)
     # Offload every layer when the model has GPUs, none when it runs on the CPU.
     args.setdefault("n_gpu_layers", -1 if gpus else 0)
     argv = [

@@ -40,7 +40,18 @@ class BackendConfigError(Exception):
 
 
 class WorkerStartError(Exception):
-    """The worker exited or did not answer its probe in time; the message says which."""
+    """The worker exited or did not answer its probe in time; the message says which.
+
+    `permanent` when retrying cannot help (the command cannot be executed at all).
+    """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# Exit statuses of the shim when the worker's command cannot be executed (as in a shell).
+CANNOT_EXECUTE = (126, 127)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -119,9 +130,10 @@ class WorkerProcess:
             while True:
                 if self._proc.returncode is not None:
                     await self._drain()
+                    code = self._proc.returncode
                     raise WorkerStartError(
-                        f"worker exited with status {self._proc.returncode} while starting"
-                        + self._tail_note())
+                        f"worker exited with status {code} while starting" + self._tail_note(),
+                        permanent=code in CANNOT_EXECUTE)
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(url) as resp:
                         if resp.status == 200:

@@ -12,7 +12,8 @@ worker outlives the gateway, even when the gateway is killed with SIGKILL and ca
   whole group, so the worker's own children (vLLM's tensor-parallel processes) stop too,
   waits GRACE_SECONDS, then SIGKILLs the group.
 
-The shim exits with the worker's exit status (128 + signal number when it was killed).
+The shim exits with the worker's exit status (128 + signal number when it was killed), or
+127/126 when the command is missing or not executable.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def main(argv: list[str]) -> int:
     if stopping.is_set():
         return 128 + signal.SIGTERM
 
-    child = subprocess.Popen(argv[2:])
+    try:
+        child = subprocess.Popen(argv[2:])
+    except OSError as exc:
+        print(f"modelhost shim: cannot execute {argv[2]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     while child.poll() is None and not stopping.wait(0.2):
         pass
     if stopping.is_set() and child.poll() is None:
