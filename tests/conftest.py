@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +138,11 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> boo
     return bool(predicate())
 
 
+GatewayFactory = Callable[..., Gateway]
+
+
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[Any]:
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
 
     def make(models: list[dict[str, Any]] | None = None, **kwargs: Any) -> Gateway:

@@ -104,6 +104,18 @@ async def get_stats(request: web.Request) -> web.Response:
     return web.json_response({**stats, "pid": os.getpid()})
 
 
+def _require_key(key: str) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response({"error": {"message": "bad key", "type": "auth",
+                                                "param": None, "code": None}}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--startup-delay", type=float, default=0)
     parser.add_argument("--exit-at-start", type=int)
     parser.add_argument("--events")
+    parser.add_argument("--api-key", help="require this bearer key on every request")
     args = parser.parse_args()
     global events_file
     events_file = args.events
@@ -120,7 +133,8 @@ def main() -> None:
         print("fake worker: exiting at start as asked", flush=True)
         sys.exit(args.exit_at_start)
     time.sleep(args.startup_delay)
-    app = web.Application()
+    middlewares = [_require_key(args.api_key)] if args.api_key else []
+    app = web.Application(middlewares=middlewares)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)

@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import fake_model, started_pids, wait_for, wait_gone
+from tests.conftest import GatewayFactory, fake_model, started_pids, wait_for, wait_gone
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-Factory = Any
 
 
 def chat(url: str, model: str = "fake", timeout: float = 30, **body: Any) -> httpx.Response:
@@ -26,7 +25,7 @@ def chat(url: str, model: str = "fake", timeout: float = 30, **body: Any) -> htt
 
 
 def test_lazy_load_on_first_request_and_concurrent_requests_share_it(
-        gateway_factory: Factory, tmp_path: Path) -> None:
+        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events, "--startup-delay", "1")])
     assert gw.model("fake")["state"] == "cached"
@@ -43,14 +42,14 @@ def test_lazy_load_on_first_request_and_concurrent_requests_share_it(
     assert gw.model("fake")["state"] == "ready"
 
 
-def test_preload_when_lazy_load_is_off(gateway_factory: Factory, tmp_path: Path) -> None:
+def test_preload_when_lazy_load_is_off(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events)], env={"LAZY_LOAD_MODELS": "false"})
     gw.wait_state("fake", "ready", timeout=20)
     assert len(started_pids(events)) == 1
 
 
-def test_ready_waits_for_required_models(gateway_factory: Factory, tmp_path: Path) -> None:
+def test_ready_waits_for_required_models(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     gw = gateway_factory([
         fake_model("slow", tmp_path / "ev", "--startup-delay", "1.5", required=True),
         fake_model("lazy"),
@@ -62,7 +61,7 @@ def test_ready_waits_for_required_models(gateway_factory: Factory, tmp_path: Pat
     assert httpx.get(gw.url + "/ready").json()["models"] == {"slow": "ready", "lazy": "cached"}
 
 
-def test_load_wait_is_bounded_with_503_and_retry_after(gateway_factory: Factory) -> None:
+def test_load_wait_is_bounded_with_503_and_retry_after(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake", None, "--startup-delay", "3")],
                          env={"MODELHOST_LOAD_WAIT_TIMEOUT": "0.5"})
     resp = chat(gw.url)
@@ -73,7 +72,7 @@ def test_load_wait_is_bounded_with_503_and_retry_after(gateway_factory: Factory)
     assert chat(gw.url).status_code == 200
 
 
-def test_worker_that_cannot_start_fails_with_its_reason(gateway_factory: Factory) -> None:
+def test_worker_that_cannot_start_fails_with_its_reason(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("broken", None, "--exit-at-start", "3",
                                      max_restarts=1)])
     resp = chat(gw.url, model="broken")
@@ -91,7 +90,7 @@ def test_worker_that_cannot_start_fails_with_its_reason(gateway_factory: Factory
     assert "retry-after" in resp.headers
 
 
-def test_missing_command_fails_without_retries(gateway_factory: Factory) -> None:
+def test_missing_command_fails_without_retries(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([{"id": "ghost", "backend": "command",
                            "command": ["/nonexistent/server", "--port", "{port}"]}])
     resp = chat(gw.url, model="ghost")
@@ -99,7 +98,7 @@ def test_missing_command_fails_without_retries(gateway_factory: Factory) -> None
     assert gw.model("ghost")["state"] == "failed"
 
 
-def test_crash_loop_ends_in_failed(gateway_factory: Factory, tmp_path: Path) -> None:
+def test_crash_loop_ends_in_failed(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events, max_restarts=2)])
     assert chat(gw.url).status_code == 200
@@ -114,7 +113,7 @@ def test_crash_loop_ends_in_failed(gateway_factory: Factory, tmp_path: Path) -> 
     assert "gave up after 2 restart(s)" in card["last_error"]
 
 
-def test_idle_model_is_unloaded_and_its_process_is_gone(gateway_factory: Factory,
+def test_idle_model_is_unloaded_and_its_process_is_gone(gateway_factory: GatewayFactory,
                                                         tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events, idle_ttl=1)])
@@ -126,7 +125,7 @@ def test_idle_model_is_unloaded_and_its_process_is_gone(gateway_factory: Factory
     assert len(started_pids(events)) == 2
 
 
-def test_busy_model_is_not_unloaded(gateway_factory: Factory, tmp_path: Path) -> None:
+def test_busy_model_is_not_unloaded(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events, idle_ttl=1)])
     # A 3 s stream on a model with a 1 s idle TTL: the stream must finish intact.
@@ -136,7 +135,7 @@ def test_busy_model_is_not_unloaded(gateway_factory: Factory, tmp_path: Path) ->
     assert len(started_pids(events)) == 1
 
 
-def test_full_queue_is_429(gateway_factory: Factory) -> None:
+def test_full_queue_is_429(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake", max_concurrency=1, max_queue=0)])
     assert chat(gw.url).status_code == 200
     slow = threading.Thread(target=chat, args=(gw.url,),
@@ -150,7 +149,7 @@ def test_full_queue_is_429(gateway_factory: Factory) -> None:
     assert "retry-after" in resp.headers
 
 
-def test_graceful_shutdown_stops_workers(gateway_factory: Factory, tmp_path: Path) -> None:
+def test_graceful_shutdown_stops_workers(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("fake", events)])
     assert chat(gw.url).status_code == 200
@@ -162,7 +161,7 @@ def test_graceful_shutdown_stops_workers(gateway_factory: Factory, tmp_path: Pat
     assert wait_gone(pid, timeout=5)
 
 
-def test_no_orphan_when_the_gateway_is_killed(gateway_factory: Factory,
+def test_no_orphan_when_the_gateway_is_killed(gateway_factory: GatewayFactory,
                                               tmp_path: Path) -> None:
     events = tmp_path / "ev"
     gw = gateway_factory([fake_model("a", events), fake_model("b", events)])
@@ -177,7 +176,7 @@ def test_no_orphan_when_the_gateway_is_killed(gateway_factory: Factory,
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-def test_worker_output_goes_to_its_log_file(gateway_factory: Factory) -> None:
+def test_worker_output_goes_to_its_log_file(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake")])
     assert chat(gw.url).status_code == 200
     log = gw.tmp / "data" / "logs" / "workers" / "fake.log"

