@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from modelhost.config import HubSource, ModelSpec
+from modelhost.config import HubSource, ModelSpec, Task
 from modelhost.workers.flags import snake_flags
 from modelhost.workers.process import BackendConfigError, LaunchPlan
 
@@ -42,6 +42,11 @@ def plan(spec: ModelSpec, weights: Path, host: str, port: int,
                                  f"{', '.join(sorted(clash))} (the gateway sets them)")
     # Offload every layer when the model has GPUs, none when it runs on the CPU.
     args.setdefault("n_gpu_layers", -1 if gpus else 0)
+    if spec.task is Task.embedding:
+        args.setdefault("embedding", True)
+    # llama-cpp-python's server otherwise aborts a running generation when another request
+    # arrives; the gateway queues requests instead (max_concurrency).
+    args.setdefault("interrupt_requests", False)
     argv = [
         spec.python or sys.executable, "-m", "llama_cpp.server",
         "--model", str(gguf_file(spec, weights)),

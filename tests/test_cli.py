@@ -1,0 +1,58 @@
+"""The `modelhost` command line, run as a user runs it (a real process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import GatewayFactory, fake_model
+
+
+def modelhost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "modelhost", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_models_lists_a_running_gateway(gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory([fake_model("fake", aliases=["f"])],
+                         env={"OPENAI_API_KEYS": "k1"})
+    env = {"API_PORT": str(gw.port), "OPENAI_API_KEYS": "k1"}
+    table = modelhost("models", env=env)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["ID", "TASK", "BACKEND", "STATE", "ALIASES"]
+    assert row.split() == ["fake", "chat", "command", "cached", "f"]
+    as_json = modelhost("models", "--json", "--url", gw.url, env={"OPENAI_API_KEYS": "k1"})
+    assert json.loads(as_json.stdout)[0]["state"] == "cached"
+
+
+def test_models_without_a_gateway_says_so() -> None:
+    result = modelhost("models", "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "cannot reach the gateway" in result.stderr
+
+
+def test_config_validate(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("models:\n  - id: a\n    backend: remote\n    source: {url: http://x/v1}\n")
+    result = modelhost("config", "validate", str(good))
+    assert result.returncode == 0
+    assert "OK, 1 model(s)" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - id: a\n    backend: llamacpp\n    max_concurency: 2\n")
+    result = modelhost("config", "validate", str(bad))
+    assert result.returncode == 1
+    assert str(bad) in result.stderr
+    assert "model 'a'" in result.stderr
+    assert "field 'max_concurency'" in result.stderr
+
+
+def test_serve_refuses_an_invalid_models_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - id: a\n    backend: nope\n")
+    result = modelhost("serve", "--config", str(bad), "--port", "0")
+    assert result.returncode == 1
+    assert "model 'a', field 'backend'" in result.stderr
