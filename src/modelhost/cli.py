@@ -17,7 +17,7 @@ from modelhost.settings import Settings
 
 def _settings(**overrides: Any) -> Settings:
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings.with_overrides(**overrides)
     except ValidationError as exc:
         raise click.ClickException(f"invalid settings:\n{exc}") from None
 
@@ -39,7 +39,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("--port", type=int, help="Port to listen on [env API_PORT; default 8000].")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Models file (YAML) [env MODELHOST_CONFIG].")
-@click.option("--log-level", help="critical, error, warning, info, debug [env LOG_LEVEL].")
+@click.option("--log-level", help="critical, error, warning, info, debug, trace [env LOG_LEVEL].")
 def serve(host: str | None = None, port: int | None = None, config_file: Path | None = None,
           log_level: str | None = None) -> None:
     """Serve the OpenAI-compatible API (the default command)."""

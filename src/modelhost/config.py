@@ -129,13 +129,15 @@ class ModelSpec(_Strict):
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra arguments for the engine's command line: `key: value` becomes "
-        "`--key value` (`true` becomes a bare flag, `false` and null are left out).",
+        description="Extra arguments for the engine's command line. vllm: `max_model_len: "
+        "8192` becomes `--max-model-len 8192`, `true` a bare flag, `false` is left out. "
+        "llamacpp: `n_ctx: 2048` becomes `--n_ctx 2048`, booleans are spelled `true`/`false`.",
     )
     command: list[str] | None = Field(
         None,
         description="backend `command` only: the server's command line; `{port}` and "
-        "`{host}` are replaced with the loopback address the worker must listen on.",
+        "`{host}` are replaced with the loopback address the worker must listen on, and "
+        "`{model_path}` with the local path of the model's `source`.",
     )
     python: str | None = Field(
         None, description="Python interpreter of the environment that has the engine "
@@ -212,6 +214,9 @@ class ModelSpec(_Strict):
             tp = self.engine_args.get("tensor_parallel_size",
                                       self.engine_args.get("tensor-parallel-size"))
             n = len(self.gpus) if self.gpus is not None else self.gpu_count
+            if not n:
+                raise ValueError("backend 'vllm' needs NVIDIA GPUs: pin `gpus: [...]` or set "
+                                 "`gpu_count`")
             if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
                 raise ValueError(f"engine_args.tensor_parallel_size must be a positive "
                                  f"integer, not {tp!r}")

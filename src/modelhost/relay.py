@@ -88,7 +88,7 @@ class Relay:
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
-                if attempt == 1 and await runtime.worker_lost():
+                if attempt == 1 and await runtime.worker_lost(base):
                     log.warning("model %s: worker gone (%s); retrying after its restart",
                                 runtime.spec.id, _describe(exc))
                     continue

@@ -9,6 +9,7 @@ The names of the gateway this project grew from (``API_HOST``, ``API_PORT``,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 from pydantic import AliasChoices, Field, field_validator
@@ -27,7 +28,9 @@ def _default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # No populate_by_name: it would make the bare field names (DATA_DIR, CONFIG, ...) settings
+    # too, and those names belong to other programs (llama-cpp-python reads CONFIG_FILE).
+    model_config = SettingsConfigDict(extra="ignore")
 
     api_host: str = Field("127.0.0.1", validation_alias=_env("API_HOST", "API_HOST"))
     api_port: int = Field(8000, ge=0, le=65535, validation_alias=_env("API_PORT", "API_PORT"))
@@ -66,6 +69,17 @@ class Settings(BaseSettings):
         if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
             raise ValueError("must be one of critical, error, warning, info, debug, trace")
         return value
+
+    @classmethod
+    def with_overrides(cls, **overrides: Any) -> Settings:
+        """The environment's settings, with some fields set (by field name) on top."""
+        values = {}
+        for name, value in overrides.items():
+            alias = cls.model_fields[name].validation_alias
+            assert isinstance(alias, AliasChoices)
+            if value is not None:
+                values[str(alias.choices[0])] = value
+        return cls(**values)
 
     @property
     def api_keys(self) -> list[str]:

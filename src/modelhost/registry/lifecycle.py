@@ -28,16 +28,20 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.starting, State.ready): "the worker answers its readiness probe",
     (State.starting, State.starting): "the worker failed to start or crashed; "
                                       "restart after a backoff",
-    (State.starting, State.failed): "start failures or crashes exceed max_restarts",
+    (State.starting, State.failed): "start failures or crashes exceed max_restarts, or the "
+                                    "failure cannot be helped by a retry (bad configuration, "
+                                    "missing command)",
     (State.starting, State.stopping): "unload or shutdown while starting",
     (State.ready, State.starting): "the worker crashed: restart after a backoff",
-    (State.ready, State.failed): "the worker crashed and max_restarts is 0",
+    (State.ready, State.failed): "the worker crashed and its restart budget (max_restarts) "
+                                 "is spent",
     (State.ready, State.stopping): "unload, idle TTL expired, or shutdown",
     (State.stopping, State.cached): "the worker process (and its group) is gone",
     (State.failed, State.cached): "a new request or load retries a model whose weights "
                                   "are cached",
     (State.failed, State.absent): "a new request or load retries a model whose "
                                   "download failed",
+    (State.failed, State.failed): "a retry finds the weights still missing (package or path)",
 }
 
 

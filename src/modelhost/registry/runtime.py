@@ -130,15 +130,16 @@ class ModelRuntime:
         self._want_ready = False
         self._wake.set()
 
-    async def worker_lost(self, grace: float = 2.0) -> bool:
-        """After a connection to the worker was refused: wait briefly for the owner to see
-        the worker's exit. True when the worker is gone (a restart is under way)."""
-        worker = self.worker
+    async def worker_lost(self, base: str, grace: float = 2.0) -> bool:
+        """After a connection to the worker at `base` failed: wait briefly for the owner to
+        notice the worker's exit. True once it has (a restart is under way, and the next
+        `ensure_ready` waits for it instead of returning the dead worker's URL)."""
+        if self.worker is None:  # a remote server: nothing to restart
+            return False
         deadline = time.monotonic() + grace
-        while worker is not None and worker.returncode is None and \
-                time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return worker is None or worker.returncode is not None or self.state is not State.ready
+        while self.upstream == base and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.upstream != base
 
     async def close(self) -> None:
         """Stop the worker and the owner task (gateway shutdown)."""
@@ -190,19 +191,23 @@ class ModelRuntime:
                     await self._watch()
                     continue
                 if state is State.failed and self._retry:
-                    self._retry = False
-                    self.restarts = 0
-                    retry_from = State.cached if self.weights is not None or \
-                        not isinstance(self.spec.source, HubSource) else State.absent
-                    with contextlib.suppress(SourceUnavailable):
-                        self.weights = await asyncio.to_thread(
-                            local_weights, self.spec, self.ctx.cache_dir)
-                    self._set(retry_from)
+                    await self._retry_failed()
                     continue
             elif state is State.ready:
                 await self._stop()
                 continue
             await self._wake.wait()
+
+    async def _retry_failed(self) -> None:
+        self._retry = False
+        self.restarts = 0
+        try:
+            self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
+        except SourceUnavailable as exc:
+            self._set(State.failed, str(exc))
+            return
+        needs_download = isinstance(self.spec.source, HubSource) and self.weights is None
+        self._set(State.absent if needs_download else State.cached)
 
     async def _download(self) -> None:
         source = self.spec.source

@@ -13,8 +13,11 @@ def launch_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
                 gpus: list[int], hf_token: str | None = None) -> LaunchPlan:
     if spec.backend is Backend.command:
         assert spec.command is not None
+        if weights is None and any("{model_path}" in part for part in spec.command):
+            raise BackendConfigError(f"model '{spec.id}': `{{model_path}}` needs a `source`")
+        model_path = str(weights) if weights is not None else ""
         argv = [part.replace("{port}", str(port)).replace("{host}", host)
-                for part in spec.command]
+                .replace("{model_path}", model_path) for part in spec.command]
         return LaunchPlan(argv=argv, env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))})
     if weights is None:
         raise BackendConfigError(f"model '{spec.id}' has no local weights")

@@ -54,6 +54,23 @@ class WorkerStartError(Exception):
 CANNOT_EXECUTE = (126, 127)
 
 
+# The gateway's own settings and secrets, never passed to a worker: some engines read the same
+# names (llama-cpp-python's server reads CONFIG_FILE, API_KEY, HOST, PORT, MODEL from the
+# environment). A worker that needs a token gets it through its launch plan.
+GATEWAY_ONLY = frozenset({
+    "API_HOST", "API_PORT", "API_KEY", "CONFIG_FILE", "HOST", "PORT", "MODEL",
+    "OPENAI_API_KEYS", "HUGGINGFACE_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "LAZY_LOAD_MODELS", "MODEL_CACHE_DIR", "LOG_LEVEL", "LOG_DIR",
+})
+
+
+def worker_environment(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k.upper() not in GATEWAY_ONLY and not k.upper().startswith("MODELHOST_")}
+    env.update(extra)
+    return env
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -87,8 +104,8 @@ class WorkerProcess:
         return "\n".join(list(self.output)[-lines:])
 
     async def start(self) -> None:
-        env = {**os.environ, **self.plan.env, "MODELHOST_SHIM_PARENT": str(os.getpid()),
-               "PYTHONUNBUFFERED": "1"}
+        env = worker_environment({**self.plan.env, "MODELHOST_SHIM_PARENT": str(os.getpid()),
+                                  "PYTHONUNBUFFERED": "1"})
         argv = [sys.executable, "-m", "modelhost.workers.shim", str(self.stop_timeout), "--",
                 *self.plan.argv]
         log.info("starting worker %s on port %d: %s", self.name, self.port,

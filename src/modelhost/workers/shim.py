@@ -6,8 +6,8 @@ The gateway starts this shim as the leader of a new process group; the shim star
 worker (vllm, llama.cpp, ...) inside that group and stays as its parent. It guarantees that no
 worker outlives the gateway, even when the gateway is killed with SIGKILL and cannot clean up:
 
-* Linux: PR_SET_PDEATHSIG delivers SIGTERM to the shim the moment its parent dies;
-  elsewhere a thread polls getppid() once a second.
+* Linux: PR_SET_PDEATHSIG delivers SIGTERM to the shim the moment its parent dies; a thread
+  also polls getppid() once a second (the only mechanism on other systems).
 * On SIGTERM/SIGINT (a graceful stop, or the parent's death) the shim sends SIGTERM to the
   whole group, so the worker's own children (vLLM's tensor-parallel processes) stop too,
   waits GRACE_SECONDS, then SIGKILLs the group.
@@ -50,6 +50,27 @@ def _watch_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _others_in_group(pgid: int) -> bool:
+    """Whether a live process other than the shim is in the group (always True where /proc
+    cannot tell, so that the group is swept)."""
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m modelhost.workers.shim GRACE -- COMMAND [ARGS...]",
@@ -82,8 +103,9 @@ def main(argv: list[str]) -> int:
         deadline = time.monotonic() + grace
         while child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        # Kill whatever is left in the group (the worker's own children, the shim last).
-        os.killpg(pgid, signal.SIGKILL)
+        if child.poll() is None or _others_in_group(pgid):
+            # Kill whatever is left in the group (the worker's own children, the shim too).
+            os.killpg(pgid, signal.SIGKILL)
     code = child.wait()
     return 128 - code if code < 0 else code
 
