@@ -52,7 +52,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Starlette:
         catalog = Catalog.from_file(settings.config_file)
     ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
                          stop_timeout=settings.stop_timeout,
-                         hf_token=settings.huggingface_token)
+                         hf_token=lambda: settings.huggingface_token)
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
     relay = Relay(settings.load_wait_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)

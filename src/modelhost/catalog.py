@@ -42,6 +42,20 @@ class Catalog:
     def get(self, name: str) -> ModelSpec | None:
         return self._by_name.get(name)
 
+    def put(self, spec: ModelSpec) -> None:
+        """Add a model or replace the one with the same id (names must stay unique)."""
+        for name in spec.names:
+            owner = self._by_name.get(name)
+            if owner is not None and owner.id != spec.id:
+                raise ValueError(f"name '{name}' is already used by model '{owner.id}'")
+        others = tuple(s for s in self.models if s.id != spec.id)
+        self.models = (*others, spec)
+        self._by_name = {name: s for s in self.models for name in s.names}
+
+    def remove(self, model_id: str) -> None:
+        self.models = tuple(s for s in self.models if s.id != model_id)
+        self._by_name = {name: s for s in self.models for name in s.names}
+
     @classmethod
     def from_file(cls, path: Path | None) -> Catalog:
         models_file = load_models_file(path) if path is not None else ModelsFile()

@@ -24,6 +24,8 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.absent, State.downloading): "the model is wanted and its weights are not cached",
     (State.downloading, State.cached): "every file is downloaded",
     (State.downloading, State.failed): "the download failed",
+    (State.downloading, State.absent): "the download was cancelled (partial files are kept "
+                                       "so that the next download resumes)",
     (State.cached, State.starting): "the model is wanted: its worker is spawned",
     (State.starting, State.ready): "the worker answers its readiness probe",
     (State.starting, State.starting): "the worker failed to start or crashed; "

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import aiohttp
@@ -39,12 +40,36 @@ FAILED_RETRY_AFTER = 10.0
 LOOPBACK = "127.0.0.1"
 
 
+class Target(StrEnum):
+    """What the owner drives the model towards."""
+
+    stopped = "stopped"  # no worker (weights left where they are)
+    cached = "cached"    # weights on disk, no worker (a download was asked for)
+    ready = "ready"      # a worker answering requests
+
+
+class DownloadCancelled(Exception):
+    """The download was cancelled; the model goes back to `absent`."""
+
+
+DownloadFn = Callable[["ModelRuntime"], Awaitable[Path]]
+PlaceFn = Callable[["ModelRuntime"], Awaitable[list[int]]]
+
+
+class PlacementError(Exception):
+    """No GPUs can host the model; the message says what is in the way."""
+
+
 @dataclass(frozen=True)
 class RuntimeContext:
     cache_dir: Path
     log_dir: Path
     stop_timeout: float
-    hf_token: str | None = None
+    hf_token: Callable[[], str | None] = lambda: None
+    # Fetches the model's weights into the cache (default: huggingface_hub, no progress).
+    download: DownloadFn | None = None
+    # Chooses the GPUs of a worker about to start (default: pinned, override or first N).
+    place: PlaceFn | None = None
 
 
 Listener = Callable[["ModelRuntime", State], None]
@@ -63,8 +88,11 @@ class ModelRuntime:
         self.restarts = 0
         self.failures = 0
         self.listeners: list[Listener] = []
+        self.gpus: list[int] = []  # where the current worker runs
+        self.gpu_override: list[int] | None = None  # asked for by a load request
+        self.download_progress: dict[str, object] | None = None
         self._failed_at = 0.0
-        self._want_ready = False
+        self._target = Target.stopped
         self._retry = False
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -98,8 +126,10 @@ class ModelRuntime:
             if wait > 0:
                 raise UpstreamError(f"model '{self.spec.id}' failed: {self.last_error}",
                                     code="model_failed", retry_after=wait)
+        if self.state in (State.absent, State.downloading):
+            raise self._not_downloaded()
         failures = self.failures
-        self.want_ready()
+        self.want(Target.ready)
         deadline = time.monotonic() + timeout
         while True:
             if self.state is State.ready and self.upstream is not None:
@@ -107,7 +137,7 @@ class ModelRuntime:
             if self.state is State.failed and self.failures != failures:
                 raise UpstreamError(f"model '{self.spec.id}' failed to load: {self.last_error}",
                                     code="model_failed", retry_after=FAILED_RETRY_AFTER)
-            if not self._want_ready:
+            if self._target is not Target.ready:
                 raise ModelNotReady(f"model '{self.spec.id}' was unloaded while loading",
                                     retry_after=1)
             left = deadline - time.monotonic()
@@ -119,16 +149,39 @@ class ModelRuntime:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
 
-    def want_ready(self) -> None:
-        if self.state is State.failed:
+    def _not_downloaded(self) -> ModelNotReady:
+        if self.state is State.downloading:
+            progress = self.download_progress or {}
+            done, total = progress.get("bytes_done"), progress.get("bytes_total")
+            pct = f" ({100 * int(done) / int(total):.0f}%)" \
+                if isinstance(done, int) and isinstance(total, int) and total else ""
+            return ModelNotReady(f"model '{self.spec.id}' is downloading{pct}; retry when it "
+                                 "is done", code="model_downloading", retry_after=30)
+        return ModelNotReady(
+            f"model '{self.spec.id}' is not downloaded: download it first "
+            f"(`modelhost models download {self.spec.id}` or "
+            f"POST /api/admin/models/{self.spec.id}/download)", code="model_not_downloaded",
+            retry_after=60)
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    def want(self, target: Target) -> None:
+        """Drive the model towards `target`. Requests ask for `ready` (never downloading);
+        the admin API asks for `cached` (download) or `ready` (download if needed, then
+        start); unload and the idle reaper ask for `stopped`."""
+        if self.state is State.failed and target is not Target.stopped:
             self._retry = True  # a new demand retries a failed model (once per failure)
-        if not self._want_ready or self._retry:
-            self._want_ready = True
+        if self._target is not target or self._retry:
+            self._target = target
             self._wake.set()
 
+    def want_ready(self) -> None:
+        self.want(Target.ready)
+
     def unload(self) -> None:
-        self._want_ready = False
-        self._wake.set()
+        self.want(Target.stopped)
 
     async def worker_lost(self, base: str, grace: float = 2.0) -> bool:
         """After a connection to the worker at `base` failed: wait briefly for the owner to
@@ -143,7 +196,6 @@ class ModelRuntime:
 
     async def close(self) -> None:
         """Stop the worker and the owner task (gateway shutdown)."""
-        self._want_ready = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,24 +231,19 @@ class ModelRuntime:
     async def _own(self) -> None:
         while True:
             self._wake.clear()
-            state = self.state
-            if self._want_ready:
-                if state is State.absent:
-                    await self._download()
-                    continue
-                if state is State.cached:
-                    await self._launch()
-                    continue
-                if state is State.ready:
-                    await self._watch()
-                    continue
-                if state is State.failed and self._retry:
-                    await self._retry_failed()
-                    continue
+            state, target = self.state, self._target
+            if state is State.absent and target is not Target.stopped:
+                await self._download()
+            elif state is State.cached and target is Target.ready:
+                await self._launch()
+            elif state is State.ready and target is Target.ready:
+                await self._watch()
             elif state is State.ready:
                 await self._stop()
-                continue
-            await self._wake.wait()
+            elif state is State.failed and self._retry:
+                await self._retry_failed()
+            else:
+                await self._wake.wait()
 
     async def _retry_failed(self) -> None:
         self._retry = False
@@ -213,28 +260,31 @@ class ModelRuntime:
         source = self.spec.source
         assert isinstance(source, HubSource)
         self._set(State.downloading)
+        download = self.ctx.download or _hub_download
         try:
-            from huggingface_hub import snapshot_download
-
-            path = await asyncio.to_thread(
-                snapshot_download, source.hf, revision=source.revision,
-                allow_patterns=source.files, cache_dir=self.ctx.cache_dir,
-                token=self.ctx.hf_token)
+            path = await download(self)
+        except DownloadCancelled:
+            self.download_progress = None
+            self._target = Target.stopped
+            self._set(State.absent, "download cancelled")
+            return
         except Exception as exc:  # any hub or disk error fails the download, with its reason
             self._set(State.failed, f"download of {source.hf}@{source.revision} failed: {exc}")
             return
-        self.weights = Path(path)
+        self.weights = path
         self._set(State.cached)
+        if self._target is Target.cached:
+            self._target = Target.stopped  # downloaded as asked; nothing more to do
 
     async def _launch(self) -> None:
         """cached → starting → ready, retrying with backoff; failed when retries run out."""
         if self.state is not State.starting:  # a crash restart is already in `starting`
             self._set(State.starting)
-        while self._want_ready:
+        while self._target is Target.ready:
             try:
                 self.upstream = await self._start_once()
-            except (WorkerStartError, BackendConfigError, OSError) as exc:
-                permanent = isinstance(exc, BackendConfigError | OSError) or \
+            except (WorkerStartError, BackendConfigError, PlacementError, OSError) as exc:
+                permanent = isinstance(exc, BackendConfigError | PlacementError | OSError) or \
                     (isinstance(exc, WorkerStartError) and exc.permanent)
                 if permanent:
                     self._set(State.failed, str(exc))
@@ -257,8 +307,9 @@ class ModelRuntime:
             assert isinstance(spec.source, UrlSource)
             await _probe_remote(spec.source)
             return spec.source.url
+        self.gpus = await (self.ctx.place or _default_place)(self)
         port = free_port(LOOPBACK)
-        plan = launch_plan(spec, self.weights, LOOPBACK, port, _gpus(spec), self.ctx.hf_token)
+        plan = launch_plan(spec, self.weights, LOOPBACK, port, self.gpus, self.ctx.hf_token())
         plan.env.update(spec.env)
         safe = spec.id.replace("/", "__").replace(":", "_")
         worker = WorkerProcess(spec.id, plan, LOOPBACK, port,
@@ -285,7 +336,7 @@ class ModelRuntime:
             await asyncio.wait_for(self._until_unwanted(), delay)
 
     async def _until_unwanted(self) -> None:
-        while self._want_ready:
+        while self._target is Target.ready:
             self._wake.clear()
             await self._wake.wait()
 
@@ -331,12 +382,27 @@ class ModelRuntime:
         if self.worker is not None:
             await self.worker.stop()
             self.worker = None
+        self.gpus = []
 
 
-def _gpus(spec: ModelSpec) -> list[int]:
+async def _default_place(runtime: ModelRuntime) -> list[int]:
+    spec = runtime.spec
+    if runtime.gpu_override is not None:
+        return list(runtime.gpu_override)
     if spec.gpus is not None:
         return list(spec.gpus)
     return list(range(spec.gpu_count))
+
+
+async def _hub_download(runtime: ModelRuntime) -> Path:
+    from huggingface_hub import snapshot_download
+
+    source = runtime.spec.source
+    assert isinstance(source, HubSource)
+    path = await asyncio.to_thread(
+        snapshot_download, source.hf, revision=source.revision, allow_patterns=source.files,
+        cache_dir=runtime.ctx.cache_dir, token=runtime.ctx.hf_token())
+    return Path(path)
 
 
 async def _probe_remote(source: UrlSource) -> None:
