@@ -6,19 +6,26 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from modelhost import __version__
+from modelhost.api.admin import admin_router
 from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import APIKeyMiddleware
 from modelhost.catalog import Catalog
 from modelhost.errors import ModelhostError, error_body
+from modelhost.events import EventBus
+from modelhost.gateway import Gateway
+from modelhost.persistence import Persistence
+from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
-from modelhost.registry.runtime import RuntimeContext
+from modelhost.registry.runtime import ModelRuntime, RuntimeContext
 from modelhost.relay import Relay
 from modelhost.settings import Settings
 
@@ -41,37 +48,68 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                         headers=exc.headers)
 
 
+async def _invalid_body(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
+                        for e in errors) or "invalid request"
+    return JSONResponse(error_body(message, "invalid_request_error", ".".join(loc) or None),
+                        status_code=400)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body("The gateway failed to process the request.",
                                    "server_error"), status_code=500)
 
 
-def build_app(settings: Settings, catalog: Catalog | None = None) -> Starlette:
+TAGS = [
+    {"name": "models", "description": "Models: state, placement, load, unload, specs."},
+    {"name": "downloads", "description": "Hugging Face downloads and the model cache."},
+    {"name": "gpus", "description": "GPU inventory and live figures (NVML)."},
+    {"name": "events", "description": "Server-sent events of state changes and progress."},
+]
+
+
+def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     if catalog is None:
         catalog = Catalog.from_file(settings.config_file)
     ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
                          stop_timeout=settings.stop_timeout,
                          hf_token=lambda: settings.huggingface_token)
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
+    events = EventBus()
+
+    def publish_state(rt: ModelRuntime, previous: State) -> None:
+        events.publish("state", model=rt.spec.id, state=rt.state.value,
+                       previous=previous.value, error=rt.last_error, gpus=rt.gpus)
+
+    registry.add_listener(publish_state)
+    gateway = Gateway(registry, events, Persistence(settings.database),
+                      settings.load_wait_timeout)
     relay = Relay(settings.load_wait_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await relay.open()
-        await registry.start()
+        await gateway.start()
         try:
             yield
         finally:
-            await registry.close()
+            await gateway.close()
             await relay.close()
 
-    app = Starlette(
+    app = FastAPI(
+        title="modelhost", version=__version__, openapi_tags=TAGS,
         routes=[*health_routes(registry), *openai.routes()],
-        middleware=[Middleware(APIKeyMiddleware, keys=settings.api_keys)],
+        middleware=[Middleware(APIKeyMiddleware, keys=settings.api_keys,
+                               prefixes=("/v1", "/api/admin"))],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
-                            Exception: _unexpected},
+                            RequestValidationError: _invalid_body, Exception: _unexpected},
         lifespan=lifespan,
     )
+    app.include_router(admin_router(gateway))
     return app

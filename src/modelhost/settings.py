@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("LOG_LEVEL", "LOG_LEVEL"))
     log_dir: Path | None = Field(None, validation_alias=_env("LOG_DIR", "LOG_DIR"))
     config_file: Path | None = Field(None, validation_alias=_env("CONFIG"))
+    # SQLAlchemy URL of the state database (default: SQLite in the data directory).
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     # How long a request waits for its model to become ready before a 503.
     load_wait_timeout: float = Field(300.0, gt=0, validation_alias=_env("LOAD_WAIT_TIMEOUT"))
     # Largest JSON request body accepted on the /v1 routes.
@@ -84,6 +86,10 @@ class Settings(BaseSettings):
     @property
     def api_keys(self) -> list[str]:
         return [key.strip() for key in self.openai_api_keys.split(",") if key.strip()]
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelhost.db'}"
 
     @property
     def logs_path(self) -> Path:

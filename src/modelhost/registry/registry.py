@@ -4,29 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import time
+from pathlib import Path
 
 from modelhost.admission import Admission
 from modelhost.catalog import Catalog
 from modelhost.config import ModelSpec
 from modelhost.errors import ModelNotFound
+from modelhost.gpu.inventory import GpuMonitor, gpu_states
+from modelhost.gpu.placement import Demand, Resident, estimate_bytes_per_gpu, place
 from modelhost.registry.lifecycle import State
-from modelhost.registry.runtime import ModelRuntime, RuntimeContext
+from modelhost.registry.runtime import Listener, ModelRuntime, RuntimeContext, Target
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
     def __init__(self, catalog: Catalog, ctx: RuntimeContext, *, lazy: bool = True,
-                 reap_interval: float = 1.0) -> None:
+                 reap_interval: float = 1.0, gpus: GpuMonitor | None = None) -> None:
+        self.gpus = gpus if gpus is not None else GpuMonitor()
+        ctx = dataclasses.replace(ctx, place=self.place)
         self.catalog = catalog
         self.lazy = lazy
         self.reap_interval = reap_interval
-        self.runtimes: dict[str, ModelRuntime] = {
-            s.id: ModelRuntime(s, ctx) for s in catalog.models}
-        self.admissions = {s.id: Admission(s.id, s.max_concurrency, s.max_queue)
-                           for s in catalog.models}
+        self.ctx = ctx
+        self.listeners: list[Listener] = []
+        self.runtimes: dict[str, ModelRuntime] = {}
+        self.admissions: dict[str, Admission] = {}
+        self.rebuild()
         self._reaper: asyncio.Task[None] | None = None
 
     def resolve(self, name: str) -> ModelSpec:
@@ -38,12 +46,91 @@ class Registry:
     def runtime(self, name: str) -> ModelRuntime:
         return self.runtimes[self.resolve(name).id]
 
+    def rebuild(self) -> None:
+        """Make a runtime for every model of the catalog (before `start`)."""
+        self.runtimes = {s.id: ModelRuntime(s, self.ctx) for s in self.catalog.models}
+        self.admissions = {s.id: Admission(s.id, s.max_concurrency, s.max_queue)
+                           for s in self.catalog.models}
+        for rt in self.runtimes.values():
+            rt.listeners.extend(self.listeners)
+
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+        for rt in self.runtimes.values():
+            rt.listeners.append(listener)
+
+    async def place(self, rt: ModelRuntime) -> list[int]:
+        """Choose the GPUs of a worker about to start: the pinned ones (a load request's
+        `gpu_device_ids`, else the spec's `gpus`) or `gpu_count` GPUs with enough measured
+        free memory, evicting idle models (least recently used first) to make room."""
+        spec = rt.spec
+        pinned = rt.gpu_override if rt.gpu_override is not None else spec.gpus
+        count = len(pinned) if pinned is not None else spec.gpu_count
+        if count == 0:
+            return []
+        samples = await self.gpus.sample_now() if self.gpus.available else []
+        states = gpu_states(samples)
+        largest = max((g.memory_total for g in states), default=0)
+        need = estimate_bytes_per_gpu(spec.backend.value, _weights_bytes(rt.weights),
+                                      spec.engine_args, largest, count)
+        placement = place(Demand(spec.id, tuple(pinned) if pinned is not None else None,
+                                 count, need),
+                          states, self._residents(exclude=rt), self.gpus.unavailable_reason)
+        for model_id in placement.evict:
+            victim = self.runtimes[model_id]
+            log.info("evicting idle model %s to make room for %s", model_id, spec.id)
+            victim.unload()
+            await victim.wait_for({State.cached, State.failed, State.absent})
+        return list(placement.gpus)
+
+    def _residents(self, exclude: ModelRuntime) -> list[Resident]:
+        residents = []
+        for rt in self.runtimes.values():
+            if rt is exclude or not rt.gpus or rt.state not in (State.ready, State.starting):
+                continue
+            used: dict[int, int] = {}
+            if rt.worker is not None and rt.worker.pid is not None:
+                used = self.gpus.memory_used_by(_group_pids(rt.worker.pid))
+            admission = self.admissions[rt.spec.id]
+            busy = bool(admission.active or admission.waiting) or rt.state is State.starting
+            per_gpu = max(used.values(), default=0) or estimate_bytes_per_gpu(
+                rt.spec.backend.value, _weights_bytes(rt.weights), rt.spec.engine_args,
+                0, len(rt.gpus))
+            residents.append(Resident(rt.spec.id, tuple(rt.gpus), per_gpu, busy,
+                                      rt.last_used))
+        return residents
+
     async def start(self) -> None:
+        self.gpus.start()
+        self.gpus.start_sampling()
         await asyncio.gather(*(rt.start() for rt in self.runtimes.values()))
         for rt in self.runtimes.values():
             if rt.spec.required or not self.lazy:
                 rt.want_ready()
         self._reaper = asyncio.create_task(self._reap(), name="idle-reaper")
+
+    async def put(self, spec: ModelSpec) -> ModelRuntime:
+        """Add a model, or replace one (its worker, if any, is stopped; a model that was
+        wanted ready loads again with the new spec)."""
+        self.catalog.put(spec)  # raises ValueError when a name clashes
+        old = self.runtimes.get(spec.id)
+        reload = old is not None and old.target is Target.ready
+        if old is not None:
+            await old.close()
+        rt = ModelRuntime(spec, self.ctx)
+        rt.listeners.extend(self.listeners)
+        self.runtimes[spec.id] = rt
+        self.admissions[spec.id] = Admission(spec.id, spec.max_concurrency, spec.max_queue)
+        await rt.start()
+        if reload or spec.required:
+            rt.want(Target.ready)
+        return rt
+
+    async def remove(self, model_id: str) -> None:
+        rt = self.runtimes.pop(model_id)
+        self.admissions.pop(model_id)
+        self.catalog.remove(model_id)
+        await rt.close()
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -51,6 +138,7 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(rt.close() for rt in self.runtimes.values()))
+        await self.gpus.stop()
 
     def not_ready_required(self) -> list[str]:
         return [rt.spec.id for rt in self.runtimes.values()
@@ -71,3 +159,24 @@ class Registry:
                 if now - rt.last_used > ttl:
                     log.info("model %s idle for %.0f s: unloading", rt.spec.id, now - rt.last_used)
                     rt.unload()
+
+
+def _weights_bytes(weights: Path | None) -> int:
+    if weights is None:
+        return 0
+    if weights.is_file():
+        return weights.stat().st_size
+    return sum(p.stat().st_size for p in weights.rglob("*") if p.is_file())
+
+
+def _group_pids(pgid: int) -> set[int]:
+    """The processes of a worker's process group (the shim, the engine, its children)."""
+    pids = {pgid}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                    if int(stat[2]) == pgid:
+                        pids.add(int(entry))
+    return pids

@@ -21,6 +21,7 @@ import aiohttp
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
 from modelhost.errors import ModelNotReady, UpstreamError
+from modelhost.gpu.placement import PlacementError
 from modelhost.registry.lifecycle import State, check_transition
 from modelhost.workers.plans import launch_plan
 from modelhost.workers.process import (
@@ -54,10 +55,6 @@ class DownloadCancelled(Exception):
 
 DownloadFn = Callable[["ModelRuntime"], Awaitable[Path]]
 PlaceFn = Callable[["ModelRuntime"], Awaitable[list[int]]]
-
-
-class PlacementError(Exception):
-    """No GPUs can host the model; the message says what is in the way."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +159,14 @@ class ModelRuntime:
             f"(`modelhost models download {self.spec.id}` or "
             f"POST /api/admin/models/{self.spec.id}/download)", code="model_not_downloaded",
             retry_after=60)
+
+    async def changed(self) -> None:
+        """Return at the next state change."""
+        await self._changed.wait()
+
+    async def wait_for(self, states: set[State]) -> None:
+        while self.state not in states:
+            await self.changed()
 
     @property
     def target(self) -> Target:

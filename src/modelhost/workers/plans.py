@@ -11,6 +11,14 @@ from modelhost.workers.process import BackendConfigError, LaunchPlan
 
 def launch_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
                 gpus: list[int], hf_token: str | None = None) -> LaunchPlan:
+    plan = _backend_plan(spec, weights, host, port, gpus, hf_token)
+    # GPU indices are NVML's (PCI bus order); CUDA must number them the same way.
+    plan.env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return plan
+
+
+def _backend_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
+                  gpus: list[int], hf_token: str | None) -> LaunchPlan:
     if spec.backend is Backend.command:
         assert spec.command is not None
         if weights is None and any("{model_path}" in part for part in spec.command):

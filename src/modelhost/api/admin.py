@@ -1,0 +1,116 @@
+"""The admin API under /api/admin: models, downloads, GPUs, events (seed paths kept)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from modelhost.gateway import Gateway
+
+HEARTBEAT_SECONDS = 15.0
+
+
+class LoadRequest(BaseModel):
+    gpu_device_ids: list[int] | None = Field(
+        None, description="Load on these GPUs (NVML indices) instead of the model's own.")
+
+
+def admin_router(gateway: Gateway) -> APIRouter:
+    router = APIRouter(prefix="/api/admin")
+
+    @router.get("/models", tags=["models"], summary="List models with state and placement")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": gateway.cards()}
+
+    @router.get("/models/{model_id:path}/history", tags=["models"],
+                summary="Every change of a model's spec")
+    async def model_history(model_id: str) -> dict[str, Any]:
+        return {"object": "list", "data": await gateway.history(model_id)}
+
+    @router.post("/models/{model_id:path}/download", tags=["downloads"], status_code=202,
+                 summary="Download a model's files into the cache")
+    async def download(model_id: str) -> dict[str, Any]:
+        return await gateway.download(model_id)
+
+    @router.delete("/models/{model_id:path}/download", tags=["downloads"],
+                   summary="Cancel a running download (partial files are kept)")
+    async def cancel_download(model_id: str) -> dict[str, Any]:
+        return await gateway.cancel_download(model_id)
+
+    @router.post("/models/{model_id:path}/load", tags=["models"],
+                 summary="Load a model (optionally on given GPUs) and wait until ready")
+    async def load(model_id: str, body: LoadRequest | None = Body(None),  # noqa: B008
+                   wait: bool = Query(True)) -> dict[str, Any]:
+        gpus = body.gpu_device_ids if body is not None else None
+        return await gateway.load(model_id, gpus, wait=wait)
+
+    @router.post("/models/{model_id:path}/unload", tags=["models"],
+                 summary="Stop a model's worker")
+    async def unload(model_id: str, wait: bool = Query(True)) -> dict[str, Any]:
+        return await gateway.unload(model_id, wait=wait)
+
+    @router.delete("/models/{model_id:path}/cache", tags=["downloads"],
+                   summary="Delete a model's files from the cache")
+    async def delete_cache(model_id: str) -> dict[str, Any]:
+        return await gateway.delete_cache(model_id)
+
+    @router.get("/models/{model_id:path}", tags=["models"], summary="One model")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return gateway.card(gateway.runtime(model_id))
+
+    @router.put("/models/{model_id:path}", tags=["models"],
+                summary="Add or change a model (validated, persisted, versioned)")
+    async def put_model(model_id: str, spec: dict[str, Any] = Body(...)  # noqa: B008
+                        ) -> dict[str, Any]:
+        return await gateway.put_model(gateway.validate_spec(model_id, spec))
+
+    @router.delete("/models/{model_id:path}", tags=["models"],
+                   summary="Remove a model added at run time")
+    async def delete_model(model_id: str) -> dict[str, Any]:
+        await gateway.delete_model(model_id)
+        return {"id": model_id, "deleted": True}
+
+    @router.get("/gpus", tags=["gpus"], summary="GPUs with live figures")
+    async def gpus() -> dict[str, Any]:
+        return gateway.gpus()
+
+    @router.get("/cache", tags=["downloads"], summary="What the model cache holds")
+    async def cache() -> dict[str, Any]:
+        return await gateway.cache()
+
+    @router.get("/events", tags=["events"],
+                summary="Server-sent events: state changes and download progress")
+    async def events(request: Request) -> StreamingResponse:
+        return StreamingResponse(_event_stream(gateway, request),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router
+
+
+async def _event_stream(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
+    async with gateway.events.subscribe() as queue:
+        # First, where everything stands, so a client needs no separate listing call.
+        yield _sse("snapshot", {"type": "snapshot", "models": gateway.cards()})
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            yield _sse(event["type"], event)
+
+
+def _sse(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+

@@ -1,0 +1,1 @@
+"""The Alembic environment of modelhost's database; ``Store.migrate()`` runs it."""
