@@ -23,10 +23,26 @@ def test_models_lists_a_running_gateway(gateway_factory: GatewayFactory) -> None
     table = modelhost("models", env=env)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
-    assert header.split() == ["ID", "TASK", "BACKEND", "STATE", "ALIASES"]
-    assert row.split() == ["fake", "chat", "command", "cached", "f"]
+    assert header.split() == ["ID", "TASK", "BACKEND", "STATE", "GPUS", "ALIASES"]
+    assert row.split() == ["fake", "chat", "command", "cached", "-", "f"]
     as_json = modelhost("models", "--json", "--url", gw.url, env={"OPENAI_API_KEYS": "k1"})
     assert json.loads(as_json.stdout)[0]["state"] == "cached"
+
+
+def test_load_unload_and_gpus(gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory([fake_model("fake")])
+    env = {"MODELHOST_URL": gw.url}
+    loaded = modelhost("models", "load", "fake", env=env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "fake: ready (cpu)"
+    as_json = json.loads(modelhost("models", "unload", "fake", "--json", env=env).stdout)
+    assert as_json["state"] == "cached"
+    pinned = modelhost("models", "load", "fake", "--gpus", "0", env=env)
+    assert pinned.returncode == 1
+    assert "no NVIDIA GPU" in pinned.stderr
+    gpus = modelhost("gpus", env=env)
+    assert gpus.returncode == 0
+    assert gpus.stdout.startswith("no GPU: ")
 
 
 def test_models_without_a_gateway_says_so() -> None:

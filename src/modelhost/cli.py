@@ -11,6 +11,7 @@ import click
 from pydantic import ValidationError
 
 from modelhost import __version__
+from modelhost.cli_admin import register
 from modelhost.config import ConfigError, json_schema, load_models_file
 from modelhost.settings import Settings
 
@@ -62,38 +63,6 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
                 timeout_graceful_shutdown=int(settings.stop_timeout) + 5)
 
 
-@cli.command()
-@click.option("--url", help="Gateway URL [default http://API_HOST:API_PORT].")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models(url: str | None, as_json: bool) -> None:
-    """List the models of a running gateway with their states."""
-    import httpx
-
-    settings = _settings()
-    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
-    url = (url or f"http://{host}:{settings.api_port}").rstrip("/")
-    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
-    try:
-        resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from None
-    if resp.status_code != 200:
-        raise click.ClickException(f"{url} answered {resp.status_code}: {resp.text}")
-    data = resp.json()["data"]
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    rows = [("ID", "TASK", "BACKEND", "STATE", "ALIASES")]
-    rows += [(m["id"], m.get("task", ""), m.get("backend", ""), m.get("state", ""),
-              ",".join(m.get("aliases", []))) for m in data]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    for m in data:
-        if m.get("last_error"):
-            click.echo(f"\n{m['id']}: {m['last_error']}", err=True)
-
-
 @cli.group()
 def config() -> None:
     """Validate a models file or print its JSON Schema."""
@@ -115,6 +84,9 @@ def config_validate(path: Path) -> None:
 def config_schema() -> None:
     """Print the JSON Schema of the models file."""
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+register(cli)
 
 
 def main() -> None:

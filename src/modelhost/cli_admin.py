@@ -1,0 +1,232 @@
+"""CLI commands that drive a running gateway: models, downloads, GPUs, the hub token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from modelhost.client import GatewayClient, GatewayError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+url_option = click.option("--url", envvar="MODELHOST_URL",
+                          help="Gateway URL [env MODELHOST_URL; default http://API_HOST:API_PORT].")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+
+
+def _gateway_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except GatewayError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _gib(n: Any) -> str:
+    return f"{int(n) / 2**30:.1f} GiB" if isinstance(n, int) else "-"
+
+
+@click.group(invoke_without_command=True)
+@url_option
+@json_option
+@click.pass_context
+def models(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """List the models of a running gateway (`ls`), or act on one."""
+    ctx.obj = GatewayClient(url)
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(ls, as_json=as_json)
+
+
+@models.command()
+@json_option
+@click.pass_obj
+@_gateway_errors
+def ls(client: GatewayClient, as_json: bool) -> None:
+    """List models with their states."""
+    data = client.call("GET", "/api/admin/models")["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("ID", "TASK", "BACKEND", "STATE", "GPUS", "ALIASES")]
+    rows += [(m["id"], m["task"], m["backend"], m["state"],
+              ",".join(map(str, m["gpus"])) or "-", ",".join(m["aliases"])) for m in data]
+    _table(rows)
+    for m in data:
+        if m.get("last_error") and m["state"] == "failed":
+            click.echo(f"\n{m['id']}: {m['last_error']}", err=True)
+
+
+@models.command()
+@click.argument("model")
+@click.option("--gpus", help="Comma-separated GPU indices to load on, e.g. 1,2.")
+@click.option("--no-wait", is_flag=True, help="Return at once instead of waiting until ready.")
+@json_option
+@click.pass_obj
+@_gateway_errors
+def load(client: GatewayClient, model: str, gpus: str | None, no_wait: bool,
+         as_json: bool) -> None:
+    """Load MODEL (downloading it first when needed)."""
+    body = {"gpu_device_ids": [int(g) for g in gpus.split(",")]} if gpus else None
+    card = client.call("POST", f"/api/admin/models/{model}/load", json=body,
+                       params={"wait": str(not no_wait).lower()})
+    _print_card(card, as_json)
+
+
+@models.command()
+@click.argument("model")
+@json_option
+@click.pass_obj
+@_gateway_errors
+def unload(client: GatewayClient, model: str, as_json: bool) -> None:
+    """Stop MODEL's worker."""
+    _print_card(client.call("POST", f"/api/admin/models/{model}/unload"), as_json)
+
+
+@models.command()
+@click.argument("model")
+@click.option("--cancel", is_flag=True, help="Cancel a running download instead.")
+@json_option
+@click.pass_obj
+@_gateway_errors
+def download(client: GatewayClient, model: str, cancel: bool, as_json: bool) -> None:
+    """Download MODEL into the cache, with a progress bar (resumes an interrupted one)."""
+    if cancel:
+        _print_card(client.call("DELETE", f"/api/admin/models/{model}/download"), as_json)
+        return
+    events = client.events()
+    next(events)  # the snapshot: the subscription is live before the download starts
+    card = client.call("POST", f"/api/admin/models/{model}/download")
+    model_id = card["id"]
+    if card["state"] not in ("absent", "downloading"):
+        _print_card(card, as_json)
+        return
+    final = _follow_download(events, model_id, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(final, indent=2))
+    if final.get("state") != "completed":
+        raise click.ClickException(f"download {final.get('state')}: {final.get('error')}")
+
+
+def _follow_download(events: Any, model_id: str, quiet: bool) -> dict[str, Any]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress("[bold]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), disable=quiet,
+                  transient=False) as progress:
+        task = progress.add_task(model_id, total=None)
+        for event in events:
+            if event.get("type") != "download" or event.get("model") != model_id:
+                continue
+            progress.update(task, completed=event.get("bytes_done") or 0,
+                            total=event.get("bytes_total") or None)
+            if event.get("state") in ("completed", "failed", "cancelled"):
+                return dict(event)
+    return {"state": "unknown", "error": "the event stream ended"}
+
+
+@models.command()
+@click.argument("model")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@_gateway_errors
+def rm(client: GatewayClient, model: str, yes: bool) -> None:
+    """Delete MODEL's files from the cache (the model must be unloaded)."""
+    if not yes:
+        click.confirm(f"Delete the cached files of {model}?", abort=True)
+    result = client.call("DELETE", f"/api/admin/models/{model}/cache")
+    click.echo(f"{model}: freed {_gib(result.get('freed_bytes'))}")
+
+
+def _print_card(card: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(card, indent=2))
+        return
+    gpus = ",".join(map(str, card.get("gpus") or [])) or "cpu"
+    click.echo(f"{card['id']}: {card['state']} ({gpus})")
+
+
+@click.command()
+@url_option
+@json_option
+@_gateway_errors
+def gpus(url: str | None, as_json: bool) -> None:
+    """GPUs of a running gateway with live memory, load and temperature."""
+    data = GatewayClient(url).call("GET", "/api/admin/gpus")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data["available"]:
+        click.echo(f"no GPU: {data['reason']}")
+        return
+    rows = [("GPU", "NAME", "MEMORY USED", "TOTAL", "UTIL", "TEMP", "POWER", "MODELS")]
+    for g in data["gpus"]:
+        rows.append((str(g["index"]), g["name"], _gib(g["memory_used"]), _gib(g["memory_total"]),
+                     f"{g['utilization_gpu']}%" if g["utilization_gpu"] is not None else "-",
+                     f"{g['temperature_c']}C" if g["temperature_c"] is not None else "-",
+                     f"{g['power_w']:.0f}W" if g["power_w"] is not None else "-",
+                     ",".join(g["models"]) or "-"))
+    _table(rows)
+
+
+@click.group()
+@url_option
+@click.pass_context
+def token(ctx: click.Context, url: str | None) -> None:
+    """The Hugging Face token used for downloads (never shown in full)."""
+    ctx.obj = GatewayClient(url)
+
+
+@token.command("set")
+@click.option("--token", "value", prompt=True, hide_input=True,
+              help="The token (prompted, hidden, when not given).")
+@click.pass_obj
+@_gateway_errors
+def token_set(client: GatewayClient, value: str) -> None:
+    """Store the token (MODEL_CACHE_DIR/.hf_token, mode 0600)."""
+    result = client.call("PUT", "/api/admin/token", json={"token": value})
+    click.echo(f"token set: {result['masked']}")
+
+
+@token.command("show")
+@click.pass_obj
+@_gateway_errors
+def token_show(client: GatewayClient) -> None:
+    """Whether a token is set, where from, and its masked form."""
+    result = client.call("GET", "/api/admin/token")
+    click.echo(f"{result['source']}: {result['masked']}" if result["set"] else "no token")
+
+
+@token.command("rm")
+@click.pass_obj
+@_gateway_errors
+def token_rm(client: GatewayClient) -> None:
+    """Delete the stored token."""
+    client.call("DELETE", "/api/admin/token")
+    click.echo("token deleted")
+
+
+def register(cli: click.Group) -> None:
+    for command in (models, gpus, token):
+        cli.add_command(command)
+
+
