@@ -19,9 +19,12 @@ from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import APIKeyMiddleware
 from modelhost.catalog import Catalog
+from modelhost.downloads import Downloader
 from modelhost.errors import ModelhostError, error_body
 from modelhost.events import EventBus
 from modelhost.gateway import Gateway
+from modelhost.hub import HubService
+from modelhost.hubtoken import resolve_token
 from modelhost.persistence import Persistence
 from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
@@ -76,19 +79,24 @@ TAGS = [
 def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     if catalog is None:
         catalog = Catalog.from_file(settings.config_file)
-    ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
-                         stop_timeout=settings.stop_timeout,
-                         hf_token=lambda: settings.huggingface_token)
-    registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
     events = EventBus()
+    persistence = Persistence(settings.database)
+
+    def hf_token() -> str | None:
+        return resolve_token(settings.huggingface_token, settings.model_cache_dir)
+
+    hub = HubService(Downloader(settings.model_cache_dir, hf_token), persistence, events)
+    ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
+                         stop_timeout=settings.stop_timeout, hf_token=hf_token,
+                         download=hub.download)
+    registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
 
     def publish_state(rt: ModelRuntime, previous: State) -> None:
         events.publish("state", model=rt.spec.id, state=rt.state.value,
                        previous=previous.value, error=rt.last_error, gpus=rt.gpus)
 
     registry.add_listener(publish_state)
-    gateway = Gateway(registry, events, Persistence(settings.database),
-                      settings.load_wait_timeout)
+    gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
 

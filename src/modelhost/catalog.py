@@ -99,17 +99,10 @@ def package_path(source: PackageSource) -> Path:
 
 
 def hub_snapshot_path(source: HubSource, cache_dir: Path) -> Path | None:
-    """The local snapshot folder of a hub model when it is fully cached, else None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    """The local snapshot folder of a hub model when every file is there, else None."""
+    from modelhost.downloads import is_complete
 
-    try:
-        return Path(snapshot_download(
-            source.hf, revision=source.revision, allow_patterns=source.files,
-            cache_dir=cache_dir, local_files_only=True,
-        ))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        return None
+    return is_complete(cache_dir, source)
 
 
 def local_weights(spec: ModelSpec, cache_dir: Path) -> Path | None:

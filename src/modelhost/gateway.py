@@ -18,12 +18,16 @@ from pydantic import ValidationError
 
 from modelhost.catalog import Catalog
 from modelhost.config import HubSource, ModelSpec
+from modelhost.downloads import DownloadError
 from modelhost.errors import InvalidRequest, ModelhostError, ModelNotReady, NotFound
 from modelhost.events import EventBus
+from modelhost.hub import HubService
+from modelhost.hubtoken import TokenError, delete_token, token_info, write_token
 from modelhost.persistence import Persistence, spec_json
 from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime, Target
+from modelhost.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,11 @@ class Conflict(ModelhostError):
 
 class Gateway:
     def __init__(self, registry: Registry, events: EventBus, persistence: Persistence,
-                 load_timeout: float) -> None:
+                 hub: HubService, settings: Settings) -> None:
         self.registry = registry
+        self.hub = hub
+        self.settings = settings
+        load_timeout = settings.load_wait_timeout
         self.events = events
         self.persistence = persistence
         self.load_timeout = load_timeout
@@ -71,6 +78,11 @@ class Gateway:
         self.registry.rebuild()
         await self.registry.start()
         desired = await p.now(lambda store: store.desired_states())
+        for model_id in await self.hub.interrupted():
+            rt = self.registry.runtimes.get(model_id)
+            if rt is not None and rt.state is State.absent:
+                log.info("resuming the interrupted download of model %s", model_id)
+                rt.want(Target.cached)
         for model_id, row in desired.items():
             rt = self.registry.runtimes.get(model_id)
             if rt is not None and row.desired == "loaded":
@@ -80,6 +92,7 @@ class Gateway:
 
     async def close(self) -> None:
         self.closing = True  # a shutdown is not an unload: desired states stay as they are
+        await self.hub.downloader.close()  # partial files stay; the next start resumes them
         await self.registry.close()
         await self.persistence.close()
 
@@ -193,6 +206,48 @@ class Gateway:
         if rt.state is State.absent or (rt.state is State.failed and rt.weights is None):
             rt.want(Target.cached if rt.target is Target.stopped else rt.target)
         return self.card(rt)
+
+    async def cancel_download(self, model_id: str) -> dict[str, Any]:
+        rt = self.runtime(model_id)
+        job = await self.hub.downloader.cancel(rt.spec.id)
+        if job is None:
+            raise Conflict(f"model '{rt.spec.id}' has no download to cancel")
+        await rt.wait_for({State.absent, State.cached, State.failed})
+        return self.card(rt)
+
+    async def delete_cache(self, model_id: str) -> dict[str, Any]:
+        rt = self.runtime(model_id)
+        source = rt.spec.source
+        if not isinstance(source, HubSource):
+            raise InvalidRequest(f"model '{rt.spec.id}' is not in the model cache (its "
+                                 "source is not a Hugging Face repository)", param="model")
+        if rt.state not in (State.cached, State.absent, State.failed):
+            raise Conflict(f"model '{rt.spec.id}' is {rt.state}: unload it (or cancel its "
+                           "download) first")
+        try:
+            freed = await self.hub.downloader.delete(source.hf, None)
+        except DownloadError as exc:
+            raise Conflict(str(exc)) from None
+        await rt.forget_weights()
+        return {**self.card(rt), "freed_bytes": freed}
+
+    async def cache(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.hub.cache)
+
+    def token(self) -> dict[str, Any]:
+        info = token_info(self.settings.huggingface_token, self.settings.model_cache_dir)
+        return {"set": info.source is not None, "source": info.source, "masked": info.masked}
+
+    def set_token(self, value: str) -> dict[str, Any]:
+        try:
+            write_token(self.settings.model_cache_dir, value)
+        except TokenError as exc:
+            raise InvalidRequest(str(exc), param="token") from None
+        return self.token()
+
+    def delete_token(self) -> dict[str, Any]:
+        delete_token(self.settings.model_cache_dir)
+        return self.token()
 
     async def _until(self, rt: ModelRuntime, target: Target, states: set[State],
                      failures: int | None = None) -> None:

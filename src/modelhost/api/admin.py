@@ -22,6 +22,10 @@ class LoadRequest(BaseModel):
         None, description="Load on these GPUs (NVML indices) instead of the model's own.")
 
 
+class TokenBody(BaseModel):
+    token: str = Field(description="A Hugging Face access token (hf_...). Never returned.")
+
+
 def admin_router(gateway: Gateway) -> APIRouter:
     router = APIRouter(prefix="/api/admin")
 
@@ -84,6 +88,19 @@ def admin_router(gateway: Gateway) -> APIRouter:
     @router.get("/cache", tags=["downloads"], summary="What the model cache holds")
     async def cache() -> dict[str, Any]:
         return await gateway.cache()
+
+    @router.get("/token", tags=["downloads"], summary="Whether a Hugging Face token is set")
+    async def get_token() -> dict[str, Any]:
+        return gateway.token()
+
+    @router.put("/token", tags=["downloads"],
+                summary="Store the Hugging Face token (MODEL_CACHE_DIR/.hf_token, mode 0600)")
+    async def put_token(body: TokenBody) -> dict[str, Any]:
+        return gateway.set_token(body.token)
+
+    @router.delete("/token", tags=["downloads"], summary="Delete the stored token")
+    async def delete_token() -> dict[str, Any]:
+        return gateway.delete_token()
 
     @router.get("/events", tags=["events"],
                 summary="Server-sent events: state changes and download progress")

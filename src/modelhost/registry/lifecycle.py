@@ -27,6 +27,7 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.downloading, State.absent): "the download was cancelled (partial files are kept "
                                        "so that the next download resumes)",
     (State.cached, State.starting): "the model is wanted: its worker is spawned",
+    (State.cached, State.absent): "its files were deleted from the cache",
     (State.starting, State.ready): "the worker answers its readiness probe",
     (State.starting, State.starting): "the worker failed to start or crashed; "
                                       "restart after a backoff",
@@ -42,7 +43,7 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.failed, State.cached): "a new request or load retries a model whose weights "
                                   "are cached",
     (State.failed, State.absent): "a new request or load retries a model whose "
-                                  "download failed",
+                                  "download failed, or its files were deleted from the cache",
     (State.failed, State.failed): "a retry finds the weights still missing (package or path)",
 }
 

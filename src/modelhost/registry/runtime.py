@@ -164,6 +164,12 @@ class ModelRuntime:
         """Return at the next state change."""
         await self._changed.wait()
 
+    async def forget_weights(self) -> None:
+        """After the cached files were deleted: the model is `absent` until downloaded."""
+        self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
+        if self.weights is None and self.state in (State.cached, State.failed):
+            self._set(State.absent)
+
     async def wait_for(self, states: set[State]) -> None:
         while self.state not in states:
             await self.changed()
