@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import GatewayFactory, fake_model, started_pids, wait_gone
+from tests.conftest import GatewayFactory, fake_model, started_pids, wait_for, wait_gone
 
 KEY = "sk-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -140,3 +140,20 @@ def test_state_survives_kill_9(gateway_factory: GatewayFactory, tmp_path: Path) 
     again.stop()
     third = gateway_factory(models, env={"MODELHOST_DATA_DIR": data})
     assert third.model("declared")["state"] == "cached"
+
+
+def test_kill_9_during_a_load_then_restart(gateway_factory: GatewayFactory,
+                                           tmp_path: Path) -> None:
+    data = str(tmp_path / "shared-data")
+    events = tmp_path / "ev"
+    models = [fake_model("slow", events, "--startup-delay", "3")]
+    gw = gateway_factory(models, env={"MODELHOST_DATA_DIR": data})
+    resp = admin(gw.url, "POST", "/models/slow/load", params={"wait": "false"})
+    assert resp.json()["state"] in ("cached", "starting")
+    gw.wait_state("slow", "starting", timeout=10)
+    assert wait_for(lambda: len(started_pids(events)) == 1, timeout=10)
+    gw.proc.kill()
+    gw.proc.wait()
+    assert wait_gone(started_pids(events)[0])  # the half-started worker went with it
+    again = gateway_factory(models, env={"MODELHOST_DATA_DIR": data})
+    again.wait_state("slow", "ready", timeout=30)  # the load was not lost
