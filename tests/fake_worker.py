@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -95,6 +96,17 @@ async def completions(request: web.Request) -> web.Response:
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
+async def audio(request: web.Request) -> web.Response:
+    """Echo what arrived, so a test can check the gateway relayed the upload byte for byte."""
+    record("requests")
+    raw = await request.read()
+    record("completed")
+    return web.json_response(
+        {"text": "fake transcript", "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+         "content_type": request.headers.get("Content-Type", "")},
+        headers={"X-Audio-Seconds": "1.5"})
+
+
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [
         {"id": "fake", "object": "model", "created": 1, "owned_by": "fake"}]})
@@ -137,6 +149,8 @@ def main() -> None:
     app = web.Application(middlewares=middlewares)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/audio/transcriptions", audio)
+    app.router.add_post("/v1/audio/translations", audio)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", get_stats)
     web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from modelhost import __version__
 from modelhost.api.admin import admin_router
+from modelhost.api.audio import AudioRoutes
 from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import APIKeyMiddleware
@@ -99,6 +100,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
+    audio = AudioRoutes(registry, relay, settings.max_upload_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,7 +114,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
 
     app = FastAPI(
         title="modelhost", version=__version__, openapi_tags=TAGS,
-        routes=[*health_routes(registry), *openai.routes()],
+        routes=[*health_routes(registry), *openai.routes(), *audio.routes()],
         middleware=[Middleware(APIKeyMiddleware, keys=settings.api_keys,
                                prefixes=("/v1", "/api/admin"))],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,

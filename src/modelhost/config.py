@@ -38,6 +38,8 @@ class Task(StrEnum):
 class Backend(StrEnum):
     llamacpp = "llamacpp"
     vllm = "vllm"
+    speech = "speech"          # modelhost's faster-whisper worker app
+    embeddings = "embeddings"  # modelhost's sentence-transformers worker app
     remote = "remote"
     command = "command"
 
@@ -206,7 +208,8 @@ class ModelSpec(_Strict):
                                  "where the gateway expects it")
         elif self.command is not None:
             raise ValueError("`command` is only for backend 'command'")
-        if self.backend in (Backend.llamacpp, Backend.vllm) and self.source is None:
+        if self.backend in (Backend.llamacpp, Backend.vllm, Backend.speech,
+                            Backend.embeddings) and self.source is None:
             raise ValueError(f"backend '{self.backend}' needs a `source`")
         if self.gpus is not None and self.gpu_count and self.gpu_count != len(self.gpus):
             raise ValueError("`gpu_count` disagrees with the pinned `gpus`")

@@ -161,6 +161,7 @@ class Gateway:
             "queued_requests": admission.waiting,
             "idle_seconds": round(time.monotonic() - rt.last_used, 1),
             "download": rt.download_progress,
+            "usage": rt.usage,
             "worker": None if worker is None else {
                 "pid": worker.pid, "port": worker.port,
                 "uptime_seconds": round(time.monotonic() - worker.started_at, 1),

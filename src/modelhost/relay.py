@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 from starlette.responses import Response, StreamingResponse
@@ -52,8 +52,9 @@ class Relay:
             await self._session.close()
 
     async def forward(self, runtime: ModelRuntime, admission: Admission, path: str,
-                      body: bytes, headers: dict[str, str]) -> Response:
-        """Send `body` to the model's worker at `path` (below /v1) and relay the answer."""
+                      body: bytes | IO[bytes], headers: dict[str, str]) -> Response:
+        """Send `body` (bytes, or a spooled file streamed from disk) to the model's worker at
+        `path` (below /v1) and relay the answer."""
         assert self._session is not None, "Relay.open() was not awaited"
         await admission.acquire()
         released = False
@@ -72,17 +73,20 @@ class Relay:
                                     f"{_describe(exc)}") from exc
             finally:
                 resp.release()
+            _count_usage(runtime, resp)
             return Response(data, status_code=resp.status, media_type=content_type)
         finally:
             if not released:
                 runtime.last_used = time.monotonic()
                 admission.release()
 
-    async def _send(self, runtime: ModelRuntime, path: str, body: bytes,
+    async def _send(self, runtime: ModelRuntime, path: str, body: bytes | IO[bytes],
                     headers: dict[str, str]) -> aiohttp.ClientResponse:
         assert self._session is not None
         for attempt in (1, 2):
             base = await runtime.ensure_ready(self.load_wait_timeout)
+            if not isinstance(body, bytes):
+                body.seek(0)
             try:
                 return await self._session.post(base + path, data=body, headers=headers)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
@@ -95,6 +99,20 @@ class Relay:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable: "
                                     f"{_describe(exc)}") from exc
         raise AssertionError("unreachable")
+
+
+# Headers by which our worker apps report what a request consumed (summed per model).
+USAGE_HEADERS = {"X-Audio-Seconds": "audio_seconds", "X-Input-Tokens": "input_tokens"}
+
+
+def _count_usage(runtime: ModelRuntime, resp: aiohttp.ClientResponse) -> None:
+    for header, key in USAGE_HEADERS.items():
+        value = resp.headers.get(header)
+        if value is not None:
+            try:
+                runtime.usage[key] = runtime.usage.get(key, 0.0) + float(value)
+            except ValueError:
+                continue
 
 
 class _RelayStream(StreamingResponse):

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         8 * 1024 * 1024, gt=0, validation_alias=_env("MAX_REQUEST_BYTES")
     )
+    # Largest upload (audio) accepted; 25 MiB like OpenAI's. Spooled to disk, never memory.
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, gt=0, validation_alias=_env("MAX_UPLOAD_BYTES")
+    )
     # Seconds between SIGTERM and SIGKILL when a worker is stopped.
     stop_timeout: float = Field(15.0, gt=0, validation_alias=_env("STOP_TIMEOUT"))
 

@@ -88,6 +88,7 @@ class ModelRuntime:
         self.gpus: list[int] = []  # where the current worker runs
         self.gpu_override: list[int] | None = None  # asked for by a load request
         self.download_progress: dict[str, object] | None = None
+        self.usage: dict[str, float] = {}  # audio_seconds, input_tokens (from worker headers)
         self._failed_at = 0.0
         self._target = Target.stopped
         self._retry = False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from modelhost.config import Backend, ModelSpec
 from modelhost.workers import llamacpp, vllm
+from modelhost.workers.flags import kebab_flags
 from modelhost.workers.process import BackendConfigError, LaunchPlan
 
 
@@ -33,4 +35,23 @@ def _backend_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
         return llamacpp.plan(spec, weights, host, port, gpus)
     if spec.backend is Backend.vllm:
         return vllm.plan(spec, weights, host, port, gpus, hf_token)
+    if spec.backend in (Backend.speech, Backend.embeddings):
+        return _app_plan(spec, weights, host, port, gpus)
     raise BackendConfigError(f"backend '{spec.backend}' does not start processes")
+
+
+def _app_plan(spec: ModelSpec, weights: Path, host: str, port: int,
+              gpus: list[int]) -> LaunchPlan:
+    """One of modelhost's own worker apps (workers/apps/): speech or embeddings."""
+    clash = {"model", "host", "port", "served_name"} & \
+        {k.replace("-", "_") for k in spec.engine_args}
+    if clash:
+        raise BackendConfigError(f"model '{spec.id}': engine_args may not set "
+                                 f"{', '.join(sorted(clash))} (the gateway sets them)")
+    args = dict(spec.engine_args)
+    args.setdefault("device", "cuda" if gpus else "cpu")
+    argv = [spec.python or sys.executable, "-m", f"modelhost.workers.apps.{spec.backend.value}",
+            "--model", str(weights), "--host", host, "--port", str(port),
+            "--served-name", spec.id, *kebab_flags(args)]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "HF_HUB_OFFLINE": "1"}
+    return LaunchPlan(argv=argv, env=env)
