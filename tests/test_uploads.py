@@ -28,7 +28,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw.stop()
 
 
-def post(gw: Gateway, files: dict[str, object] | None = None,
+Files = dict[str, tuple[str, bytes] | tuple[str, bytes, str]]
+
+
+def post(gw: Gateway, files: Files | None = None,
          data: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(gw.url + "/v1/audio/transcriptions", files=files, data=data, timeout=60)
 
@@ -64,7 +67,7 @@ def test_official_client(gateway: Gateway) -> None:
     ({"file": ("a.wav", b"x", "audio/wav")}, {"model": "speech", "response_format": "mp3"},
      "response_format"),
 ])
-def test_bad_uploads_are_400(gateway: Gateway, files: dict[str, object] | None,
+def test_bad_uploads_are_400(gateway: Gateway, files: Files | None,
                              data: dict[str, str], param: str) -> None:
     resp = post(gateway, files=files or {"other": ("x", b"1")}, data=data)
     assert resp.status_code == 400, resp.text
