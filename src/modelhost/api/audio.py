@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
+import aiohttp
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from modelhost.api.uploads import Upload, spool_multipart
+from modelhost.api.uploads import Upload, extract_file, spool_multipart
+from modelhost.catalog import DEFAULT_DIARIZATION_MODEL
 from modelhost.config import ModelSpec, Task
+from modelhost.diarize import assign_speakers
 from modelhost.errors import InvalidRequest
 from modelhost.registry.registry import Registry
 from modelhost.relay import Relay
@@ -29,43 +33,110 @@ class AudioRoutes:
         return [
             Route("/v1/audio/transcriptions", self.transcriptions, methods=["POST"]),
             Route("/v1/audio/translations", self.translations, methods=["POST"]),
+            Route("/v1/audio/diarization", self.diarization, methods=["POST"]),
         ]
 
     async def transcriptions(self, request: Request) -> Response:
-        return await self._relay(request, "/audio/transcriptions")
+        return await self._relay(request, "/audio/transcriptions", Task.transcription)
 
     async def translations(self, request: Request) -> Response:
-        return await self._relay(request, "/audio/translations")
+        return await self._relay(request, "/audio/translations", Task.transcription)
 
-    async def _relay(self, request: Request, path: str) -> Response:
+    async def diarization(self, request: Request) -> Response:
+        return await self._relay(request, "/audio/diarization", Task.diarization)
+
+    async def _relay(self, request: Request, path: str, task: Task) -> Response:
         upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir)
         try:
-            spec = self._check(upload)
+            spec = self._check(upload, task)
+            if task is Task.transcription and _true(upload.get("diarize")):
+                return await self._diarized(upload, spec, path)
             # The body goes to the worker exactly as it came; its `model` field may be an
-            # alias, which our speech worker ignores (it serves one model).
+            # alias, which our worker apps ignore (each serves one model).
             return await self.relay.forward(
                 self.registry.runtimes[spec.id], self.registry.admissions[spec.id], path,
                 upload.body, {"Content-Type": upload.content_type})
         finally:
             upload.close()
 
-    def _check(self, upload: Upload) -> ModelSpec:
+    async def _diarized(self, upload: Upload, speech: ModelSpec, path: str) -> Response:
+        """A transcript whose segments and words carry speakers: the speech worker's
+        verbose_json and the diarization worker's turns, asked for at once and aligned."""
+        if upload.get("response_format") not in (None, "json", "verbose_json"):
+            raise InvalidRequest("diarize=true returns verbose_json; drop response_format or "
+                                 "set it to verbose_json", param="response_format")
+        name = upload.get("diarization_model") or DEFAULT_DIARIZATION_MODEL
+        diarizer = self.registry.resolve(name)
+        if diarizer.task is not Task.diarization:
+            raise InvalidRequest(f"model '{diarizer.id}' is not a diarization model",
+                                 param="diarization_model")
+        audio = extract_file(upload)
+        filename = upload.filenames.get("file") or "audio"
+        try:
+            def transcript_form() -> aiohttp.FormData:
+                form = _form(audio, filename, upload, ("model", "language", "prompt",
+                                                       "temperature"))
+                form.add_field("response_format", "verbose_json")
+                form.add_field("timestamp_granularities[]", "segment")
+                form.add_field("timestamp_granularities[]", "word")
+                return form
+
+            def turns_form() -> aiohttp.FormData:
+                form = _form(audio, filename, upload, ("num_speakers", "min_speakers",
+                                                       "max_speakers"))
+                form.add_field("model", diarizer.id)
+                return form
+
+            transcript = await self.relay.fetch_json(
+                self.registry.runtimes[speech.id], self.registry.admissions[speech.id], path,
+                transcript_form)
+            diarized = await self.relay.fetch_json(
+                self.registry.runtimes[diarizer.id], self.registry.admissions[diarizer.id],
+                "/audio/diarization", turns_form)
+        finally:
+            audio.close()
+        return JSONResponse(assign_speakers(transcript, diarized.get("segments", [])))
+
+    def _check(self, upload: Upload, task: Task) -> ModelSpec:
         if "file" not in upload.files:
             raise InvalidRequest("Missing required parameter: 'file'.", param="file")
         if upload.files["file"] == 0:
             raise InvalidRequest("The audio file is empty.", param="file",
                                  code="empty_file")
         name = upload.get("model")
+        if not name and task is Task.diarization:
+            name = DEFAULT_DIARIZATION_MODEL
         if not name:
             raise InvalidRequest("you must provide a model parameter", param="model")
         spec = self.registry.resolve(name)
-        if spec.task is not Task.transcription:
+        if spec.task is not task:
+            verb = "transcribe" if task is Task.transcription else "diarize"
             raise InvalidRequest(f"model '{spec.id}' is a {spec.task.value} model and does not "
-                                 "transcribe audio", param="model", code="model_not_supported")
+                                 f"{verb} audio", param="model", code="model_not_supported")
+        if task is Task.diarization:
+            return spec
         response_format = upload.get("response_format")
         if response_format is not None and response_format not in RESPONSE_FORMATS:
             raise InvalidRequest(
                 f"'{response_format}' is not one of {sorted(RESPONSE_FORMATS)} - "
                 "'response_format'", param="response_format")
         return spec
+
+
+
+def _true(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("true", "1", "yes", "on")
+
+
+def _form(audio: IO[bytes], filename: str, upload: Upload,
+          names: tuple[str, ...]) -> aiohttp.FormData:
+    """A new multipart form with the audio and some of the client's fields."""
+    form = aiohttp.FormData()
+    # A fresh handle for each form: aiohttp closes the file it has sent.
+    form.add_field("file", open(audio.name, "rb"), filename=filename,  # noqa: SIM115
+                   content_type="application/octet-stream")
+    for name in names:
+        for value in upload.fields.get(name, []):
+            form.add_field(name, value)
+    return form
 

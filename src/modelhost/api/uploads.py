@@ -84,6 +84,48 @@ class _FieldCollector:
             self.upload.fields.setdefault(self._name, []).append(value)
 
 
+def extract_file(upload: Upload, name: str = "file") -> IO[bytes]:
+    """The content of one file field, copied to its own named temporary file (for a request
+    the gateway must re-send in another shape, such as `diarize=true`); deleted when closed."""
+    _, params = parse_options_header(upload.content_type)
+    out = tempfile.NamedTemporaryFile(prefix="modelhost-audio-")  # noqa: SIM115
+    state = {"file": False}
+    header = {"name": b"", "value": b""}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["name"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        if header["name"].lower() == b"content-disposition":
+            _, disposition = parse_options_header(header["value"])
+            state["file"] = disposition.get(b"name") == name.encode() and \
+                b"filename" in disposition
+        header["name"], header["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["file"]:
+            out.write(data[start:end])
+
+    def on_part_end() -> None:
+        state["file"] = False
+
+    parser = MultipartParser(params[b"boundary"], {
+        "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    })
+    upload.body.seek(0)
+    while chunk := upload.body.read(1 << 20):
+        parser.write(chunk)
+    parser.finalize()
+    upload.body.seek(0)
+    out.seek(0)
+    return out
+
+
 async def spool_multipart(request: Request, limit: int, spool_dir: Path | None = None
                           ) -> Upload:
     content_type = request.headers.get("content-type", "")

@@ -35,14 +35,14 @@ def _backend_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
         return llamacpp.plan(spec, weights, host, port, gpus)
     if spec.backend is Backend.vllm:
         return vllm.plan(spec, weights, host, port, gpus, hf_token)
-    if spec.backend in (Backend.speech, Backend.embeddings):
+    if spec.backend in (Backend.speech, Backend.embeddings, Backend.diarization):
         return _app_plan(spec, weights, host, port, gpus)
     raise BackendConfigError(f"backend '{spec.backend}' does not start processes")
 
 
 def _app_plan(spec: ModelSpec, weights: Path, host: str, port: int,
               gpus: list[int]) -> LaunchPlan:
-    """One of modelhost's own worker apps (workers/apps/): speech or embeddings."""
+    """One of modelhost's own worker apps (workers/apps/): speech, embeddings, diarization."""
     clash = {"model", "host", "port", "served_name"} & \
         {k.replace("-", "_") for k in spec.engine_args}
     if clash:
