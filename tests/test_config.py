@@ -540,6 +540,9 @@ def test_builtin_model_is_included_by_default() -> None:
     assert catalog.get("SmolLM2-135M-Instruct") is spec
 
 
+BUILTIN_IDS = {spec.id for spec in BUILTIN_MODELS}
+
+
 def test_builtin_model_is_kept_beside_user_models(tmp_path: Path) -> None:
     path = write(tmp_path, one_model("""
         id: up
@@ -547,7 +550,7 @@ def test_builtin_model_is_kept_beside_user_models(tmp_path: Path) -> None:
         source: {url: "http://a:1/v1"}
         """))
     catalog = Catalog.from_file(path)
-    assert {spec.id for spec in catalog.models} == {"smollm2-135m", "up"}
+    assert {spec.id for spec in catalog.models} == {*BUILTIN_IDS, "up"}
 
 
 def test_include_builtin_false_drops_the_builtin(tmp_path: Path) -> None:
@@ -569,7 +572,7 @@ def test_user_model_with_the_builtin_id_replaces_it(tmp_path: Path) -> None:
     gguf.write_bytes(b"GGUF")
     catalog = Catalog.build(ModelsFile(models=[ModelSpec(
         id="smollm2-135m", backend=Backend.llamacpp, source=PathSource(path=gguf))]))
-    assert len(catalog.models) == 1
+    assert len(catalog.models) == len(BUILTIN_IDS)
     spec = catalog.get("smollm2-135m")
     assert spec is not None and isinstance(spec.source, PathSource)
     # The built-in's aliases go with it.
@@ -591,7 +594,8 @@ def test_user_model_taking_a_builtin_alias(tmp_path: Path) -> None:
 def test_user_alias_equal_to_the_builtin_id_replaces_it() -> None:
     mine = _remote("mine", ["smollm2-135m"])
     catalog = Catalog.build(ModelsFile(models=[mine]))
-    assert [spec.id for spec in catalog.models] == ["mine"]
+    assert [spec.id for spec in catalog.models] == [
+        spec.id for spec in BUILTIN_MODELS if spec.id != "smollm2-135m"] + ["mine"]
     assert catalog.get("smollm2-135m") is mine
 
 

@@ -130,7 +130,7 @@ def test_delete_from_cache(gateway_factory: GatewayFactory, hub: FakeHub,
     assert cli(gw, "models", "unload", "tiny").returncode == 0
     removed = cli(gw, "models", "rm", "tiny", "--yes")
     assert removed.returncode == 0, removed.stderr
-    assert "freed 0.0 GiB" in removed.stdout
+    assert "freed 0.6 MiB" in removed.stdout
     assert gw.model("tiny")["state"] == "absent"
     assert not (tmp_path / "cache" / "models--org--tiny").exists()
 

@@ -56,6 +56,9 @@ async def _invalid_body(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body("We could not parse the JSON body of your request.",
+                                       "invalid_request_error"), status_code=400)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
                         for e in errors) or "invalid request"

@@ -80,7 +80,11 @@ def ls(client: GatewayClient, as_json: bool) -> None:
 def load(client: GatewayClient, model: str, gpus: str | None, no_wait: bool,
          as_json: bool) -> None:
     """Load MODEL (downloading it first when needed)."""
-    body = {"gpu_device_ids": [int(g) for g in gpus.split(",")]} if gpus else None
+    try:
+        body = {"gpu_device_ids": [int(g) for g in gpus.split(",")]} if gpus else None
+    except ValueError:
+        raise click.BadParameter(f"'{gpus}' is not a comma-separated list of GPU indices",
+                                 param_hint="--gpus") from None
     card = client.call("POST", f"/api/admin/models/{model}/load", json=body,
                        params={"wait": str(not no_wait).lower()})
     _print_card(card, as_json)
@@ -111,8 +115,8 @@ def download(client: GatewayClient, model: str, cancel: bool, as_json: bool) -> 
     next(events)  # the snapshot: the subscription is live before the download starts
     card = client.call("POST", f"/api/admin/models/{model}/download")
     model_id = card["id"]
-    if card["state"] not in ("absent", "downloading"):
-        _print_card(card, as_json)
+    if card["state"] in ("cached", "starting", "ready", "stopping"):
+        _print_card(card, as_json)  # already downloaded: nothing was fetched
         return
     final = _follow_download(events, model_id, quiet=as_json)
     if as_json:
@@ -154,7 +158,8 @@ def rm(client: GatewayClient, model: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete the cached files of {model}?", abort=True)
     result = client.call("DELETE", f"/api/admin/models/{model}/cache")
-    click.echo(f"{model}: freed {_gib(result.get('freed_bytes'))}")
+    freed = result.get("freed_bytes") or 0
+    click.echo(f"{model}: freed {_gib(freed) if freed >= 2**30 else f'{freed / 2**20:.1f} MiB'}")
 
 
 def _print_card(card: dict[str, Any], as_json: bool) -> None:

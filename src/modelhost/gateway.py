@@ -102,7 +102,9 @@ class Gateway:
         model_id, gpus = rt.spec.id, rt.gpu_override
         if rt.state is State.starting and previous is State.cached:
             self.persistence.later(lambda store: store.set_desired(model_id, "loaded", gpus))
-        elif rt.state is State.cached and previous is State.stopping:
+        elif (rt.state is State.cached and previous is State.stopping) or \
+                (rt.state is State.failed and previous is State.starting):
+            # Unloaded, or its load failed: not to be loaded again at the next start.
             self.persistence.later(lambda store: store.set_desired(model_id, "unloaded"))
 
     async def history(self, model_id: str) -> list[dict[str, Any]]:
@@ -210,9 +212,10 @@ class Gateway:
 
     async def cancel_download(self, model_id: str) -> dict[str, Any]:
         rt = self.runtime(model_id)
-        job = await self.hub.downloader.cancel(rt.spec.id)
-        if job is None:
-            raise Conflict(f"model '{rt.spec.id}' has no download to cancel")
+        current = self.hub.downloader.get(rt.spec.id)
+        if current is None or not current.active:
+            raise Conflict(f"model '{rt.spec.id}' has no download running")
+        await self.hub.downloader.cancel(rt.spec.id)
         await rt.wait_for({State.absent, State.cached, State.failed})
         return self.card(rt)
 

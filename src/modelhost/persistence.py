@@ -1,8 +1,9 @@
 """What the gateway remembers across restarts (DESIGN §5), kept in the state database.
 
 * Specs: the models file's and the built-in models are recorded (actor `config-file`); models
-  added or changed through the admin API (source `api`) are restored at start and win over
-  the file's until deleted. Every change is a new revision (`history`).
+  added or changed through the admin API (source `api`) are restored at start. An id declared
+  in the models file belongs to the file (the API refuses to change it, and a file that
+  comes to declare an API model's id takes it over). Every change is a new revision.
 * Desired states: a model that starts is recorded `loaded` (with the GPUs asked for), one
   that is unloaded (admin or idle TTL) `unloaded`; a shutdown changes nothing. At start,
   models recorded `loaded` are loaded again.

