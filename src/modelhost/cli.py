@@ -59,7 +59,7 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
         raise click.ClickException(str(exc)) from None
     app = build_app(settings, catalog)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port,
-                log_level=settings.log_level, log_config=None,
+                log_level=settings.log_level, log_config=None, access_log=settings.access_log,
                 timeout_graceful_shutdown=int(settings.stop_timeout) + 5)
 
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", validation_alias=_env("LOG_LEVEL", "LOG_LEVEL"))
     log_dir: Path | None = Field(None, validation_alias=_env("LOG_DIR", "LOG_DIR"))
+    # One log line per HTTP request (uvicorn's access log). Off by default: on a busy gateway
+    # it is a measurable share of the time spent per request (see docs/benchmarks.md).
+    access_log: bool = Field(False, validation_alias=_env("ACCESS_LOG"))
     config_file: Path | None = Field(None, validation_alias=_env("CONFIG"))
     # SQLAlchemy URL of the state database (default: SQLite in the data directory).
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
