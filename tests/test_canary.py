@@ -4,20 +4,27 @@ prompt NeMo is given, the conversion of NeMo-shaped hypotheses into segments and
 their rendering (srt, vtt, verbose_json), chunking, and the language check (400).
 
 `CanaryEngine` itself runs here around a stand-in with NeMo's `transcribe` signature: what the
-real NeMo call returns is NOT exercised (see canary.py and the report for the command that
-checks it on a GPU machine).
+real NeMo call returns is NOT exercised here. The `real` tests at the end do, through a worker
+process on the real model; they run only when asked for, on a machine with NeMo and an NVIDIA
+GPU (see the command there).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import os
+import signal
 import subprocess
 import sys
+import time
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from openai.types.audio import TranscriptionVerbose, TranslationVerbose
@@ -64,6 +71,7 @@ from modelhost.workers.apps.speech import (
     verbose_json,
 )
 from modelhost.workers.process import free_port
+from tests.audio import concat_wavs, have_espeak, speak, wav_duration, word_error_rate
 
 # --------------------------------------------------------------------------- NeMo stand-ins
 
@@ -170,11 +178,11 @@ def test_resolve_model_paths(tmp_path: Path) -> None:
     assert resolve_canary_model(str(nemo)) == ModelRef("file", str(nemo))
     assert resolve_canary_model(str(tmp_path)) == ModelRef("file", str(nemo))
     (tmp_path / "other.nemo").write_bytes(b"x")
-    with pytest.raises(ValueError, match="several .nemo files"):
+    with pytest.raises(ValueError, match=r"several \.nemo files"):
         resolve_canary_model(str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no .nemo file"):
+    with pytest.raises(FileNotFoundError, match=r"no \.nemo file"):
         resolve_canary_model(str(empty))
     for missing in (str(tmp_path / "gone.nemo"), "./gone", "gone.nemo"):
         with pytest.raises(FileNotFoundError, match="no such"):
@@ -377,7 +385,7 @@ def test_split_points_cut_in_the_quiet() -> None:
     audio = tone(70.0, quiet=[(27.0, 27.5), (55.2, 55.6)])
     bounds = split_points(audio, max_seconds=30.0, search_seconds=5.0)
     assert bounds[0][0] == 0 and bounds[-1][1] == len(audio)
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     assert all(b - a <= 30 * SAMPLE_RATE for a, b in bounds)
     cuts = [a / SAMPLE_RATE for a, _ in bounds[1:]]
     assert 27.0 <= cuts[0] <= 27.5 and 55.2 <= cuts[1] <= 55.6
@@ -463,6 +471,20 @@ def test_engine_options_are_checked_before_loading() -> None:
         CanaryEngine.load("nvidia/canary-1b-flash", languages="en", default_language="de")
 
 
+def test_engine_keeps_timestamps_when_the_failure_is_not_theirs() -> None:
+    @dataclass
+    class Broken(FakeNemoModel):
+        def transcribe(self, audio: list[str], batch_size: int = 4,
+                       return_hypotheses: bool = False, verbose: bool = True,
+                       **prompt: Any) -> list[Hypothesis]:
+            raise ValueError("bad audio")
+
+    engine = CanaryEngine(Broken())
+    with pytest.raises(ValueError, match="bad audio"):
+        engine.transcribe(tone(1.0, quiet=[]), SpeechRequest())
+    assert engine.timestamps
+
+
 # --------------------------------------------------------------------------- languages
 
 
@@ -513,3 +535,142 @@ def test_the_app_answers_400_for_a_language_canary_does_not_hear(tmp_path: Path)
         assert resp.status_code == 200, resp.text
         assert resp.text == "WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nHallo.\n\n"
         assert engine.heard[0].language == "de"
+
+
+# --------------------------------------------------------------------------- the real thing
+#
+# Opt-in, for a machine with NeMo and an NVIDIA GPU (skipped everywhere else):
+#
+#   pip install -e '.[dev,speech]' 'nemo_toolkit[asr]'      # and espeak-ng for the speech
+#   MODELHOST_CANARY_MODEL=nvidia/canary-180m-flash pytest tests/test_canary.py -k real -v -s
+#
+# MODELHOST_CANARY_MODEL is what `--model` gets (a Hub name, fetched unless HF_HUB_OFFLINE is
+# set; a .nemo file; or a folder with one); MODELHOST_CANARY_DEVICE is `--device` (cuda), and
+# MODELHOST_CANARY_ARGS more flags (e.g. "--compute-type bfloat16").
+
+REAL_MODEL = os.environ.get("MODELHOST_CANARY_MODEL", "")
+ENGLISH = (
+    "The weather today is sunny with a light breeze from the west.",
+    "Please open the window and let some fresh air into the room.",
+    "We need to finish the report before the end of the week.",
+)
+
+
+@pytest.fixture(scope="module")
+def real_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not REAL_MODEL:
+        pytest.skip("set MODELHOST_CANARY_MODEL (e.g. nvidia/canary-180m-flash) on a machine "
+                    "with NeMo and an NVIDIA GPU")
+    if importlib.util.find_spec("nemo") is None:
+        pytest.skip(NEMO_MISSING)
+    if not have_espeak():
+        pytest.skip("needs espeak-ng")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("canary-worker") / "worker.log"
+    argv = [sys.executable, "-m", "modelhost.workers.apps.speech", "--model", REAL_MODEL,
+            "--host", "127.0.0.1", "--port", str(port), "--served-name", "canary",
+            "--device", os.environ.get("MODELHOST_CANARY_DEVICE", "cuda"),
+            *os.environ.get("MODELHOST_CANARY_ARGS", "").split()]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900  # a first run downloads the model
+        while True:
+            assert proc.poll() is None, f"worker exited:\n{log.read_text()[-5000:]}"
+            assert time.monotonic() < deadline, f"worker not ready:\n{log.read_text()[-5000:]}"
+            try:
+                resp = httpx.get(url + "/v1/models", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            assert resp.status_code == 200, resp.text
+            break
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(log.read_text()[-5000:])
+
+
+@pytest.fixture(scope="module")
+def real_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("canary-audio")
+    turns = [speak(s, root / f"en{i}.wav", speed=150) for i, s in enumerate(ENGLISH)]
+    concat_wavs(turns, root / "english.wav", gap_seconds=1.0, lead_seconds=0.3)
+    # Over 40 s (Canary Flash's longest training utterance): the worker cuts it into chunks.
+    concat_wavs(turns * 5, root / "long.wav", gap_seconds=1.0, lead_seconds=0.3)
+    speak("Das Wetter ist heute sonnig und warm.", root / "german.wav", voice="de", speed=140)
+    return root
+
+
+GRANULARITIES = "timestamp_granularities[]"
+
+
+def post_audio(url: str, path: Path, route: str = "transcriptions",
+               **data: str | list[str]) -> httpx.Response:
+    """A multipart request; `granularities` is sent as OpenAI's timestamp_granularities[]."""
+    if "granularities" in data:
+        data[GRANULARITIES] = data.pop("granularities")
+    return httpx.post(f"{url}/v1/audio/{route}", files={"file": (path.name, path.read_bytes())},
+                      data={"model": "canary", **data}, timeout=600)
+
+
+def test_real_canary_model_card(real_worker: str) -> None:
+    card = httpx.get(real_worker + "/v1/models").json()["data"][0]
+    assert card["engine"] == "canary" and card["multilingual"] is True
+    assert card["device"] == os.environ.get("MODELHOST_CANARY_DEVICE", "cuda")
+
+
+def test_real_canary_transcribes_with_timestamps(real_worker: str, real_audio: Path) -> None:
+    path = real_audio / "english.wav"
+    resp = post_audio(real_worker, path, response_format="verbose_json", language="en",
+                      granularities=["word", "segment"])
+    assert resp.status_code == 200, resp.text
+    verbose = TranscriptionVerbose.model_validate_json(resp.content)
+    print(verbose.text)
+    assert word_error_rate(" ".join(ENGLISH), verbose.text) <= 0.2
+    assert verbose.duration == pytest.approx(wav_duration(path), abs=0.01)
+    words = verbose.words or []
+    assert len(words) >= 0.8 * len(" ".join(ENGLISH).split())
+    for w, after in itertools.pairwise(words):
+        assert w.start <= w.end <= after.start + 0.2
+    assert 0 <= words[0].start < 2.0 and words[-1].end <= verbose.duration + 1e-3
+    assert verbose.segments and len(verbose.segments) >= 2
+    for fmt, head in (("srt", "1\n00:00:0"), ("vtt", "WEBVTT\n\n00:00:0")):
+        resp = post_audio(real_worker, path, response_format=fmt)
+        assert resp.status_code == 200 and resp.text.startswith(head), resp.text
+
+
+def test_real_canary_long_audio_is_chunked(real_worker: str, real_audio: Path) -> None:
+    path = real_audio / "long.wav"
+    resp = post_audio(real_worker, path, response_format="verbose_json", granularities="word")
+    assert resp.status_code == 200, resp.text
+    verbose = TranscriptionVerbose.model_validate_json(resp.content)
+    assert verbose.duration > 60
+    assert word_error_rate(" ".join(ENGLISH * 5), verbose.text) <= 0.25
+    words = verbose.words or []
+    assert words and words[-1].end > verbose.duration - 10  # the last chunk was heard too
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_real_canary_translates_german(real_worker: str, real_audio: Path) -> None:
+    resp = post_audio(real_worker, real_audio / "german.wav", route="translations",
+                      language="de", response_format="verbose_json")
+    assert resp.status_code == 200, resp.text
+    verbose = TranslationVerbose.model_validate_json(resp.content)
+    print(verbose.text)
+    assert verbose.language == "english" and "weather" in verbose.text.lower()
+    resp = post_audio(real_worker, real_audio / "german.wav", language="de")
+    assert resp.status_code == 200 and "wetter" in resp.json()["text"].lower(), resp.text
+
+
+def test_real_canary_refuses_other_languages(real_worker: str, real_audio: Path) -> None:
+    resp = post_audio(real_worker, real_audio / "english.wav", language="ja")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "language"
+

@@ -157,9 +157,10 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
 
 
 @pytest.fixture(scope="module")
-def client(worker: Worker) -> openai.OpenAI:
-    return openai.OpenAI(base_url=worker.url + "/v1", api_key="none", max_retries=0,
-                         timeout=120)
+def client(worker: Worker) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=worker.url + "/v1", api_key="none", max_retries=0,
+                       timeout=120) as client:
+        yield client
 
 
 def embed(client: openai.OpenAI, texts: str | list[str], **kwargs: Any) -> list[Vector]:

@@ -27,9 +27,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
-def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0,
-                         timeout=120)
+def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0,
+                       timeout=120) as client:
+        yield client
 
 
 def worker_pids(gateway: Gateway) -> list[int]:

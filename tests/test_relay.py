@@ -34,8 +34,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, events: Path) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
 
 
 def chat(gateway: Gateway, **body: Any) -> httpx.Response:

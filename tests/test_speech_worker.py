@@ -347,9 +347,10 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(worker: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=worker + "/v1", api_key="unused", max_retries=0,
-                         timeout=180)
+def client(worker: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=worker + "/v1", api_key="unused", max_retries=0,
+                       timeout=180) as client:
+        yield client
 
 
 def transcribe(client: openai.OpenAI, path: Path, **kwargs: Any) -> Any:

@@ -502,19 +502,27 @@ class CanaryEngine:
                              frame_seconds=self.frame_seconds)
 
     def _run(self, wav: Path, source: str, target: str) -> Any:
-        kwargs = prompt_kwargs(source, target, self.timestamps, self.prompt_format)
         try:
-            with self._autocast():
-                result = self._model.transcribe([str(wav)], batch_size=1,
-                                                return_hypotheses=True, verbose=False, **kwargs)
-        except (TypeError, ValueError, KeyError, AssertionError):
-            if "timestamps" not in kwargs:
+            return self._call(wav, prompt_kwargs(source, target, self.timestamps,
+                                                 self.prompt_format))
+        except (TypeError, ValueError, KeyError, AssertionError) as refused:
+            if not self.timestamps:
                 raise
-            # A checkpoint whose prompt has no timestamp slot: without them from now on.
-            log.warning("this model refused timestamps; transcribing without them",
-                        exc_info=True)
+            # A checkpoint whose prompt has no timestamp slot? If it answers without them,
+            # it is served without them from now on; if not, the first error was the real one.
+            try:
+                hyp = self._call(wav, prompt_kwargs(source, target, False, self.prompt_format))
+            except Exception:
+                raise refused from None
+            log.warning("the model failed with timestamps (%s) and not without: serving it "
+                        "without timestamps (one segment per chunk)", refused)
             self.timestamps = False
-            return self._run(wav, source, target)
+            return hyp
+
+    def _call(self, wav: Path, kwargs: dict[str, Any]) -> Any:
+        with self._autocast():
+            result = self._model.transcribe([str(wav)], batch_size=1, return_hypotheses=True,
+                                            verbose=False, **kwargs)
         return first_hypothesis(result)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
