@@ -92,7 +92,9 @@ class Registry:
             if rt.worker is not None and rt.worker.pid is not None:
                 used = self.gpus.memory_used_by(_group_pids(rt.worker.pid))
             admission = self.admissions[rt.spec.id]
-            busy = bool(admission.active or admission.waiting) or rt.state is State.starting
+            # A required model is never evicted either: /ready depends on it.
+            busy = bool(admission.active or admission.waiting) or \
+                rt.state is State.starting or rt.spec.required
             per_gpu = max(used.values(), default=0) or estimate_bytes_per_gpu(
                 rt.spec.backend.value, _weights_bytes(rt.weights), rt.spec.engine_args,
                 0, len(rt.gpus))
