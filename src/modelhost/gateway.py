@@ -175,8 +175,12 @@ class Gateway:
         return [self.card(rt) for rt in self.registry.runtimes.values()]
 
     async def load(self, model_id: str, gpu_device_ids: list[int] | None,
-                   wait: bool = True) -> dict[str, Any]:
+                   wait: bool = True, reset_gpus: bool = False) -> dict[str, Any]:
         rt = self.runtime(model_id)
+        if reset_gpus and rt.gpu_override is not None:
+            if rt.state is State.ready:
+                await self._until(rt, Target.stopped, {State.cached, State.failed})
+            rt.gpu_override = None
         if gpu_device_ids is not None:
             if len(set(gpu_device_ids)) != len(gpu_device_ids) or \
                     any(g < 0 for g in gpu_device_ids):

@@ -53,7 +53,9 @@ def admin_router(gateway: Gateway) -> APIRouter:
     async def load(model_id: str, body: LoadRequest | None = Body(None),  # noqa: B008
                    wait: bool = Query(True)) -> dict[str, Any]:
         gpus = body.gpu_device_ids if body is not None else None
-        return await gateway.load(model_id, gpus, wait=wait)
+        # An explicit `"gpu_device_ids": null` goes back to the model's own GPUs.
+        reset = body is not None and "gpu_device_ids" in body.model_fields_set and gpus is None
+        return await gateway.load(model_id, gpus, wait=wait, reset_gpus=reset)
 
     @router.post("/models/{model_id:path}/unload", tags=["models"],
                  summary="Stop a model's worker")
