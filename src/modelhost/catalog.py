@@ -66,8 +66,11 @@ class Catalog:
     """The models this gateway serves, looked up by id or alias."""
 
     def __init__(self, models: Iterable[ModelSpec]) -> None:
-        self.models = tuple(models)
-        self._by_name = {name: spec for spec in self.models for name in spec.names}
+        self._set(tuple(models))
+
+    def _set(self, models: tuple[ModelSpec, ...]) -> None:
+        self.models = models
+        self._by_name = {name: spec for spec in models for name in spec.names}
 
     def get(self, name: str) -> ModelSpec | None:
         return self._by_name.get(name)
@@ -78,13 +81,10 @@ class Catalog:
             owner = self._by_name.get(name)
             if owner is not None and owner.id != spec.id:
                 raise ValueError(f"name '{name}' is already used by model '{owner.id}'")
-        others = tuple(s for s in self.models if s.id != spec.id)
-        self.models = (*others, spec)
-        self._by_name = {name: s for s in self.models for name in s.names}
+        self._set((*(s for s in self.models if s.id != spec.id), spec))
 
     def remove(self, model_id: str) -> None:
-        self.models = tuple(s for s in self.models if s.id != model_id)
-        self._by_name = {name: s for s in self.models for name in s.names}
+        self._set(tuple(s for s in self.models if s.id != model_id))
 
     @classmethod
     def from_file(cls, path: Path | None) -> Catalog:
