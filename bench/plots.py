@@ -56,15 +56,16 @@ def overhead_added(overhead: dict[str, Any], path: Path) -> Path:
         if name == "litellm_over_modelhost":
             continue
         for q, style in (("p50", "-"), ("p99", "--")):
+            # Steps with errors over 0.1 % are left out: their latency is not comparable.
             pts = [(int(rate), v[q]) for rate, v in per_rate.items()
-                   if v is not None and v[q] > 0]
+                   if v is not None and v["valid"] and v[q] > 0]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
                         color=COLORS.get(name), label=f"{name} {q}")
     ax.axhline(0.5, color="#1f77b4", linewidth=0.8, linestyle=":", label="goal p50 0.5 ms")
     ax.axhline(2.0, color="#1f77b4", linewidth=0.8, linestyle="-.", label="goal p99 2 ms")
     _style(ax, "added latency (ms, gateway - direct)", "offered load (requests/s)")
-    ax.set_title("latency added by the gateway")
+    ax.set_title("latency added by the gateway (steps without errors)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 

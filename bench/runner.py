@@ -59,7 +59,7 @@ class Mode:
 
 QUICK = Mode(
     name="quick",
-    overhead=OverheadPlan(rates=[20, 50, 100, 500, 1000], duration=1.5, warmup=0.5,
+    overhead=OverheadPlan(rates=[20, 100, 500, 1000, 2000], duration=1.5, warmup=0.5,
                           rounds=2, timeout=5.0),
     streaming=StreamPlan(rounds=2, paced_concurrency=4, paced_duration=2.5,
                          burst_concurrency=8, burst_duration=1.5,
@@ -69,7 +69,7 @@ QUICK = Mode(
 )
 FULL = Mode(
     name="full",
-    overhead=OverheadPlan(rates=[10, 20, 50, 100, 200, 350, 500, 750, 1000, 1500, 2000],
+    overhead=OverheadPlan(rates=[10, 20, 50, 100, 200, 350, 500, 750, 1000, 1500, 2000, 2500],
                           duration=8.0, warmup=1.0, rounds=3, timeout=10.0),
     streaming=StreamPlan(rounds=3, paced_concurrency=4, paced_duration=8.0,
                          burst_concurrency=8, burst_duration=5.0,
