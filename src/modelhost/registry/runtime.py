@@ -62,9 +62,9 @@ class RuntimeContext:
     cache_dir: Path
     log_dir: Path
     stop_timeout: float
+    # Fetches the model's weights into the cache (the gateway's HubService.download).
+    download: DownloadFn
     hf_token: Callable[[], str | None] = lambda: None
-    # Fetches the model's weights into the cache (default: huggingface_hub, no progress).
-    download: DownloadFn | None = None
     # Chooses the GPUs of a worker about to start (default: pinned, override or first N).
     place: PlaceFn | None = None
 
@@ -277,7 +277,7 @@ class ModelRuntime:
         source = self.spec.source
         assert isinstance(source, HubSource)
         self._set(State.downloading)
-        download = self.ctx.download or _hub_download
+        download = self.ctx.download
         try:
             path = await download(self)
         except DownloadCancelled:
@@ -409,17 +409,6 @@ async def _default_place(runtime: ModelRuntime) -> list[int]:
     if spec.gpus is not None:
         return list(spec.gpus)
     return list(range(spec.gpu_count))
-
-
-async def _hub_download(runtime: ModelRuntime) -> Path:
-    from huggingface_hub import snapshot_download
-
-    source = runtime.spec.source
-    assert isinstance(source, HubSource)
-    path = await asyncio.to_thread(
-        snapshot_download, source.hf, revision=source.revision, allow_patterns=source.files,
-        cache_dir=runtime.ctx.cache_dir, token=runtime.ctx.hf_token())
-    return Path(path)
 
 
 async def _probe_remote(source: UrlSource) -> None:
