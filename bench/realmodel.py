@@ -1,5 +1,6 @@
 """Real model: the embedded SmolLM2 (llama.cpp) through modelhost against the same llama.cpp
-worker hit directly; cold load to ready; unload -> load swap time."""
+worker hit directly; cold load to ready; unload -> load swap time; the embedded Whisper's
+real-time factor through modelhost against its speech worker hit directly (speech.py)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from .aio import run
 from .arms import MODELHOST_KEY, clean_env, start_modelhost
 from .loadgen import Client, StreamTrace, Target
 from .procs import Proc, Procs, free_port, http_get, http_post, pinning_possible, wait_http
+from .speech import run_speech
 
 MODEL = "smollm2-135m"
 SPEC = next(s for s in BUILTIN_MODELS if s.id == MODEL)
 PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
           "Describe the sea, the weather and what the message says.")
 EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
-SPEECH_NOTE = "not measured yet: no speech worker"
 ENGINE_CPUS = {0}
 OTHER_CPUS = {1}
 
@@ -40,6 +41,7 @@ class ModelPlan:
     max_tokens: int
     swaps: int  # unload -> load cycles timed
     idle_ttl: float  # seconds, for the swap gateway
+    speech_rounds: int  # transcriptions of the test speech per arm, interleaved
 
 
 def direct_command(port: int) -> tuple[list[str], dict[str, str]]:
@@ -105,8 +107,8 @@ def run_realmodel(procs: Procs, workdir: Path, plan: ModelPlan, say: Any) -> dic
     started = time.monotonic()
     out: dict[str, Any] = {"model": MODEL, "plan": {
         "rounds": plan.rounds, "max_tokens": plan.max_tokens, "swaps": plan.swaps,
-        "idle_ttl_s": plan.idle_ttl, "prompt": PROMPT},
-        "pinning": {"llama.cpp workers": sorted(ENGINE_CPUS),
+        "idle_ttl_s": plan.idle_ttl, "prompt": PROMPT, "speech_rounds": plan.speech_rounds},
+        "pinning": {"llama.cpp and speech workers": sorted(ENGINE_CPUS),
                     "gateway + client": sorted(OTHER_CPUS)} if pinning_possible() else None}
 
     # -- the gateway as shipped: the embedded model, loaded on first use --------------------
@@ -243,6 +245,11 @@ def _run(procs: Procs, workdir: Path, plan: ModelPlan, say: Any, pin: bool,
                    "load_s_median": statistics.median(s["load_s"] for s in ok) if ok else None,
                    "reload_request_s_median":
                        statistics.median(s["reload_request_s"] for s in ok) if ok else None}
-    out["speech_rtf"] = {"measured": False, "note": SPEECH_NOTE}
+
+    # -- speech: the embedded Whisper through modelhost vs its worker directly ---------------
+    out["speech_rtf"] = run_speech(procs, workdir / "speech", plan.speech_rounds, say,
+                                   engine_cpus=ENGINE_CPUS if pin else None,
+                                   other_cpus=OTHER_CPUS if pin else None,
+                                   pin_workers=_pin_descendants)
     out["seconds"] = time.monotonic() - started
     return out

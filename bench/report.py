@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -357,8 +358,27 @@ def _goals(overhead: dict[str, Any] | None, streaming: dict[str, Any] | None,
         cold = model.get("cold", {})
         rows.append(["cold load of smollm2-135m / unload → load", "-",
                      f"{f(cold.get('load_s'))} s / {f(swap.get('load_s_median'))} s", "-"])
-        rows.append(["speech real-time factor", "-", model.get("speech_rtf", {}).get(
-            "note", "not measured yet: no speech worker"), "not measured"])
+        speech = model.get("speech_rtf") or {}
+        if speech.get("ratio") is not None:
+            pairs = speech["paired_ratios"]
+            d, m = speech["direct"], speech["modelhost"]
+            rows.append(["speech real-time factor (whisper-tiny.en; processing s / audio s, "
+                         "lower is better)", "-",
+                         f"{m['rtf_median']:.3f} through modelhost vs {d['rtf_median']:.3f} "
+                         f"direct: {speech['ratio']:.1%} of the direct time (median of "
+                         f"{len(pairs)} paired rounds; per round {min(pairs):.0%} - "
+                         f"{max(pairs):.0%}); WER {_pct(m['wer_median'])}", "-"])
+            reading.append(
+                f"Speech: the embedded Whisper tiny.en transcribes {speech['audio_s']:.1f} s of "
+                f"speech in {m['rtf_median'] * speech['audio_s']:.2f} s through modelhost "
+                f"(real-time factor {m['rtf_median']:.3f}, {1 / m['rtf_median']:.1f}x real "
+                f"time) against {d['rtf_median'] * speech['audio_s']:.2f} s from its worker "
+                f"directly (RTF {d['rtf_median']:.3f}); median added time "
+                f"{speech['added_s_median'] * 1e3:+.0f} ms per request, upload and relay of "
+                f"{speech['audio_bytes'] / 1e6:.1f} MB included.")
+        else:
+            rows.append(["speech real-time factor", "-",
+                         speech.get("note", "not measured"), "-"])
     if not rows:
         return ""
     text = "## Goals at a glance\n\n" + table(["goal", "target", "measured", ""], rows)
@@ -570,9 +590,56 @@ def _model(model: dict[str, Any]) -> str:
         text += ("\n\nSwap cycles: " + "; ".join(
             f"unloaded {c['idle_to_unloaded_s']:.2f} s after the last request, reloaded in "
             f"{c['reload_request_s']:.2f} s" for c in cycles) + ".")
-    text += ("\n\n**Speech.**\n\n" + table(["what", "result"], [[
-        "speech real-time factor (Whisper tiny.en)",
-        f"**{model.get('speech_rtf', {}).get('note', 'not measured yet: no speech worker')}**"]]))
+    text += "\n\n" + _speech(model.get("speech_rtf") or {}, bool(model.get("pinning")))
+    return text
+
+
+def _speech(speech: dict[str, Any], pinned: bool) -> str:
+    if not speech.get("measured"):
+        return (f"**Speech real-time factor (Whisper tiny.en).** "
+                f"{speech.get('note', 'not measured')}.")
+    rows = []
+    for name in ("direct", "modelhost"):
+        r = speech[name]
+        rows.append([name, str(r["runs"]), str(r["failed"]), f(r["rtf_median"], 3),
+                     f"{min(r['rtf']):.3f} - {max(r['rtf']):.3f}" if r["rtf"] else "-",
+                     f(1 / r["rtf_median"] if r["rtf_median"] else None, 1),
+                     f(statistics.median(r["seconds"]) if r["seconds"] else None),
+                     _pct(r["wer_median"])])
+    text = (f"**Speech real-time factor.** The embedded `{speech['model']}` (faster-whisper, "
+            f"int8, CPU) through modelhost (the gateway starts its worker on the first "
+            f"request, which is not counted) against the same speech worker started by hand "
+            f"with the gateway's own command line (`python {_command(speech)}`). The audio: "
+            f"{speech['audio_s']:.1f} s of English ({speech['words']} words) spoken by "
+            f"espeak-ng (voice `{speech['voice']}`, "
+            f"{speech.get('words_per_minute', 175)} words per minute), a 16 kHz mono WAV of "
+            f"{speech['audio_bytes'] / 1e6:.2f} MB sent as OpenAI's multipart form "
+            f"(`response_format` json), {speech['rounds']} rounds, each running both arms back "
+            f"to back in alternating order. **Real-time factor (RTF)** = seconds to answer the "
+            f"request (sent to last byte, upload and decoding included) / seconds of audio: "
+            f"lower is better; *x real time* is its inverse. WER is the word error rate of the "
+            f"transcript against the script, a check that both arms really transcribe. "
+            + ("Both speech workers run on core 0 (one CTranslate2 thread each: a worker sizes "
+               "its pool to the cores it may use), the gateway and the client on core 1.\n\n"
+               if pinned else "No core pinning (fewer than 2 cores).\n\n"))
+    text += table(["arm", "runs", "failed", "RTF (median)", "RTF range", "x real time",
+                   "seconds (median)", "WER (median)"], rows)
+    pairs = speech.get("paired_ratios") or []
+    if speech.get("ratio") is not None and pairs:
+        text += (f"\n\nmodelhost / direct request time, median of the rounds' paired ratios: "
+                 f"{speech['ratio']:.1%} (per round {min(pairs):.1%} - {max(pairs):.1%}; "
+                 f"{', '.join(f'{p:.1%}' for p in pairs)}); median added time "
+                 f"{speech['added_s_median'] * 1e3:+.0f} ms per request.")
+    else:
+        text += f"\n\n{speech.get('note', '')}"
+    text += (f"\n\nCold: the first request through the gateway took "
+             f"{f(speech.get('gateway_first_request_s'))} s, "
+             f"{f(speech.get('gateway_cold_load_s'))} s more than the median warm one "
+             f"(worker start and model load); the speech worker started by hand answered "
+             f"`/v1/models` after {f(speech.get('direct_worker_start_s'))} s.")
+    transcript = speech["modelhost"].get("transcript")
+    if transcript:
+        text += f"\n\nTranscript through modelhost (last round): \"{transcript.strip()}\""
     return text
 
 

@@ -65,7 +65,7 @@ QUICK = Mode(
                          burst_concurrency=8, burst_duration=1.5,
                          levels=[100, 300, 1000], open_rate=300, long_seconds=5),
     profile_rate=300, profile_seconds=8,
-    model=ModelPlan(rounds=4, max_tokens=64, swaps=2, idle_ttl=1.0),
+    model=ModelPlan(rounds=4, max_tokens=64, swaps=2, idle_ttl=1.0, speech_rounds=4),
 )
 FULL = Mode(
     name="full",
@@ -76,7 +76,7 @@ FULL = Mode(
                          levels=[25, 100, 250, 500, 1000, 2000], open_rate=250,
                          long_seconds=20),
     profile_rate=300, profile_seconds=25,
-    model=ModelPlan(rounds=8, max_tokens=128, swaps=5, idle_ttl=1.0),
+    model=ModelPlan(rounds=8, max_tokens=128, swaps=5, idle_ttl=1.0, speech_rounds=8),
 )
 
 

@@ -18,11 +18,12 @@ from modelhost.api.admin import admin_router
 from modelhost.api.audio import AudioRoutes
 from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
-from modelhost.auth import APIKeyMiddleware
+from modelhost.auth import APIKeyMiddleware, KeyGuard
 from modelhost.catalog import Catalog
 from modelhost.downloads import Downloader
 from modelhost.errors import ModelhostError, error_body
 from modelhost.events import EventBus
+from modelhost.front import Front
 from modelhost.gateway import Gateway
 from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
@@ -80,7 +81,7 @@ TAGS = [
 ]
 
 
-def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
+def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     if catalog is None:
         catalog = Catalog.from_file(settings.config_file)
     events = EventBus()
@@ -104,6 +105,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     relay = Relay(settings.load_wait_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes)
+    guard = KeyGuard(settings.api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,11 +120,10 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> FastAPI:
     app = FastAPI(
         title="modelhost", version=__version__, openapi_tags=TAGS,
         routes=[*health_routes(registry), *openai.routes(), *audio.routes()],
-        middleware=[Middleware(APIKeyMiddleware, keys=settings.api_keys,
-                               prefixes=("/v1", "/api/admin"))],
+        middleware=[Middleware(APIKeyMiddleware, guard=guard, prefixes=("/v1", "/api/admin"))],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
                             RequestValidationError: _invalid_body, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.include_router(admin_router(gateway))
-    return app
+    return Front(app, guard, openai.relay_endpoints())

@@ -7,11 +7,11 @@ every configured key, so neither a key's content nor its length leaks through ti
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from modelhost.asgi import error_answer, header
 from modelhost.errors import Unauthorized
 
 
@@ -19,33 +19,25 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str], prefixes: tuple[str, ...] = ("/v1",)
-                 ) -> None:
-        self.app = app
+class KeyGuard:
+    """Checks a request's bearer key against the configured keys (none configured: open)."""
+
+    def __init__(self, keys: list[str]) -> None:
         self.digests = [digest(k) for k in keys]
-        self.prefixes = prefixes
+        # Digests of the exact header most clients send, to skip parsing it.
+        self.exact = [hashlib.sha256(b"Bearer " + k.encode()).digest() for k in keys]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digests and scope["type"] == "http" and scope["path"].startswith(self.prefixes):
-            error = self._check(scope)
-            if error is not None:
-                body = json.dumps(error.body()).encode()
-                await send({"type": "http.response.start", "status": error.status,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-    def _check(self, scope: Scope) -> Unauthorized | None:
-        header = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.decode("latin-1").partition(" ")
+    def check(self, scope: Scope) -> Unauthorized | None:
+        if not self.digests:
+            return None
+        raw = header(scope, b"authorization") or b""
+        presented = hashlib.sha256(raw).digest()
+        ok = False
+        for known in self.exact:
+            ok |= secrets.compare_digest(presented, known)
+        if ok:
+            return None
+        scheme, _, token = raw.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         presented = digest(token.strip())
@@ -53,3 +45,23 @@ class APIKeyMiddleware:
         for known in self.digests:
             ok |= secrets.compare_digest(presented, known)
         return None if ok else Unauthorized("Incorrect API key provided.")
+
+    async def refuse(self, error: Unauthorized, scope: Scope, receive: Receive, send: Send
+                     ) -> None:
+        await error_answer(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, guard: KeyGuard, prefixes: tuple[str, ...] = ("/v1",)
+                 ) -> None:
+        self.app = app
+        self.guard = guard
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+            error = self.guard.check(scope)
+            if error is not None:
+                await self.guard.refuse(error, scope, receive, send)
+                return
+        await self.app(scope, receive, send)

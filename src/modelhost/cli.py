@@ -49,6 +49,7 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
     from modelhost.app import build_app
     from modelhost.catalog import Catalog
     from modelhost.logs import setup_logging
+    from modelhost.server import GatewayProtocol
 
     settings = _settings(api_host=host, api_port=port, config_file=config_file,
                          log_level=log_level)
@@ -58,7 +59,7 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     app = build_app(settings, catalog)
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port,
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, http=GatewayProtocol,
                 log_level=settings.log_level, log_config=None, access_log=settings.access_log,
                 timeout_graceful_shutdown=int(settings.stop_timeout) + 5)
 

@@ -9,16 +9,17 @@ response (502 when the worker failed); after, a final `data: {"error": ...}` eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import IO, Any
+from collections.abc import Mapping
+from typing import Any
 
-import aiohttp
-from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from modelhost.admission import Admission
+from modelhost.asgi import Answer
 from modelhost.errors import (
     InvalidRequest,
     ModelhostError,
@@ -26,96 +27,78 @@ from modelhost.errors import (
     sse_error_event,
 )
 from modelhost.registry.runtime import ModelRuntime
+from modelhost.upstream import Body, Multipart, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 class Relay:
     def __init__(self, load_wait_timeout: float) -> None:
         self.load_wait_timeout = load_wait_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self.client = UpstreamClient()
 
     async def open(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            # No total timeout: a long generation is legitimate. A worker that accepts the
-            # connection and then says nothing at all is caught by sock_read.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        """Nothing to open: connections are made on first use and pooled."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self.client.close()
 
     async def forward(self, runtime: ModelRuntime, admission: Admission, path: str,
-                      body: bytes | IO[bytes], headers: dict[str, str]) -> Response:
+                      body: Body, headers: dict[str, str]) -> Answer | RelayStream:
         """Send `body` (bytes, or a spooled file streamed from disk) to the model's worker at
-        `path` (below /v1) and relay the answer."""
-        assert self._session is not None, "Relay.open() was not awaited"
+        `path` (below /v1) and relay the answer: an ASGI app to call with the client's
+        connection."""
         await admission.acquire()
         released = False
         try:
             resp = await self._send(runtime, path, body, headers)
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
-            content_type = resp.headers.get("Content-Type", "application/json")
+            content_type = resp.header(b"content-type") or "application/json"
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
-                return _RelayStream(runtime, admission, resp, content_type)
+                return RelayStream(runtime, admission, resp, content_type)
             try:
                 data = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except OSError as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
                                     f"{_describe(exc)}") from exc
-            finally:
-                resp.release()
             _count_usage(runtime, resp)
-            return Response(data, status_code=resp.status, media_type=content_type)
+            return Answer(data, resp.status, content_type.encode("latin-1"))
         finally:
             if not released:
                 runtime.last_used = time.monotonic()
                 admission.release()
 
     async def fetch_json(self, runtime: ModelRuntime, admission: Admission, path: str,
-                         form: Callable[[], aiohttp.FormData]) -> Any:
+                         form: Multipart) -> Any:
         """Post a form the gateway built to the model's worker and return its JSON answer
         (for requests the gateway composes, such as diarized transcripts)."""
         await admission.acquire()
         try:
-            resp = await self._send(runtime, path, form, {})
+            resp = await self._send(runtime, path, form, {"Content-Type": form.content_type})
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
             try:
-                data = await resp.json(content_type=None)
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                data = json.loads(await resp.read())
+            except (OSError, ValueError) as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' gave no JSON answer: "
                                     f"{_describe(exc)}") from exc
-            finally:
-                resp.release()
             _count_usage(runtime, resp)
             return data
         finally:
             runtime.last_used = time.monotonic()
             admission.release()
 
-    async def _send(self, runtime: ModelRuntime, path: str,
-                    body: bytes | IO[bytes] | Callable[[], aiohttp.FormData],
-                    headers: dict[str, str]) -> aiohttp.ClientResponse:
-        assert self._session is not None
+    async def _send(self, runtime: ModelRuntime, path: str, body: Body,
+                    headers: Mapping[str, str]) -> UpstreamResponse:
         for attempt in (1, 2):
             base = await runtime.ensure_ready(self.load_wait_timeout)
-            data: Any = body
-            if callable(body):
-                data = body()  # a form is consumed by sending it: build it for each attempt
-            elif not isinstance(body, bytes):
-                body.seek(0)
             try:
-                return await self._session.post(base + path, data=data, headers=headers)
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                return await self.client.request(base, "POST", path, headers, body)
+            except OSError as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
                 if attempt == 1 and await runtime.worker_lost(base):
@@ -128,12 +111,12 @@ class Relay:
 
 
 # Headers by which our worker apps report what a request consumed (summed per model).
-USAGE_HEADERS = {"X-Audio-Seconds": "audio_seconds", "X-Input-Tokens": "input_tokens"}
+USAGE_HEADERS = {b"x-audio-seconds": "audio_seconds", b"x-input-tokens": "input_tokens"}
 
 
-def _count_usage(runtime: ModelRuntime, resp: aiohttp.ClientResponse) -> None:
+def _count_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> None:
     for header, key in USAGE_HEADERS.items():
-        value = resp.headers.get(header)
+        value = resp.header(header)
         if value is not None:
             try:
                 runtime.usage[key] = runtime.usage.get(key, 0.0) + float(value)
@@ -141,33 +124,54 @@ def _count_usage(runtime: ModelRuntime, resp: aiohttp.ClientResponse) -> None:
                 continue
 
 
-class _RelayStream(StreamingResponse):
-    """A streamed answer passed through as it arrives.
+class RelayStream:
+    """A streamed answer passed through as it arrives (an ASGI app).
 
-    Cleanup (closing the upstream response, releasing the admission slot) runs exactly once,
-    whether the stream completes, breaks, or the client goes away before it even starts.
+    A client that goes away is noticed by a task waiting on `receive()`; it aborts the
+    connection to the worker, which stops generating. Cleanup (closing or releasing the
+    upstream answer, releasing the admission slot) runs exactly once, however the stream ends.
     """
 
-    def __init__(self, runtime: ModelRuntime, admission: Admission,
-                 resp: aiohttp.ClientResponse, content_type: str) -> None:
+    def __init__(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
+                 content_type: str) -> None:
         self._runtime = runtime
         self._admission = admission
         self._resp = resp
+        self._headers = [(b"content-type", content_type.encode("latin-1")), *STREAM_HEADERS]
         self._complete = False
         self._closed = False
-        super().__init__(self._chunks(), media_type=content_type, headers=STREAM_HEADERS)
+        self._gone = False
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(self._client_left)
         try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
-            self._complete = True
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("model %s: stream broken: %s", self._runtime.spec.id, _describe(exc))
-            yield sse_error_event(UpstreamError(
-                f"worker of '{self._runtime.spec.id}' failed mid-stream: {_describe(exc)}"))
+            await send({"type": "http.response.start", "status": self._resp.status,
+                        "headers": self._headers})
+            try:
+                async for chunk in self._resp.chunks():
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                self._complete = True
+            except OSError as exc:
+                if self._gone:
+                    return
+                log.warning("model %s: stream broken: %s", self._runtime.spec.id,
+                            _describe(exc))
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": sse_error_event(UpstreamError(
+                                f"worker of '{self._runtime.spec.id}' failed mid-stream: "
+                                f"{_describe(exc)}"))})
+            await send({"type": "http.response.body", "body": b""})
         finally:
+            watcher.remove_done_callback(self._client_left)
+            watcher.cancel()
             self._cleanup()
+
+    def _client_left(self, watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and watcher.exception() is None:
+            self._gone = True
+            self._resp.close()
 
     def _cleanup(self) -> None:
         if self._closed:
@@ -182,21 +186,18 @@ class _RelayStream(StreamingResponse):
         self._runtime.last_used = time.monotonic()
         self._admission.release()
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._cleanup()
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
-async def _upstream_failure(runtime: ModelRuntime, resp: aiohttp.ClientResponse
+async def _upstream_failure(runtime: ModelRuntime, resp: UpstreamResponse
                             ) -> ModelhostError:
     try:
         raw = await resp.read()
-    except (TimeoutError, aiohttp.ClientError):
+    except OSError:
         raw = b""
-    finally:
-        resp.release()
     message = _error_message(raw) or f"HTTP {resp.status}"
     if 400 <= resp.status < 500 and resp.status not in (401, 403, 404):
         # The worker judged the request itself (context too long, bad parameter): the

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO
 
-import aiohttp
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from modelhost.api.uploads import Upload, extract_file, spool_multipart
 from modelhost.catalog import DEFAULT_DIARIZATION_MODEL
@@ -17,6 +17,7 @@ from modelhost.diarize import assign_speakers
 from modelhost.errors import InvalidRequest
 from modelhost.registry.registry import Registry
 from modelhost.relay import Relay
+from modelhost.upstream import Multipart
 
 RESPONSE_FORMATS = {"json", "text", "srt", "vtt", "verbose_json"}
 
@@ -36,16 +37,16 @@ class AudioRoutes:
             Route("/v1/audio/diarization", self.diarization, methods=["POST"]),
         ]
 
-    async def transcriptions(self, request: Request) -> Response:
+    async def transcriptions(self, request: Request) -> ASGIApp:
         return await self._relay(request, "/audio/transcriptions", Task.transcription)
 
-    async def translations(self, request: Request) -> Response:
+    async def translations(self, request: Request) -> ASGIApp:
         return await self._relay(request, "/audio/translations", Task.transcription)
 
-    async def diarization(self, request: Request) -> Response:
+    async def diarization(self, request: Request) -> ASGIApp:
         return await self._relay(request, "/audio/diarization", Task.diarization)
 
-    async def _relay(self, request: Request, path: str, task: Task) -> Response:
+    async def _relay(self, request: Request, path: str, task: Task) -> ASGIApp:
         upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir)
         try:
             spec = self._check(upload, task)
@@ -59,7 +60,7 @@ class AudioRoutes:
         finally:
             upload.close()
 
-    async def _diarized(self, upload: Upload, speech: ModelSpec, path: str) -> Response:
+    async def _diarized(self, upload: Upload, speech: ModelSpec, path: str) -> ASGIApp:
         """A transcript whose segments and words carry speakers: the speech worker's
         verbose_json and the diarization worker's turns, asked for at once and aligned."""
         if upload.get("response_format") not in (None, "json", "verbose_json"):
@@ -73,20 +74,14 @@ class AudioRoutes:
         audio = extract_file(upload)
         filename = upload.filenames.get("file") or "audio"
         try:
-            def transcript_form() -> aiohttp.FormData:
-                form = _form(audio, filename, upload, ("model", "language", "prompt",
-                                                       "temperature"))
-                form.add_field("response_format", "verbose_json")
-                form.add_field("timestamp_granularities[]", "segment")
-                form.add_field("timestamp_granularities[]", "word")
-                return form
-
-            def turns_form() -> aiohttp.FormData:
-                form = _form(audio, filename, upload, ("num_speakers", "min_speakers",
-                                                       "max_speakers"))
-                form.add_field("model", diarizer.id)
-                return form
-
+            transcript_form = _form(audio, filename, upload, ("model", "language", "prompt",
+                                                              "temperature"))
+            transcript_form.add("response_format", "verbose_json")
+            transcript_form.add("timestamp_granularities[]", "segment")
+            transcript_form.add("timestamp_granularities[]", "word")
+            turns_form = _form(audio, filename, upload, ("num_speakers", "min_speakers",
+                                                         "max_speakers"))
+            turns_form.add("model", diarizer.id)
             transcript = await self.relay.fetch_json(
                 self.registry.runtimes[speech.id], self.registry.admissions[speech.id], path,
                 transcript_form)
@@ -129,14 +124,12 @@ def _true(value: str | None) -> bool:
 
 
 def _form(audio: IO[bytes], filename: str, upload: Upload,
-          names: tuple[str, ...]) -> aiohttp.FormData:
-    """A new multipart form with the audio and some of the client's fields."""
-    form = aiohttp.FormData()
-    # A fresh handle for each form: aiohttp closes the file it has sent.
-    form.add_field("file", open(audio.name, "rb"), filename=filename,  # noqa: SIM115
-                   content_type="application/octet-stream")
+          names: tuple[str, ...]) -> Multipart:
+    """A multipart form with the audio (streamed from its file when sent) and some of the
+    client's fields."""
+    form = Multipart(file_path=Path(audio.name), filename=filename)
     for name in names:
         for value in upload.fields.get(name, []):
-            form.add_field(name, value)
+            form.add(name, value)
     return form
 

@@ -1,4 +1,11 @@
-"""The OpenAI-compatible routes under /v1: thin handlers over the registry and the relay."""
+"""The OpenAI-compatible routes under /v1: thin handlers over the registry and the relay.
+
+The relayed JSON routes (chat, completions, embeddings) are raw ASGI apps: they read the body,
+check what the gateway needs, and hand the bytes to the relay, with no Starlette request or
+response objects on the way. `front.py` calls them straight from the server, ahead of FastAPI's
+routing and middleware; they are also mounted as ordinary routes (so that other methods get 405,
+and a test client that goes through FastAPI sees the same thing).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,15 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from modelhost.api import requests as req
+from modelhost.asgi import Answer, ClientGone, error_answer, read_body, unexpected_answer
 from modelhost.config import Task, UrlSource
-from modelhost.errors import InvalidRequest
+from modelhost.errors import InvalidRequest, ModelhostError
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime
-from modelhost.relay import Relay
+from modelhost.relay import Relay, RelayStream
 
 Check = Callable[[dict[str, Any]], None]
 
@@ -28,17 +37,23 @@ class OpenAIRoutes:
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
 
+    def relay_endpoints(self) -> dict[str, RelayEndpoint]:
+        """The relayed routes by path (all POST)."""
+        return {
+            "/v1/chat/completions": RelayEndpoint(self, "/chat/completions", req.check_chat,
+                                                  {Task.chat}),
+            "/v1/completions": RelayEndpoint(self, "/completions", req.check_completion,
+                                             {Task.chat, Task.completion}),
+            "/v1/embeddings": RelayEndpoint(self, "/embeddings", req.check_embedding,
+                                            {Task.embedding}),
+        }
+
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
-            Route("/v1/chat/completions", self._relay_route(
-                "/chat/completions", req.check_chat, {Task.chat}), methods=["POST"]),
-            Route("/v1/completions", self._relay_route(
-                "/completions", req.check_completion, {Task.chat, Task.completion}),
-                methods=["POST"]),
-            Route("/v1/embeddings", self._relay_route(
-                "/embeddings", req.check_embedding, {Task.embedding}), methods=["POST"]),
+            *(Route(path, endpoint, methods=["POST"])
+              for path, endpoint in self.relay_endpoints().items()),
         ]
 
     def model_card(self, rt: ModelRuntime) -> dict[str, Any]:
@@ -56,29 +71,49 @@ class OpenAIRoutes:
     async def get_model(self, request: Request) -> Response:
         return JSONResponse(self.model_card(self.registry.runtime(request.path_params["model"])))
 
-    def _relay_route(self, path: str, check: Check, tasks: set[Task]
-                     ) -> Callable[[Request], Any]:
-        async def endpoint(request: Request) -> Response:
-            body = await req.read_body(request, self.max_request_bytes)
-            payload = req.parse_json(body)
-            name = req.require_model(payload)
-            spec = self.registry.resolve(name)
-            if spec.task not in tasks:
-                raise InvalidRequest(
-                    f"model '{spec.id}' is a {spec.task.value} model and does not serve "
-                    f"{path}", param="model", code="model_not_supported")
-            check(payload)
-            upstream_name = spec.source.model if isinstance(spec.source, UrlSource) \
-                and spec.source.model else spec.id
-            if name != upstream_name:
-                # The worker knows the model by its id (or its remote name), not an alias.
-                payload["model"] = upstream_name
-                body = json.dumps(payload).encode()
-            headers = {"Content-Type": "application/json"}
-            if isinstance(spec.source, UrlSource) and spec.source.api_key:
-                headers["Authorization"] = f"Bearer {spec.source.api_key}"
-            return await self.relay.forward(self.registry.runtimes[spec.id],
-                                            self.registry.admissions[spec.id], path, body,
-                                            headers)
 
-        return endpoint
+
+class RelayEndpoint:
+    """One relayed JSON route, as an ASGI app that answers every error itself."""
+
+    def __init__(self, routes: OpenAIRoutes, path: str, check: Check, tasks: set[Task]) -> None:
+        self.registry = routes.registry
+        self.relay = routes.relay
+        self.max_request_bytes = routes.max_request_bytes
+        self.path = path
+        self.check = check
+        self.tasks = tasks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            answer = await self.handle(scope, receive)
+        except ModelhostError as exc:
+            answer = error_answer(exc)
+        except ClientGone:
+            return
+        except Exception:
+            answer = unexpected_answer(scope)
+        await answer(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive) -> Answer | RelayStream:
+        body = await read_body(scope, receive, self.max_request_bytes)
+        payload = req.parse_json(body)
+        name = req.require_model(payload)
+        spec = self.registry.resolve(name)
+        if spec.task not in self.tasks:
+            raise InvalidRequest(
+                f"model '{spec.id}' is a {spec.task.value} model and does not serve "
+                f"{self.path}", param="model", code="model_not_supported")
+        self.check(payload)
+        source = spec.source if isinstance(spec.source, UrlSource) else None
+        upstream_name = source.model if source is not None and source.model else spec.id
+        if name != upstream_name:
+            # The worker knows the model by its id (or its remote name), not an alias.
+            payload["model"] = upstream_name
+            body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if source is not None and source.api_key:
+            headers["Authorization"] = f"Bearer {source.api_key}"
+        return await self.relay.forward(self.registry.runtimes[spec.id],
+                                        self.registry.admissions[spec.id], self.path, body,
+                                        headers)

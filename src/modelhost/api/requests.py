@@ -1,40 +1,30 @@
-"""Reading and checking a /v1 request body: only what the gateway needs, the worker does the
-rest. Bodies are bounded while they are read, never trusted for their Content-Length."""
+"""Checking a /v1 request body: only what the gateway needs, the worker does the rest. (Bodies
+are read, bounded, by `modelhost.asgi.read_body`.)"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from starlette.requests import Request
+import orjson
 
-from modelhost.errors import InvalidRequest, RequestTooLarge
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"Request body of {declared} bytes exceeds the limit of "
-                              f"{limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+from modelhost.errors import InvalidRequest
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
-        payload = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request ({exc}). The OpenAI API "
-            "expects a JSON payload.") from None
+        payload = orjson.loads(body)
+    except ValueError:
+        # orjson is stricter than the workers' parsers (NaN, integers past 64 bits): what it
+        # refuses, the standard library decides.
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"We could not parse the JSON body of your request ({exc}). The OpenAI API "
+                "expects a JSON payload.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return payload

@@ -1,0 +1,383 @@
+"""The relay's HTTP/1.1 client (`modelhost.upstream`) against real servers on loopback: aiohttp
+for well-behaved ones, raw asyncio servers for the misbehaving ones."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from modelhost.server import CoalescingWriter
+from modelhost.upstream import (
+    Multipart,
+    UpstreamClient,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    """Run on uvloop, as the gateway does."""
+    async def main() -> Any:
+        return await coro
+    return uvloop.run(main())
+
+
+@asynccontextmanager
+async def aiohttp_server(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> AsyncIterator[tuple[str, set[Any]]]:
+    """An aiohttp server answering every request with `handler`; yields its base URL and the
+    set of client addresses (one per TCP connection) it has seen."""
+    peers: set[Any] = set()
+
+    async def recording(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", recording)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", peers
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def raw_server(on_request: Callable[[asyncio.Transport, int], None]
+                     ) -> AsyncIterator[str]:
+    """A server that calls `on_request(transport, n)` for the n-th request head it sees on a
+    connection (n from 1), and does whatever that says."""
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.buffer = b""
+            self.count = 0
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while b"\r\n\r\n" in self.buffer:
+                head, _, rest = self.buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if len(rest) < length:
+                    return
+                self.buffer = rest[length:]
+                self.count += 1
+                on_request(self.transport, self.count)  # type: ignore[arg-type]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Proto, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+def test_requests_reuse_one_connection() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({"path": request.path, "host": request.host,
+                                  "length": len(body), "type": request.content_type})
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, peers):
+            client = UpstreamClient()
+            for _ in range(5):
+                resp = await client.request(base, "POST", "/chat/completions", JSON, b'{"a": 1}')
+                assert resp.status == 200
+                assert resp.header(b"content-type") == "application/json; charset=utf-8"
+                data = await resp.read()
+                assert b'"path": "/v1/chat/completions"' in data
+                assert b'"length": 8' in data
+            assert len(peers) == 1
+            client.close()
+
+    run(main())
+
+
+def test_concurrent_requests_get_their_own_answers() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)
+        return web.Response(body=await request.read())
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, peers):
+            client = UpstreamClient()
+
+            async def one(i: int) -> bytes:
+                resp = await client.request(base, "POST", "/x", JSON, str(i).encode() * 10)
+                return await resp.read()
+
+            answers = await asyncio.gather(*(one(i) for i in range(50)))
+            assert answers == [str(i).encode() * 10 for i in range(50)]
+            assert len(peers) <= 50
+            client.close()
+
+    run(main())
+
+
+def test_a_pooled_connection_the_worker_dropped_is_retried_once() -> None:
+    # The server answers the first request of each connection and drops the connection on
+    # the second, without a byte: the client must retry on a new connection.
+    def on_request(transport: asyncio.Transport, n: int) -> None:
+        if n == 1:
+            transport.write(OK)
+        else:
+            transport.abort()
+
+    async def main() -> None:
+        async with raw_server(on_request) as base:
+            client = UpstreamClient()
+            for _ in range(4):
+                resp = await client.request(base, "POST", "/x", JSON, b"{}")
+                assert await resp.read() == OK[-11:]
+            client.close()
+
+    run(main())
+
+
+def test_a_fresh_connection_that_fails_is_not_retried() -> None:
+    seen: list[int] = []
+
+    def on_request(transport: asyncio.Transport, n: int) -> None:
+        seen.append(n)
+        transport.abort()
+
+    async def main() -> None:
+        async with raw_server(on_request) as base:
+            client = UpstreamClient()
+            with pytest.raises(UpstreamClosed):
+                await client.request(base, "POST", "/x", JSON, b"{}")
+            client.close()
+
+    run(main())
+    assert seen == [1]
+
+
+def test_connection_refused_is_an_oserror() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        client = UpstreamClient()
+        with pytest.raises(ConnectionRefusedError):
+            await client.request(f"http://127.0.0.1:{port}", "POST", "/x", JSON, b"{}")
+
+    run(main())
+
+
+def test_an_invalid_answer_is_a_protocol_error() -> None:
+    def on_request(transport: asyncio.Transport, n: int) -> None:
+        transport.write(b"this is not HTTP\r\n\r\n")
+
+    async def main() -> None:
+        async with raw_server(on_request) as base:
+            client = UpstreamClient()
+            with pytest.raises(UpstreamProtocolError):
+                await client.request(base, "POST", "/x", JSON, b"{}")
+            client.close()
+
+    run(main())
+
+
+def test_a_silent_worker_times_out() -> None:
+    def on_request(transport: asyncio.Transport, n: int) -> None:
+        pass  # never answers
+
+    async def main() -> float:
+        async with raw_server(on_request) as base:
+            client = UpstreamClient(read_timeout=0.4)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await client.request(base, "POST", "/x", JSON, b"{}")
+            client.close()
+            return time.monotonic() - started
+
+    assert 0.3 < run(main()) < 3
+
+
+def test_a_worker_that_keeps_talking_does_not_time_out() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(8):
+            await resp.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.1)
+        await resp.write_eof()
+        return resp
+
+    async def main() -> list[bytes]:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient(read_timeout=0.3)
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            chunks = [c async for c in resp.chunks()]
+            client.close()
+            return chunks
+
+    chunks = run(main())
+    assert b"".join(chunks) == b"".join(f"data: {i}\n\n".encode() for i in range(8))
+    assert len(chunks) >= 4  # handed on as they came, not at the end
+
+
+def test_a_large_answer_read_slowly_pauses_the_worker_and_arrives_whole() -> None:
+    payload = bytes(range(256)) * (16 * 1024)  # 4 MiB
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=payload)
+
+    async def main() -> bytes:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient()
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            got = bytearray()
+            paused = False
+            async for chunk in resp.chunks():
+                got += chunk
+                conn = resp._conn
+                paused = paused or (conn is not None and conn.reading_paused)
+                await asyncio.sleep(0.001)
+            assert paused, "reading never paused though the consumer was slow"
+            client.close()
+            return bytes(got)
+
+    assert hashlib.sha256(run(main())).digest() == hashlib.sha256(payload).digest()
+
+
+def test_close_aborts_the_connection_and_the_worker_sees_it() -> None:
+    gone = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for _ in range(200):
+                await resp.write(b"data: x\n\n")
+                await asyncio.sleep(0.02)
+        except (ConnectionError, asyncio.CancelledError):
+            gone.set()
+            raise
+        return resp
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient()
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            async for _ in resp.chunks():
+                break
+            resp.close()
+            await asyncio.wait_for(gone.wait(), 5)
+            client.close()
+
+    run(main())
+
+
+def test_files_and_multipart_forms_are_streamed_intact(tmp_path: Path) -> None:
+    audio = tmp_path / "speech.wav"
+    audio.write_bytes(bytes(range(256)) * 4096 + b"tail")
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            upload = form["file"]
+            assert isinstance(upload, web.FileField)
+            return web.json_response({
+                "fields": [(k, v) for k, v in form.items() if isinstance(v, str)],
+                "filename": upload.filename,
+                "sha": hashlib.sha256(upload.file.read()).hexdigest()})
+        return web.json_response({"sha": hashlib.sha256(await request.read()).hexdigest()})
+
+    async def main() -> tuple[Any, Any]:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient()
+            form = Multipart(file_path=audio, filename='a "quoted" name.wav')
+            form.add("model", "whisper-1")
+            form.add("timestamp_granularities[]", "word")
+            resp = await client.request(base, "POST", "/audio", {
+                "Content-Type": form.content_type}, form)
+            first = await resp.read()
+            with tempfile.TemporaryFile() as spooled:
+                spooled.write(audio.read_bytes())
+                resp = await client.request(base, "POST", "/raw", {
+                    "Content-Type": "application/octet-stream"}, spooled)
+                second = await resp.read()
+            client.close()
+            return first, second
+
+    first, second = (json.loads(x) for x in run(main()))
+    sha = hashlib.sha256(audio.read_bytes()).hexdigest()
+    assert first["sha"] == sha and second["sha"] == sha
+    assert first["fields"] == [["model", "whisper-1"], ["timestamp_granularities[]", "word"]]
+    assert first["filename"] == "a %22quoted%22 name.wav"
+
+
+def test_header_values_with_line_breaks_are_refused() -> None:
+    async def main() -> None:
+        client = UpstreamClient()
+        with pytest.raises(ValueError, match="line break"):
+            await client.request("http://127.0.0.1:9", "POST", "/x",
+                                 {"Authorization": "Bearer x\r\nEvil: 1"}, b"")
+
+    run(main())
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_coalescing_writer_sends_head_and_body_in_one_write() -> None:
+    async def main() -> list[bytes]:
+        transport = _Recorder()
+        writer = CoalescingWriter(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        writer.write(b"HEAD")
+        writer.write(b"BODY")
+        assert transport.writes == [b"HEADBODY"]
+        writer.write(b"event 1")  # alone in its iteration: goes out at the end of it
+        await asyncio.sleep(0)
+        assert transport.writes[-1] == b"event 1"
+        writer.write(b"last")
+        writer.close()  # a close flushes first
+        assert transport.writes[-1] == b"last" and transport.closed
+        assert writer.get_extra_info("peername") == "info:peername"
+        return transport.writes
+
+    assert run(main()) == [b"HEADBODY", b"event 1", b"last"]
