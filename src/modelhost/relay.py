@@ -56,7 +56,7 @@ class Relay:
             resp = await self._send(runtime, path, body, headers)
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
-            content_type = resp.header(b"content-type") or "application/json"
+            content_type = _content_type_and_usage(runtime, resp)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 return RelayStream(runtime, admission, resp, content_type)
@@ -65,7 +65,6 @@ class Relay:
             except OSError as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
                                     f"{_describe(exc)}") from exc
-            _count_usage(runtime, resp)
             return Answer(data, resp.status, content_type.encode("latin-1"))
         finally:
             if not released:
@@ -86,7 +85,7 @@ class Relay:
             except (OSError, ValueError) as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' gave no JSON answer: "
                                     f"{_describe(exc)}") from exc
-            _count_usage(runtime, resp)
+            _content_type_and_usage(runtime, resp)
             return data
         finally:
             runtime.last_used = time.monotonic()
@@ -114,14 +113,21 @@ class Relay:
 USAGE_HEADERS = {b"x-audio-seconds": "audio_seconds", b"x-input-tokens": "input_tokens"}
 
 
-def _count_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> None:
-    for header, key in USAGE_HEADERS.items():
-        value = resp.header(header)
-        if value is not None:
+def _content_type_and_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> str:
+    """The answer's content type; what the request consumed is added to the model's usage.
+    (One pass over the headers: this runs for every request.)"""
+    content_type = "application/json"
+    for name, value in resp.raw_headers:
+        name = name.lower()
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name in USAGE_HEADERS:
+            key = USAGE_HEADERS[name]
             try:
                 runtime.usage[key] = runtime.usage.get(key, 0.0) + float(value)
             except ValueError:
                 continue
+    return content_type
 
 
 class RelayStream:

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # One log line per HTTP request (uvicorn's access log). Off by default: on a busy gateway
     # it is a measurable share of the time spent per request (see docs/benchmarks.md).
     access_log: bool = Field(False, validation_alias=_env("ACCESS_LOG"))
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed
+    # (comma-separated IPs or networks, or *). Empty: the headers are ignored, and the
+    # per-request work of looking for them is skipped.
+    forwarded_allow_ips: str = Field("", validation_alias=_env("FORWARDED_ALLOW_IPS"))
     config_file: Path | None = Field(None, validation_alias=_env("CONFIG"))
     # SQLAlchemy URL of the state database (default: SQLite in the data directory).
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))

@@ -130,6 +130,11 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
 
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as received, in order."""
+        return self._raw_headers
+
+    @property
     def headers(self) -> dict[str, str]:
         """All headers, by lower-case name (the last of repeated ones)."""
         return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers}
