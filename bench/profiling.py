@@ -18,6 +18,10 @@ from .stats import ms_summary
 
 # A sample's time goes to the first of these met walking its stack from the leaf up.
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
+    # The two writes of a request: their samples are the kernel's loopback path (waking the
+    # reader included), whichever layer made the call.
+    ("socket writes (request to the worker, answer to the client)",
+     ("CoalescingWriter.write (", "_send (modelhost/upstream.py")),
     ("logging (uvicorn access log, handlers, file writes)",
      ("logging/", "uvicorn/logging.py")),
     ("json encode/decode", ("json/",)),

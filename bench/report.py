@@ -265,8 +265,10 @@ def _goals(overhead: dict[str, Any] | None, streaming: dict[str, Any] | None,
         top = ", ".join(f"{c['what'].split(' (')[0]} {c['share'] * 100:.0f} % "
                         f"(≈ {c['share'] * per:.0f} µs)" for c in profile["components"][:4])
         profile_text = (f" Sampled at {profile['rate']} req/s, the gateway's {per:.0f} µs per "
-                        f"request go to: {top}; modelhost's own code (auth, handler, relay, "
-                        f"registry) is under {_own_share(profile) * 100:.0f} %.")
+                        f"request go to: {top}. The socket writes are time in the kernel's "
+                        f"loopback path, which every relay pays; modelhost's own code (its "
+                        f"client to the worker, handler, key check, relay, registry) holds "
+                        f"{_own_share(profile) * 100:.0f} % of the samples.")
     else:
         profile_text = ""
     if overhead and "modelhost" in overhead["added"]:
