@@ -131,4 +131,4 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         lifespan=lifespan,
     )
     app.include_router(admin_router(gateway))
-    return Front(app, guard, openai.relay_endpoints())
+    return Front(app, guard, openai.relay_endpoints)

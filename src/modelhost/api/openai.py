@@ -36,9 +36,10 @@ class OpenAIRoutes:
         self.relay = relay
         self.max_request_bytes = max_request_bytes
         self.created = int(time.time())
+        # The relayed routes by path (all POST): mounted below, and called by `front.py`.
+        self.relay_endpoints = self._relay_endpoints()
 
-    def relay_endpoints(self) -> dict[str, RelayEndpoint]:
-        """The relayed routes by path (all POST)."""
+    def _relay_endpoints(self) -> dict[str, RelayEndpoint]:
         return {
             "/v1/chat/completions": RelayEndpoint(self, "/chat/completions", req.check_chat,
                                                   {Task.chat}),
@@ -53,7 +54,7 @@ class OpenAIRoutes:
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             *(Route(path, endpoint, methods=["POST"])
-              for path, endpoint in self.relay_endpoints().items()),
+              for path, endpoint in self.relay_endpoints.items()),
         ]
 
     def model_card(self, rt: ModelRuntime) -> dict[str, Any]:
