@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
 import wave
@@ -21,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tests import audio  # the tests' espeak-ng speech and word error rate
 
 from modelhost.catalog import BUILTIN_MODELS, package_path
 from modelhost.config import PackageSource
@@ -32,7 +28,6 @@ from .procs import Proc, Procs, free_port, wait_http
 
 SPEECH_MODEL = "whisper-tiny.en"
 SPEECH_SPEC = next(s for s in BUILTIN_MODELS if s.id == SPEECH_MODEL)
-SAMPLE_RATE = 16_000
 VOICE = "en-us"
 # Words per minute (espeak-ng's default 175 gives a WER near 10 % with tiny.en, 150 near 2 %).
 SPEED = 150
@@ -47,55 +42,14 @@ RTF_DEFINITION = ("real-time factor = seconds to answer a transcription request 
                   "it to its last byte) / seconds of audio; lower is better")
 
 
-def speak(text: str, path: Path, voice: str = VOICE, speed: int = SPEED) -> float:
-    """`text` spoken by espeak-ng into `path` (16 kHz mono 16-bit WAV); its length in s."""
-    if shutil.which("espeak-ng") is None:
+def speak_script(path: Path) -> float:
+    """SCRIPT spoken by espeak-ng into `path` (the tests' helper: 16 kHz mono WAV); its
+    length in seconds."""
+    if not audio.have_espeak():
         raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "espeak.wav"  # espeak-ng writes 22.05 kHz
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), "--",
-                        text], check=True,
-                       capture_output=True, timeout=60)
-        if shutil.which("sox"):
-            subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16",
-                            str(path)], check=True, capture_output=True, timeout=60)
-        else:
-            _resample(raw, path)
+    audio.speak(SCRIPT, path, voice=VOICE, speed=SPEED)
     with wave.open(str(path), "rb") as wav:
         return wav.getnframes() / wav.getframerate()
-
-
-def _resample(source: Path, dest: Path) -> None:
-    """Linear interpolation to 16 kHz (no sox): plenty for espeak's band-limited voice."""
-    with wave.open(str(source), "rb") as wav:
-        rate, channels = wav.getframerate(), wav.getnchannels()
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    mono = pcm.reshape(-1, channels).mean(axis=1)
-    count = round(len(mono) * SAMPLE_RATE / rate)
-    out = np.interp(np.arange(count) * rate / SAMPLE_RATE, np.arange(len(mono)), mono)
-    with wave.open(str(dest), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
-        wav.writeframes(np.clip(np.round(out), -32768, 32767).astype("<i2").tobytes())
-
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / words of the reference (lower case, no punctuation)."""
-    ref, hyp = _WORD.findall(reference.lower()), _WORD.findall(hypothesis.lower())
-    if not ref:
-        return float(len(hyp))
-    previous = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, start=1):
-        current = [i]
-        for j, hyp_word in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1,
-                               previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1] / len(ref)
 
 
 def direct_command(port: int) -> tuple[list[str], dict[str, str]]:
@@ -175,7 +129,7 @@ def _measure(procs: Procs, workdir: Path, rounds: int, say: Callable[[str], None
              ) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     wav = workdir / "speech.wav"
-    audio_s = speak(SCRIPT, wav)
+    audio_s = speak_script(wav)
     body, content_type = multipart(wav.read_bytes(), wav.name)
     say(f"  speech: {audio_s:.1f} s of espeak-ng speech ({len(SCRIPT.split())} words), "
         f"{rounds} rounds")
@@ -216,7 +170,7 @@ def _measure(procs: Procs, workdir: Path, rounds: int, say: Callable[[str], None
             result = transcribe(arm_port, body, content_type, key)
             if result["ok"]:
                 result["rtf"] = result["seconds"] / audio_s
-                result["wer"] = word_error_rate(SCRIPT, result["text"])
+                result["wer"] = audio.word_error_rate(SCRIPT, result["text"])
                 say(f"  speech round {rnd + 1} {name:<9} {result['seconds']:6.2f} s  "
                     f"RTF {result['rtf']:.3f}  WER {result['wer']:.1%}")
             else:
@@ -227,7 +181,7 @@ def _measure(procs: Procs, workdir: Path, rounds: int, say: Callable[[str], None
 
     out: dict[str, Any] = {
         "measured": True, "model": SPEECH_MODEL, "definition": RTF_DEFINITION,
-        "audio_s": audio_s, "audio_bytes": len(body), "words": len(_WORD.findall(SCRIPT.lower())),
+        "audio_s": audio_s, "audio_bytes": len(body), "words": len(audio.normalize_words(SCRIPT)),
         "voice": VOICE, "words_per_minute": SPEED, "script": SCRIPT, "rounds": rounds,
         "direct_command": argv[1:], "direct_worker_start_s": direct_start,
         "gateway_first_request_s": cold["seconds"],

@@ -109,7 +109,8 @@ def test_requests_reuse_one_connection() -> None:
             for _ in range(5):
                 resp = await client.request(base, "POST", "/chat/completions", JSON, b'{"a": 1}')
                 assert resp.status == 200
-                assert resp.header(b"content-type") == "application/json; charset=utf-8"
+                headers = {k.lower(): v for k, v in resp.raw_headers}
+                assert headers[b"content-type"] == b"application/json; charset=utf-8"
                 data = await resp.read()
                 assert b'"path": "/v1/chat/completions"' in data
                 assert b'"length": 8' in data

@@ -110,7 +110,6 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await relay.open()
         await gateway.start()
         # What exists now lives as long as the process: keep the collector from walking it
         # again and again (a full collection of it is a pause that requests would feel).

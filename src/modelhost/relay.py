@@ -39,9 +39,6 @@ class Relay:
         self.load_wait_timeout = load_wait_timeout
         self.client = UpstreamClient()
 
-    async def open(self) -> None:
-        """Nothing to open: connections are made on first use and pooled."""
-
     async def close(self) -> None:
         self.client.close()
 

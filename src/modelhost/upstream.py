@@ -108,8 +108,8 @@ class _Origin:
 
 
 class UpstreamResponse:
-    """An answer being received. `status` and `headers` (lower-case names) are known when
-    `request()` returns; the body arrives through `read()` or `chunks()`. Exactly one of
+    """An answer being received. `status` and `raw_headers` are known when `request()`
+    returns; the body arrives through `read()` or `chunks()`. Exactly one of
     `release()` (after the body was read to the end) or `close()` must follow; both are
     idempotent, and `read()` / a finished `chunks()` release by themselves."""
 
@@ -133,18 +133,6 @@ class UpstreamResponse:
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers as received, in order."""
         return self._raw_headers
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """All headers, by lower-case name (the last of repeated ones)."""
-        return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers}
-
-    def header(self, name: bytes) -> str | None:
-        """The first value of header `name` (lower-case), or None."""
-        for key, value in self._raw_headers:
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return None
 
     # ------------------------------------------------------------------ consumer side
     async def read(self) -> bytes:
