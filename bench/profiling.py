@@ -21,13 +21,15 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     # The two writes of a request: their samples are the kernel's loopback path (waking the
     # reader included), whichever layer made the call.
     ("socket writes (request to the worker, answer to the client)",
-     ("CoalescingWriter.write (", "_send (modelhost/upstream.py")),
+     ("CoalescingWriter.write (", "CoalescingWriter.write_now (",
+      "_send (modelhost/upstream.py")),
     ("logging (uvicorn access log, handlers, file writes)",
      ("logging/", "uvicorn/logging.py")),
     ("json encode/decode", ("json/",)),
     ("modelhost auth (KeyGuard, sha256)", ("modelhost/auth.py", "hashlib")),
     ("modelhost client to the worker (upstream.py, httptools)",
      ("modelhost/upstream.py", "httptools/parser")),
+    ("modelhost server hot path (server.py)", ("modelhost/server.py",)),
     ("modelhost handler (front.py, asgi.py, api/openai.py, api/requests.py)",
      ("modelhost/front.py", "modelhost/asgi.py", "modelhost/api/")),
     ("modelhost relay + admission + registry",

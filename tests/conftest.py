@@ -40,6 +40,7 @@ class Gateway:
     def __init__(self, tmp: Path, models: list[dict[str, Any]] | None = None,
                  include_builtin: bool = False, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "modelhost", "serve", "--port", str(self.port)]

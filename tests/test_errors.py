@@ -9,17 +9,23 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, fake_model
+from tests.conftest import Gateway, fake_model, wait_for
 
 KEY = "sk-test-key-1"
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+# Each test runs twice: on the server's hot path for the relayed routes (the default), and with
+# the access log on, which sends every request through the ASGI app (server.py).
+@pytest.fixture(scope="module", params=["hot-path", "asgi-path"])
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Gateway]:
+    env = {"OPENAI_API_KEYS": f"{KEY}, sk-other", "MODELHOST_MAX_REQUEST_BYTES": "4096"}
+    if request.param == "asgi-path":
+        env["MODELHOST_ACCESS_LOG"] = "true"
     gw = Gateway(tmp_path_factory.mktemp("gw"), [
         fake_model("fake"),
         {**fake_model("embedder"), "task": "embedding"},
-    ], env={"OPENAI_API_KEYS": f"{KEY}, sk-other", "MODELHOST_MAX_REQUEST_BYTES": "4096"})
+    ], env=env)
     yield gw
     gw.stop()
 
@@ -131,3 +137,12 @@ def test_unknown_route_and_method(gateway: Gateway) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     assert_envelope(httpx.get(gateway.url + "/v1/nothing", headers=headers), 404)
     assert_envelope(httpx.get(gateway.url + "/v1/chat/completions", headers=headers), 405)
+
+
+def test_access_log_has_the_relayed_routes(gateway: Gateway) -> None:
+    post(gateway, "/v1/chat/completions", key=None, model="fake")
+    line = '"POST /v1/chat/completions HTTP/1.1" 401'
+    if "MODELHOST_ACCESS_LOG" in gateway.env:
+        assert wait_for(lambda: line in gateway.output(), timeout=5), gateway.output()[-2000:]
+    else:
+        assert line not in gateway.output()

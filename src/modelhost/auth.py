@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelhost.asgi import error_answer, header
+from modelhost.asgi import Answer, error_answer
 from modelhost.errors import Unauthorized
 
 
@@ -27,10 +28,15 @@ class KeyGuard:
         # Digests of the exact header most clients send, to skip parsing it.
         self.exact = [hashlib.sha256(b"Bearer " + k.encode()).digest() for k in keys]
 
-    def check(self, scope: Scope) -> Unauthorized | None:
+    def check(self, headers: Iterable[tuple[bytes, bytes]]) -> Unauthorized | None:
+        """None when the request's headers (lower-case names) carry a known key."""
         if not self.digests:
             return None
-        raw = header(scope, b"authorization") or b""
+        raw = b""
+        for name, value in headers:
+            if name == b"authorization":
+                raw = bytes(value)
+                break
         presented = hashlib.sha256(raw).digest()
         ok = False
         for known in self.exact:
@@ -46,9 +52,8 @@ class KeyGuard:
             ok |= secrets.compare_digest(presented, known)
         return None if ok else Unauthorized("Incorrect API key provided.")
 
-    async def refuse(self, error: Unauthorized, scope: Scope, receive: Receive, send: Send
-                     ) -> None:
-        await error_answer(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+    def refusal(self, error: Unauthorized) -> Answer:
+        return error_answer(error, {"WWW-Authenticate": "Bearer"})
 
 
 class APIKeyMiddleware:
@@ -60,8 +65,8 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
-            error = self.guard.check(scope)
+            error = self.guard.check(scope["headers"])
             if error is not None:
-                await self.guard.refuse(error, scope, receive, send)
+                await self.guard.refusal(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

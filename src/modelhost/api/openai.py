@@ -87,17 +87,25 @@ class RelayEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            answer = await self.handle(scope, receive)
+            body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:
-            answer = error_answer(exc)
+            answer: Answer | RelayStream = error_answer(exc)
         except ClientGone:
             return
-        except Exception:
-            answer = unexpected_answer(scope)
+        else:
+            answer = await self.answer(body, scope)
         await answer(scope, receive, send)
 
-    async def handle(self, scope: Scope, receive: Receive) -> Answer | RelayStream:
-        body = await read_body(scope, receive, self.max_request_bytes)
+    async def answer(self, body: bytes, scope: Scope) -> Answer | RelayStream:
+        """The answer to a request whose body is `body`, errors included."""
+        try:
+            return await self.handle(body)
+        except ModelhostError as exc:
+            return error_answer(exc)
+        except Exception:
+            return unexpected_answer(scope)
+
+    async def handle(self, body: bytes) -> Answer | RelayStream:
         payload = req.parse_json(body)
         name = req.require_model(payload)
         spec = self.registry.resolve(name)
