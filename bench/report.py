@@ -180,7 +180,8 @@ ARMS = """
   `OPENAI_API_KEYS` set (so every request is authenticated) and its data directory in a
   temporary folder. Each benchmark model is a `remote` model whose URL is the same upstream
   process the direct arm hits (`max_concurrency` raised, since the per-model queue of a remote
-  server is configuration, not gateway overhead). Default log level (`info`, access log on).
+  server is configuration, not gateway overhead). Default logging: level `info`, access log off
+  (its default), so the relayed routes take the server's hot path.
 - **litellm**: the LiteLLM proxy, `litellm --config FILE --num_workers 1`, each model an
   `openai/<name>` entry whose `api_base` is the same upstream, a `master_key`, no database,
   callbacks off, telemetry off, `LITELLM_LOG=ERROR`, the local model cost map.
