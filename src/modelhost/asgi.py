@@ -69,19 +69,26 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def too_large(limit: int, declared: int | None = None) -> RequestTooLarge:
+    """The 413 for a body past `limit` bytes (`declared`: what Content-Length said)."""
+    if declared is not None and declared > limit:
+        return RequestTooLarge(f"Request body of {declared} bytes exceeds the limit of "
+                               f"{limit} bytes.")
+    return RequestTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes, whatever Content-Length says."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of "
-                              f"{limit} bytes.")
+        raise too_large(limit, int(declared))
     message = await receive()
     if message["type"] != "http.request":
         raise ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
-            raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            raise too_large(limit)
         return body
     chunks = [body]
     size = len(body)
@@ -92,7 +99,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            raise too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

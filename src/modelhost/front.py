@@ -20,9 +20,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelhost.api.openai import RelayEndpoint
-from modelhost.asgi import Answer, error_answer
+from modelhost.asgi import Answer, error_answer, too_large
 from modelhost.auth import KeyGuard
-from modelhost.errors import RequestTooLarge
 from modelhost.server import HotCycle
 
 
@@ -62,10 +61,7 @@ class HotRelay:
         if error is not None:
             answer: Answer | ASGIApp = self.guard.refusal(error)
         elif cycle.too_large:
-            answer = error_answer(RequestTooLarge(
-                f"Request body of {cycle.declared} bytes exceeds the limit of {self.limit} bytes."
-                if cycle.declared is not None and cycle.declared > self.limit
-                else f"Request body exceeds the limit of {self.limit} bytes."))
+            answer = error_answer(too_large(self.limit, cycle.declared))
         else:
             answer = await self.endpoint.answer(cycle.take_body(), scope)
         if isinstance(answer, Answer):
