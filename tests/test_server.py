@@ -27,11 +27,37 @@ LIMIT = 64
 
 
 class Echo:
-    """A hot route that answers with the body it got, `413` past its limit."""
+    """A hot route that answers with the body it got, `413` past its limit.
+
+    A body that starts with `now`, `later`, `go on` or `start fails` is taken by `start`
+    (no task): answered at once, from a timer callback, from a task it starts itself, or
+    with a 500.
+    """
 
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
         self.calls = 0
+        self.started = 0
+
+    def start(self, cycle: HotCycle) -> bool:
+        body = bytes(cycle.body)
+        out = b"started " + body
+        headers = [(b"content-length", str(len(out)).encode())]
+        if body.startswith(b"now"):
+            cycle.answer(200, headers, out)
+        elif body.startswith(b"later"):
+            asyncio.get_running_loop().call_later(0.05, cycle.answer, 200, headers, out)
+        elif body.startswith(b"go on"):
+            async def step(cycle: HotCycle) -> None:
+                await asyncio.sleep(0.05)
+                cycle.answer(200, headers, out)
+            cycle.go_on(step)
+        elif body.startswith(b"start fails"):
+            raise RuntimeError("start failed")
+        else:
+            return False
+        self.started += 1
+        return True
 
     async def __call__(self, cycle: HotCycle) -> None:
         self.calls += 1
@@ -57,6 +83,9 @@ class Ticker:
 
     def __init__(self) -> None:
         self.left = threading.Event()
+
+    def start(self, cycle: HotCycle) -> bool:
+        return False
 
     async def __call__(self, cycle: HotCycle) -> None:
         scope, receive, send = cycle.asgi()
@@ -244,8 +273,44 @@ def test_stream_and_client_disconnect(served: Served) -> None:
     assert served.app.ticker.left.wait(5), "the route did not see the client leave"
 
 
+def test_route_taken_by_start_without_a_task(served: Served) -> None:
+    echo = served.app.echo
+    calls, started = echo.calls, echo.started
+    with served.connect() as sock:
+        buf = bytearray()
+        for body in (b"now 1", b"later 2", b"go on 3"):
+            sock.sendall(post("/hot", body))
+            assert read_answer(sock, buf)[2] == b"started " + body
+        # Chunked: `start` sees the whole body.
+        sock.sendall(post("/hot", b"3\r\nnow\r\n2\r\n 4\r\n0\r\n\r\n",
+                          "Transfer-Encoding: chunked"))
+        assert read_answer(sock, buf)[2] == b"started now 4"
+        # Pipelined behind an answer that comes from a timer: order kept; the requests
+        # queued behind it go the awaited way.
+        sock.sendall(post("/hot", b"later 5") + post("/other", b"six") + post("/hot", b"now 7"))
+        assert [read_answer(sock, buf)[2] for _ in range(3)] == [
+            b"started later 5", b"asgi POST /other six", b"hot now 7"]
+    assert (echo.calls, echo.started) == (calls + 1, started + 5)
+    # A client that leaves before its answer: the answer is dropped, the server goes on.
+    with served.connect() as sock:
+        sock.sendall(post("/hot", b"later 8"))
+    time.sleep(0.1)
+    assert httpx.post(served.url + "/hot", content=b"now 9").text == "started now 9"
+
+
+def test_body_over_the_limit_is_refused_before_it_ends(served: Served) -> None:
+    with served.connect() as sock:
+        buf = bytearray()
+        sock.sendall(post("/hot", b"50\r\n" + b"x" * 80 + b"\r\n",
+                          "Transfer-Encoding: chunked"))
+        status, _, body = read_answer(sock, buf)
+        assert status.startswith(b"HTTP/1.1 413") and body == b"too large"
+        sock.sendall(b"5\r\nxxxxx\r\n0\r\n\r\n" + post("/hot", b"now after"))
+        assert read_answer(sock, buf)[2] == b"started now after"
+
+
 def test_failing_route_is_a_500_and_the_server_goes_on(served: Served) -> None:
-    for body in (b"fail", b"bad header"):
+    for body in (b"fail", b"bad header", b"start fails"):
         resp = httpx.post(served.url + "/hot", content=body)
         assert resp.status_code == 500
         assert resp.text == "Internal Server Error"

@@ -23,6 +23,7 @@ from modelhost.upstream import (
     UpstreamClient,
     UpstreamClosed,
     UpstreamProtocolError,
+    UpstreamResponse,
 )
 
 JSON = {"Content-Type": "application/json"}
@@ -189,6 +190,79 @@ def test_connection_refused_is_an_oserror() -> None:
         client = UpstreamClient()
         with pytest.raises(ConnectionRefusedError):
             await client.request(f"http://127.0.0.1:{port}", "POST", "/x", JSON, b"{}")
+
+    run(main())
+
+
+class Recorder:
+    """An `upstream.Listener` that records what it is told, and when the answer is done."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.over = asyncio.get_running_loop().create_future()
+
+    def head(self, resp: UpstreamResponse) -> None:
+        self.events.append(f"head {resp.status}")
+
+    def done(self, resp: UpstreamResponse) -> None:
+        self.events.append("done " + resp.take_body().decode())
+        resp.release()
+        self.over.set_result(None)
+
+    def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
+        self.events.append(f"failed {type(exc).__name__} head={resp.head_received}")
+        resp.close()
+        self.over.set_result(None)
+
+
+def test_start_follows_the_answer_from_callbacks() -> None:
+    # What the server does with each request, in order.
+    script = ["whole", "whole", "pieces", "cut", "whole", "drop", "whole", "pieces"]
+
+    def on_request(transport: asyncio.Transport, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        action = script.pop(0)
+        if action in ("whole", "pieces"):
+            for i, piece in enumerate((OK[:40], OK[40:-5], OK[-5:]) if action == "pieces"
+                                      else (OK,)):
+                loop.call_later(0.01 * i, transport.write, piece)
+        elif action == "cut":  # the head, part of the body, then the connection closes
+            transport.write(OK[:-3])
+            transport.abort()
+        else:  # "drop": closed without a byte of the answer
+            transport.abort()
+
+    async def main() -> None:
+        async with raw_server(on_request) as base:
+            client = UpstreamClient()
+
+            async def pooled() -> None:
+                await (await client.request(base, "POST", "/x", JSON, b"{}")).read()
+
+            async def started() -> list[str]:
+                recorder = Recorder()
+                assert client.start(base, "POST", "/x", JSON, b"{}", recorder) is not None
+                await asyncio.wait_for(recorder.over, 5)
+                return recorder.events
+
+            # Nothing pooled yet: nothing is sent.
+            assert client.start(base, "POST", "/x", JSON, b"{}", Recorder()) is None
+            await pooled()
+            assert await started() == ["head 200", 'done {"ok":true}']
+            assert await started() == ["head 200", 'done {"ok":true}']  # in pieces
+            assert await started() == ["head 200", "failed UpstreamClosed head=True"]
+            await pooled()
+            assert await started() == ["failed UpstreamClosed head=False"]
+            # A listener that hands over to an awaiting reader: it gets the whole body.
+            await pooled()
+            recorder = Recorder()
+            recorder.head = lambda resp: setattr(resp, "listener", None)  # type: ignore[method-assign]
+            resp = client.start(base, "POST", "/x", JSON, b"{}", recorder)
+            assert resp is not None
+            await asyncio.sleep(0.05)  # the answer has arrived, in pieces
+            assert await resp.read() == OK[-11:] and recorder.events == []
+            assert script == []
+            client.close()
 
     run(main())
 

@@ -14,7 +14,7 @@ them without going through ASGI at all; `Front.__call__` serves them when the se
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from modelhost.api.openai import RelayEndpoint
 from modelhost.asgi import Answer, error_answer, too_large
 from modelhost.auth import KeyGuard
-from modelhost.server import HotCycle
+from modelhost.relay import RelayStream
+from modelhost.server import HotCycle, raise_in_step
 
 
 class Front:
@@ -55,16 +56,57 @@ class HotRelay:
         self.endpoint = endpoint
         self.limit = endpoint.max_request_bytes
 
+    def start(self, cycle: HotCycle) -> bool:
+        """Serve the request from callbacks if nothing has to be waited for
+        (`RelayEndpoint.start`); False to be awaited instead."""
+        if cycle.too_large:
+            return False
+        error = self.guard.check(cycle.headers)
+        if error is not None:
+            _CycleReply(self, cycle).send(self.guard.refusal(error))
+            return True
+        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle))
+
     async def __call__(self, cycle: HotCycle) -> None:
-        scope, receive, send = cycle.asgi()
         error = self.guard.check(cycle.headers)
         if error is not None:
             answer: Answer | ASGIApp = self.guard.refusal(error)
         elif cycle.too_large:
             answer = error_answer(too_large(self.limit, cycle.declared))
         else:
-            answer = await self.endpoint.answer(cycle.take_body(), scope)
-        if isinstance(answer, Answer):
-            cycle.answer(answer.status, answer.headers, answer.body)
+            answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0])
+        await _deliver(cycle, answer)
+
+    async def finish(self, cycle: HotCycle, step: Callable[[], Awaitable[Answer | RelayStream]]
+                     ) -> None:
+        await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0]))
+
+
+async def _deliver(cycle: HotCycle, answer: Answer | ASGIApp) -> None:
+    if isinstance(answer, Answer):
+        cycle.answer(answer.status, answer.headers, answer.body)
+    else:
+        await answer(*cycle.asgi())
+
+
+class _CycleReply:
+    """`relay.Reply` on a hot cycle."""
+
+    __slots__ = ("cycle", "route")
+
+    def __init__(self, route: HotRelay, cycle: HotCycle) -> None:
+        self.route = route
+        self.cycle = cycle
+
+    def send(self, answer: Answer) -> None:
+        try:
+            self.cycle.answer(answer.status, answer.headers, answer.body)
+        except Exception as exc:  # called from a callback, which must not raise
+            self.cycle.go_on(raise_in_step(exc))
+
+    def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]] | None) -> None:
+        route = self.route
+        if step is None:
+            self.cycle.go_on(route)
         else:
-            await answer(scope, receive, send)
+            self.cycle.go_on(lambda cycle: route.finish(cycle, step))

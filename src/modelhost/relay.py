@@ -13,13 +13,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from starlette.types import Receive, Scope, Send
 
 from modelhost.admission import Admission
-from modelhost.asgi import Answer
+from modelhost.asgi import Answer, error_answer
 from modelhost.errors import (
     InvalidRequest,
     ModelhostError,
@@ -48,25 +48,50 @@ class Relay:
         `path` (below /v1) and relay the answer: an ASGI app to call with the client's
         connection."""
         await admission.acquire()
-        released = False
         try:
             resp = await self._send(runtime, path, body, headers)
+        except BaseException:
+            _done(runtime, admission)
+            raise
+        return await self.finish(runtime, admission, resp)
+
+    async def finish(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
+                     content_type: str | None = None) -> Answer | RelayStream:
+        """Relay an answer whose head is in (`content_type` when its usage was counted
+        already); the admission slot is released when it ends."""
+        released = False
+        try:
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
-            content_type = _content_type_and_usage(runtime, resp)
+            if content_type is None:
+                content_type = _content_type_and_usage(runtime, resp)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 return RelayStream(runtime, admission, resp, content_type)
             try:
                 data = await resp.read()
             except OSError as exc:
-                raise UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
-                                    f"{_describe(exc)}") from exc
+                raise _failed_while_answering(runtime, exc) from exc
             return Answer(data, resp.status, content_type.encode("latin-1"))
         finally:
             if not released:
-                runtime.last_used = time.monotonic()
-                admission.release()
+                _done(runtime, admission)
+
+    def start(self, runtime: ModelRuntime, admission: Admission, path: str, body: bytes,
+              headers: Mapping[str, str], reply: Reply) -> bool:
+        """`forward` without a task, for when nothing has to be waited for: the model is
+        ready, a slot is free and an idle connection to its worker is pooled. The request is
+        sent now and a complete answer goes to `reply.send` from the connection's callbacks
+        (`Exchange`). False, with nothing sent, when something is missing: then the caller
+        goes the async way (`forward`)."""
+        base = runtime.ready_upstream()
+        if base is None or not admission.try_acquire():
+            return False
+        exchange = Exchange(self, runtime, admission, reply)
+        if self.client.start(base, "POST", path, headers, body, exchange) is None:
+            admission.release()
+            return False
+        return True
 
     async def fetch_json(self, runtime: ModelRuntime, admission: Admission, path: str,
                          form: Multipart) -> Any:
@@ -104,6 +129,80 @@ class Relay:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable: "
                                     f"{_describe(exc)}") from exc
         raise AssertionError("unreachable")
+
+
+class Reply(Protocol):
+    """Where an `Exchange` delivers its answer: the client's connection."""
+
+    def send(self, answer: Answer) -> None:
+        """Send a complete answer now."""
+
+    def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]] | None) -> None:
+        """Go on in a task: await `step` and send what it gives (its errors answered as the
+        async path answers them); with None, serve the whole request again the async way."""
+
+
+class Exchange:
+    """One answer relayed from the worker connection's callbacks (`upstream.Listener`), for a
+    request `Relay.start` sent. The common case, a complete JSON answer, costs no task, no
+    future and no await: when its last byte is in, it is sent to the client. Anything else
+    goes on the async path through `reply.resume`, with what was received so far:
+
+    - an error status, or a stream, as soon as the head is in (`Relay.finish` /
+      `RelayStream`);
+    - a failure before the head (the pooled connection had been closed, or the worker died):
+      the whole request again, which retries and waits for a restart as `forward` does;
+    - a failure after it: 502, as `forward` answers it.
+    """
+
+    __slots__ = ("admission", "content_type", "relay", "reply", "runtime")
+
+    def __init__(self, relay: Relay, runtime: ModelRuntime, admission: Admission,
+                 reply: Reply) -> None:
+        self.relay = relay
+        self.runtime = runtime
+        self.admission = admission
+        self.reply = reply
+        self.content_type = ""
+
+    def head(self, resp: UpstreamResponse) -> None:
+        if resp.status >= 400:
+            self._resume(resp, None)
+            return
+        self.content_type = _content_type_and_usage(self.runtime, resp)
+        if self.content_type.startswith("text/event-stream"):
+            self._resume(resp, self.content_type)
+
+    def done(self, resp: UpstreamResponse) -> None:
+        resp.listener = None
+        data = resp.take_body()
+        resp.release()
+        _done(self.runtime, self.admission)
+        self.reply.send(Answer(data, resp.status, self.content_type.encode("latin-1")))
+
+    def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
+        resp.listener = None
+        resp.close()
+        _done(self.runtime, self.admission)
+        if not resp.head_received:
+            self.reply.resume(None)
+        else:
+            self.reply.send(error_answer(_failed_while_answering(self.runtime, exc)))
+
+    def _resume(self, resp: UpstreamResponse, content_type: str | None) -> None:
+        resp.listener = None
+        relay, runtime, admission = self.relay, self.runtime, self.admission
+        self.reply.resume(lambda: relay.finish(runtime, admission, resp, content_type))
+
+
+def _done(runtime: ModelRuntime, admission: Admission) -> None:
+    runtime.last_used = time.monotonic()
+    admission.release()
+
+
+def _failed_while_answering(runtime: ModelRuntime, exc: BaseException) -> UpstreamError:
+    return UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
+                         f"{_describe(exc)}")
 
 
 # Headers by which our worker apps report what a request consumed (summed per model).

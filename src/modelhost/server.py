@@ -30,7 +30,7 @@ which may be followed by nothing for seconds, still leaves in the same iteration
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
@@ -93,13 +93,23 @@ class CoalescingWriter:
 
 
 class HotRoute(Protocol):
-    """A route served by `HotCycle`: called once its request body is complete (or known to be
-    over `limit` bytes), it answers with `cycle.answer(...)` or through the cycle's ASGI
-    `send`/`receive` (a stream)."""
+    """A route served by `HotCycle`.
+
+    `start` is called first, from the parser's callback, once the request body is complete:
+    it may take the request (True) and answer it later with `cycle.answer(...)` from any
+    callback, or go on in a task with `cycle.go_on(...)`; no task is started for it. If it
+    returns False, `__call__` is awaited in a task, as it is straight away when the body is
+    over `limit` bytes or the client waits for `100 Continue`. `__call__` answers with
+    `cycle.answer(...)` or through the cycle's ASGI `send`/`receive` (a stream)."""
 
     limit: int
 
+    def start(self, cycle: HotCycle) -> bool: ...
+
     async def __call__(self, cycle: HotCycle) -> None: ...
+
+
+Step = Callable[["HotCycle"], Awaitable[None]]
 
 
 class HotCycle(RequestResponseCycle):
@@ -112,6 +122,7 @@ class HotCycle(RequestResponseCycle):
     """
 
     def __init__(self, protocol: GatewayProtocol, route: HotRoute, keep_alive: bool) -> None:
+        self.protocol = protocol
         super().__init__(
             scope=protocol.scope, transport=protocol.transport, flow=protocol.flow,
             logger=protocol.logger, access_logger=protocol.access_logger, access_log=False,
@@ -120,7 +131,9 @@ class HotCycle(RequestResponseCycle):
             keep_alive=keep_alive, on_response=protocol.on_response_complete)
         self.writer = protocol.writer
         self.route = route
+        self.step: Step = route
         self.limit = route.limit
+        self.deferred = False  # the route's `start` is called when the body is complete
         self.headers: list[tuple[bytes, bytes]] = protocol.headers
         self.declared: int | None = None
         self.too_large = False
@@ -136,6 +149,9 @@ class HotCycle(RequestResponseCycle):
             self.too_large = True
             self.body = bytearray()
             self.message_event.set()
+            if self.deferred:  # refuse it now, not when the client has sent it all
+                self.deferred = False
+                self.protocol.start_cycle(self)
         else:
             self.body += data
 
@@ -148,6 +164,12 @@ class HotCycle(RequestResponseCycle):
         body = bytes(self.body)
         self.body = bytearray()
         return body
+
+    def go_on(self, step: Step) -> None:
+        """Continue a request that the route's `start` took in a task: `step(cycle)` runs
+        with the same error handling as the route (a 500 if it raises before answering)."""
+        self.step = step
+        self.protocol.start_cycle(self)
 
     def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """Send a complete answer (its headers include Content-Length) in one write."""
@@ -186,7 +208,7 @@ class HotCycle(RequestResponseCycle):
             self.message_event.clear()
             if self.disconnected:
                 return
-            await self.route(self)
+            await self.step(self)
         except BaseException as exc:
             self.logger.error("Exception in a hot route", exc_info=exc)
             if not self.response_started:
@@ -240,13 +262,34 @@ class GatewayProtocol(HttpToolsProtocol):
         scope["query_string"] = b""
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
         existing = self.cycle
-        self.cycle = HotCycle(self, route, keep_alive)
+        cycle = self.cycle = HotCycle(self, route, keep_alive)
         if existing is None or existing.response_complete:
-            self._start_asgi_task(self.cycle, self.app)
+            if self.expect_100_continue or cycle.too_large:
+                self._start_asgi_task(cycle, self.app)
+            else:
+                cycle.deferred = True
         else:
             # A pipelined request waits for the one before it to be answered.
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, self.app))
+
+    def start_cycle(self, cycle: HotCycle) -> None:
+        self._start_asgi_task(cycle, self.app)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is not HotCycle or not cycle.deferred:
+            super().on_message_complete()
+            return
+        cycle.deferred = False
+        cycle.more_body = False
+        try:
+            started = cycle.route.start(cycle)
+        except Exception as exc:
+            cycle.go_on(raise_in_step(exc))
+            return
+        if not started:
+            self._start_asgi_task(cycle, self.app)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -254,3 +297,10 @@ class GatewayProtocol(HttpToolsProtocol):
             cycle.feed(body)
         else:
             super().on_body(body)
+
+
+def raise_in_step(exc: Exception) -> Step:
+    """A step that raises `exc` (the cycle's task then logs it and answers 500)."""
+    async def step(cycle: HotCycle) -> None:
+        raise exc
+    return step

@@ -33,7 +33,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -114,7 +114,7 @@ class UpstreamResponse:
     idempotent, and `read()` / a finished `chunks()` release by themselves."""
 
     __slots__ = ("_buffer", "_conn", "_done", "_error", "_head", "_raw_headers", "_received",
-                 "_size", "_waiter", "keep_alive", "status")
+                 "_size", "_waiter", "keep_alive", "listener", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
@@ -128,11 +128,27 @@ class UpstreamResponse:
         self._received = False  # any byte of the answer at all
         self._head: asyncio.Future[None] = conn.loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
+        # Told, from the connection's callbacks, of the head, the end and a failure (for an
+        # answer relayed without a task); None once an awaiting consumer takes over.
+        self.listener: Listener | None = None
 
     @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers as received, in order."""
         return self._raw_headers
+
+    @property
+    def head_received(self) -> bool:
+        """Whether the status and headers are in."""
+        return self._head.done() and not self._head.cancelled() and \
+            self._head.exception() is None
+
+    def take_body(self) -> bytes:
+        """The body received so far (all of it, once the listener is told it is done)."""
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._size = 0
+        return data
 
     # ------------------------------------------------------------------ consumer side
     async def read(self) -> bytes:
@@ -144,9 +160,7 @@ class UpstreamResponse:
                 await self._wait()
             if self._error is not None:
                 raise self._error
-            data = b"".join(self._buffer)
-            self._buffer.clear()
-            return data
+            return self.take_body()
         finally:
             self.release()
 
@@ -213,6 +227,8 @@ class UpstreamResponse:
 
     def _finish(self) -> None:
         self._done = True
+        if self.listener is not None:
+            self.listener.done(self)
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -222,7 +238,25 @@ class UpstreamResponse:
         if not self._head.done():
             self._head.set_exception(exc)
             self._head.exception()  # retrieved: whoever awaits it re-raises
+        if self.listener is not None:
+            self.listener.failed(self, exc)
         self._wake()
+
+
+class Listener(Protocol):
+    """Follows an answer from the connection's callbacks, without a task (`UpstreamClient.
+    start`). Each call happens inside the connection's `data_received` (or `connection_lost`),
+    so it must not raise; setting `resp.listener = None` hands the answer to an awaiting
+    consumer (`read()`, `chunks()`), which finds everything received so far."""
+
+    def head(self, resp: UpstreamResponse) -> None:
+        """The status and headers are in (`status`, `raw_headers`)."""
+
+    def done(self, resp: UpstreamResponse) -> None:
+        """The whole body is in (`take_body()`); `release()` gives the connection back."""
+
+    def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
+        """The exchange failed (`head_received` says whether before the head was in)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -292,6 +326,8 @@ class _Connection(asyncio.Protocol):
         resp.keep_alive = self.parser.should_keep_alive()
         if not resp._head.done():
             resp._head.set_result(None)
+        if resp.listener is not None:
+            resp.listener.head(resp)
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
@@ -406,13 +442,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-        key = (method, path, tuple(headers.items()))
-        head = self._heads.get(key)
-        if head is None:
-            if len(self._heads) > 1024:
-                self._heads.clear()
-            head = self._heads[key] = _head(method, pool.origin, path, headers)
-        head += b"%d\r\n\r\n" % _length(body)
+        head = self._head(pool, method, path, headers, _length(body))
         for attempt in (1, 2):
             conn = pool.take(loop.time())
             reused = conn is not None
@@ -433,6 +463,41 @@ class UpstreamClient:
                 resp.close()  # cancelled: nobody will read this answer
                 raise
         raise AssertionError("unreachable")
+
+    def start(self, base: str, method: str, path: str, headers: Mapping[str, str],
+              body: bytes, listener: Listener) -> UpstreamResponse | None:
+        """Send a request now, without waiting, on an idle pooled connection to `base`, and
+        follow its answer with `listener`; None (nothing sent) when no idle connection is at
+        hand (`request()` then opens one)."""
+        pool = self._pools.get(base)
+        if pool is None:
+            return None
+        loop = asyncio.get_running_loop()
+        conn = pool.take(loop.time())
+        if conn is None:
+            return None
+        if conn.transport is None:
+            conn.abort()
+            return None
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+        resp = UpstreamResponse(conn)
+        resp.listener = listener
+        conn.start(resp)
+        conn.transport.write(self._head(pool, method, path, headers, len(body)) + body)
+        return resp
+
+    def _head(self, pool: _Pool, method: str, path: str, headers: Mapping[str, str],
+              length: int) -> bytes:
+        """The request's head (status line and headers), cached per method, path and
+        headers, with its Content-Length."""
+        key = (method, path, tuple(headers.items()))
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) > 1024:
+                self._heads.clear()
+            head = self._heads[key] = _head(method, pool.origin, path, headers)
+        return head + b"%d\r\n\r\n" % length
 
     @property
     def _sweep_every(self) -> float:

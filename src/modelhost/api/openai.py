@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -21,11 +21,11 @@ from starlette.types import Receive, Scope, Send
 
 from modelhost.api import requests as req
 from modelhost.asgi import Answer, ClientGone, error_answer, read_body, unexpected_answer
-from modelhost.config import Task, UrlSource
+from modelhost.config import ModelSpec, Task, UrlSource
 from modelhost.errors import InvalidRequest, ModelhostError
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime
-from modelhost.relay import Relay, RelayStream
+from modelhost.relay import Relay, RelayStream, Reply
 
 Check = Callable[[dict[str, Any]], None]
 
@@ -98,14 +98,41 @@ class RelayEndpoint:
 
     async def answer(self, body: bytes, scope: Scope) -> Answer | RelayStream:
         """The answer to a request whose body is `body`, errors included."""
+        return await self.settle(lambda: self.handle(body), scope)
+
+    async def settle(self, step: Callable[[], Awaitable[Answer | RelayStream]], scope: Scope
+                     ) -> Answer | RelayStream:
+        """What `step` answers, or the error answer for what it raised."""
         try:
-            return await self.handle(body)
+            return await step()
         except ModelhostError as exc:
             return error_answer(exc)
         except Exception:
             return unexpected_answer(scope)
 
     async def handle(self, body: bytes) -> Answer | RelayStream:
+        spec, body, headers = self._prepare(body)
+        return await self.relay.forward(self.registry.runtimes[spec.id],
+                                        self.registry.admissions[spec.id], self.path, body,
+                                        headers)
+
+    def start(self, body: bytes, reply: Reply) -> bool:
+        """Serve the request without a task if nothing has to be waited for (`Relay.start`);
+        False, with nothing sent, when it must go the async way (`answer`). An invalid
+        request is answered here."""
+        try:
+            spec, body, headers = self._prepare(body)
+        except ModelhostError as exc:
+            reply.send(error_answer(exc))
+            return True
+        except Exception:
+            return False  # `answer` meets it again, and logs it
+        return self.relay.start(self.registry.runtimes[spec.id],
+                                self.registry.admissions[spec.id], self.path, body, headers,
+                                reply)
+
+    def _prepare(self, body: bytes) -> tuple[ModelSpec, bytes, dict[str, str]]:
+        """Check the request; the model, and the body and headers to send to its worker."""
         payload = req.parse_json(body)
         name = req.require_model(payload)
         spec = self.registry.resolve(name)
@@ -123,6 +150,4 @@ class RelayEndpoint:
         headers = {"Content-Type": "application/json"}
         if source is not None and source.api_key:
             headers["Authorization"] = f"Bearer {source.api_key}"
-        return await self.relay.forward(self.registry.runtimes[spec.id],
-                                        self.registry.admissions[spec.id], self.path, body,
-                                        headers)
+        return spec, body, headers

@@ -116,9 +116,9 @@ class ModelRuntime:
         load. Waits at most `timeout` seconds (ModelNotReady, 503 with Retry-After); a load
         that fails raises UpstreamError (502) with the reason.
         """
-        self.last_used = time.monotonic()
-        if self.state is State.ready and self.upstream is not None:
-            return self.upstream
+        upstream = self.ready_upstream()
+        if upstream is not None:
+            return upstream
         if self.state is State.failed:
             wait = FAILED_RETRY_AFTER - (time.monotonic() - self._failed_at)
             if wait > 0:
@@ -149,6 +149,14 @@ class ModelRuntime:
             changed = self._changed
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
+
+    def ready_upstream(self) -> str | None:
+        """The worker's base URL if the model is ready now (counting as a use), else None;
+        never waits and never starts a load."""
+        self.last_used = time.monotonic()
+        if self.state is State.ready:
+            return self.upstream
+        return None
 
     def _not_downloaded(self) -> ModelNotReady:
         if self.state is State.downloading:
