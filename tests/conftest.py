@@ -114,6 +114,19 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def describe_process(pid: int, parents: int = 1) -> str:
+    """State, parent, group and command line of a process and of its first `parents`
+    ancestors (Linux), for failure messages."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, IndexError):
+        return f"pid {pid}: no /proc entry"
+    state, ppid, pgid = fields[0], int(fields[1]), int(fields[2])
+    return (f"pid {pid} state {state} ppid {ppid} pgid {pgid}: {cmdline.strip()}; "
+            f"parent: {describe_process(ppid, parents - 1) if parents and ppid > 1 else ppid}")
+
+
 def wait_gone(pid: int, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, fake_model, started_pids, wait_for, wait_gone
+from tests.conftest import (
+    GatewayFactory,
+    describe_process,
+    fake_model,
+    started_pids,
+    wait_for,
+    wait_gone,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -172,7 +179,8 @@ def test_no_orphan_when_the_gateway_is_killed(gateway_factory: GatewayFactory,
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait()
     for pid in pids:
-        assert wait_gone(pid, timeout=10), f"worker {pid} survived the gateway"
+        assert wait_gone(pid, timeout=10), \
+            f"worker survived the gateway: {describe_process(pid)}\n{gw.output()[-3000:]}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")

@@ -5,6 +5,11 @@ alias). A streamed answer is passed through chunk by chunk as it arrives, never 
 re-encoded. A client that disconnects closes the upstream connection, which makes the worker
 stop generating. Failures become OpenAI-shaped errors: before the stream starts, an error
 response (502 when the worker failed); after, a final `data: {"error": ...}` event.
+
+`forward` awaits each step. `start` is the same relay for the common case without a task: when
+nothing has to be waited for, the request is sent at once and the answer followed from the
+worker connection's callbacks (`Exchange`), falling back to the awaited steps for anything
+else.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ graceful shutdown and the connection and request bookkeeping are all its code. M
 the ASGI path in one benchmark run, at 500 req/s, this took the gateway's CPU per request from
 355 to 310 µs and its added p50 from 0.57 to 0.48 ms (docs/benchmarks.md).
 
+A hot route may also take a request without a task (`HotRoute.start`): its cycle is not
+started when its head is parsed but when its body is complete, and the route is asked first
+whether it can answer from callbacks alone (the relay can when the model is ready, a slot is
+free and a connection to the worker is pooled: `relay.Exchange`). If it cannot, the cycle's
+task is started then, as before.
+
 The hot path is used only where nothing would see the difference: not when uvicorn's access log
 is asked for (every request then goes through the ASGI path and gets its line), not at trace log
 level (which wraps the app to log its messages), not with a concurrency limit. Behind a trusted
