@@ -22,7 +22,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     # reader included), whichever layer made the call.
     ("socket writes (request to the worker, answer to the client)",
      ("CoalescingWriter.write (", "CoalescingWriter.write_now (",
-      "_send (modelhost/upstream.py")),
+      "_send (modelhost/upstream.py", "UpstreamClient.start (")),
     ("logging (uvicorn access log, handlers, file writes)",
      ("logging/", "uvicorn/logging.py")),
     ("json encode/decode", ("json/",)),
