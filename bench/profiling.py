@@ -26,7 +26,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("logging (uvicorn access log, handlers, file writes)",
      ("logging/", "uvicorn/logging.py")),
     ("json encode/decode", ("json/",)),
-    ("modelhost auth (KeyGuard, sha256)", ("modelhost/auth.py", "hashlib")),
+    ("modelhost auth (KeyGuard, hashlib)", ("modelhost/auth.py", "hashlib")),
     ("modelhost client to the worker (upstream.py, httptools)",
      ("modelhost/upstream.py", "httptools/parser")),
     ("modelhost server hot path (server.py)", ("modelhost/server.py",)),

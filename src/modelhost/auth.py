@@ -1,7 +1,9 @@
 """The API key guard: pure ASGI middleware in front of the guarded routes.
 
-Keys are kept only as SHA-256 digests and compared with `secrets.compare_digest`, against
-every configured key, so neither a key's content nor its length leaks through timing.
+Keys are kept only as BLAKE2s-256 digests and compared with `secrets.compare_digest`, against
+every configured key, so neither a key's content nor its length leaks through timing. (BLAKE2s
+rather than SHA-256: `hashlib.sha256` goes through OpenSSL 3's provider lookup on every call,
+about 9 µs per request on a cold cache against 5.5 µs; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from modelhost.asgi import Answer, error_answer
 from modelhost.errors import Unauthorized
 
 
-def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def digest(key: bytes) -> bytes:
+    return hashlib.blake2s(key).digest()
 
 
 class KeyGuard:
     """Checks a request's bearer key against the configured keys (none configured: open)."""
 
     def __init__(self, keys: list[str]) -> None:
-        self.digests = [digest(k) for k in keys]
+        self.digests = [digest(k.encode()) for k in keys]
         # Digests of the exact header most clients send, to skip parsing it.
-        self.exact = [hashlib.sha256(b"Bearer " + k.encode()).digest() for k in keys]
+        self.exact = [digest(b"Bearer " + k.encode()) for k in keys]
 
     def check(self, headers: Iterable[tuple[bytes, bytes]]) -> Unauthorized | None:
         """None when the request's headers (lower-case names) carry a known key."""
@@ -37,7 +39,7 @@ class KeyGuard:
             if name == b"authorization":
                 raw = bytes(value)
                 break
-        presented = hashlib.sha256(raw).digest()
+        presented = digest(raw)
         ok = False
         for known in self.exact:
             ok |= secrets.compare_digest(presented, known)
@@ -46,7 +48,7 @@ class KeyGuard:
         scheme, _, token = raw.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        presented = digest(token.strip())
+        presented = digest(token.strip().encode("latin-1"))
         ok = False
         for known in self.digests:
             ok |= secrets.compare_digest(presented, known)
