@@ -136,7 +136,7 @@ running here), so every comparison below was made inside one run, arms interleav
    0.292 to 0.257 s and from 0.363 to 0.320 s, the added p50 from 0.43 to 0.38 ms and from
    0.61 to 0.57 ms; at 200 req/s the p50 from 0.58 to 0.52 ms and from 0.70 to 0.47 ms. Under
    heavy load it matters more: at 1,500 req/s the added p99 of a full run went from 78 ms to
-   2.9-3.8 ms (two full runs), and one of those runs held 1,000 concurrent streams (500
+   2.1-2.9 ms (two full runs), and one of those runs held 1,000 concurrent streams (500
    before, and 500 in the other run: 1,000 is at the edge).
 
 What is left is spread thin. `perf` on the gateway at 500 req/s (before step 7) put 58 % of its
