@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvicorn
@@ -44,7 +44,7 @@ class Worker(asyncio.Protocol):
     seen = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
@@ -110,6 +110,7 @@ class Client:
         self.data = bytearray()
         self.closed = False
         self.changed = asyncio.Event()
+        protocol.connection_made(cast(asyncio.Transport, self))  # this object is its transport
 
     # the transport the protocol writes to
     def write(self, data: bytes) -> None:
@@ -187,7 +188,6 @@ async def gateway(tmp: Path, env: pytest.MonkeyPatch, **model: Any
     state = ServerState()
     protocol = GatewayProtocol(config, state, {}, loop)
     client = Client(protocol)
-    protocol.connection_made(client)  # type: ignore[arg-type]
     try:
         yield app, client, state
     finally:
@@ -220,7 +220,7 @@ def chat(mode: str = "ok", **fields: Any) -> dict[str, Any]:
 
 def test_a_ready_model_is_answered_without_a_task(serve: Serve) -> None:
     async def test(app: Front, client: Client, state: ServerState) -> None:
-        registry = next(iter(app.routes.values())).registry  # type: ignore[attr-defined]
+        registry = app.hot_routes[b"/v1/chat/completions"].endpoint.registry
         runtime = registry.runtimes["m"]
         tokens = runtime.usage.get("input_tokens", 0)
         for mode in ("ok", "split"):
@@ -308,7 +308,6 @@ def test_a_busy_model_queues_requests_in_order(serve: Serve) -> None:
         # One request at the worker at a time: the second waits for the first's slot.
         other = Client(GatewayProtocol(client.protocol.config, state, {},
                                        asyncio.get_running_loop()))
-        other.protocol.connection_made(other)  # type: ignore[arg-type]
         client.send(chat("slow"))
         assert not state.tasks
         other.send(chat())
