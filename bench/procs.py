@@ -24,8 +24,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# The cores this benchmark may use, read once: the runner later pins itself to some of them,
+# and what it may give the processes it starts is still all of these.
+CPUS: frozenset[int] = (frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else frozenset())
+
+
 def pinning_possible() -> bool:
-    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+    return hasattr(os, "sched_setaffinity") and len(CPUS) >= 2
 
 
 def _schedstat_seconds(pid: int) -> float | None:
@@ -78,6 +84,12 @@ class Proc:
                 total += times.user + times.system
         return total
 
+    def cpus(self) -> list[int]:
+        """The cores the process may run on, as the kernel has it now."""
+        with contextlib.suppress(OSError):
+            return sorted(os.sched_getaffinity(self.pid))
+        return []
+
     def rss(self) -> int:
         total = 0
         for proc in self.tree():
@@ -115,6 +127,11 @@ class Procs:
                 preexec_fn=pin if cpus and pinning_possible() else None)
         proc = Proc(name, popen, log)
         self.started.append(proc)
+        if cpus and pinning_possible() and proc.cpus() != sorted(cpus):
+            # Every figure's reading rests on where its processes ran: never go on unpinned.
+            self.stop(proc)
+            raise RuntimeError(f"{name} was to run on core(s) {sorted(cpus)} but runs on "
+                               f"{proc.cpus()}")
         return proc
 
     def stop(self, proc: Proc, grace: float = 10.0) -> None:

@@ -138,6 +138,17 @@ def _pin_descendants(proc: Proc, cpus: set[int]) -> int:
     return moved
 
 
+def _cores(processes: list[psutil.Process]) -> list[int]:
+    """Every core any thread of `processes` may run on."""
+    cores: set[int] = set()
+    for child in processes:
+        with contextlib.suppress(OSError, psutil.Error):
+            for thread in child.threads():
+                with contextlib.suppress(OSError):
+                    cores |= os.sched_getaffinity(thread.id)
+    return sorted(cores)
+
+
 def _run(procs: Procs, workdir: Path, plan: ModelPlan, say: Any, pin: bool,
          out: dict[str, Any], started: float) -> dict[str, Any]:
     t0 = time.monotonic()
@@ -164,6 +175,10 @@ def _run(procs: Procs, workdir: Path, plan: ModelPlan, say: Any, pin: bool,
     direct = Target("direct", port)
     _tiny(port, None)
     out["direct_command"] = argv[1:]
+    # Where each process runs, read back from the kernel (not what was asked).
+    out["cores_seen"] = {"gateway + client": sorted(os.sched_getaffinity(0)),
+                         "gateway's llama.cpp worker": _cores(gw.proc.tree()[1:]),
+                         "llama.cpp worker started by hand": direct_proc.cpus()}
 
     # One unrecorded generation each: llama.cpp caches the prompt after the first one.
     run(generate(direct, plan.max_tokens))

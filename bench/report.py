@@ -265,6 +265,10 @@ def _machine(machine: dict[str, Any], part: dict[str, Any] | None,
     pin = machine.get("pinning")
     pinning = ", ".join(f"{k} on core(s) {','.join(map(str, v))}" for k, v in pin.items()) \
         if pin else "none (fewer than 2 cores)"
+    seen = machine.get("cores_seen")
+    if seen:
+        pinning += "; read back from the kernel: " + ", ".join(
+            f"{k} {','.join(map(str, v))}" for k, v in seen.items())
     rows = [
         ["run", f"{machine.get('date')}, {machine.get('mode')} mode, "
                 f"{f(machine.get('seconds'), 0)} s"],
@@ -742,9 +746,14 @@ def _speech(speech: dict[str, Any], pinned: bool) -> str:
 def _model_pinning(model: dict[str, Any]) -> str:
     if not model.get("pinning"):
         return "No core pinning (fewer than 2 cores)."
-    return ("Both llama.cpp workers (the gateway's, moved there once started, and the one "
+    text = ("Both llama.cpp workers (the gateway's, moved there once started, and the one "
             "started by hand) run on core 0; the gateway and the client share core 1, so the "
             "relay never competes with the engine for its core.")
+    seen = model.get("cores_seen")
+    if seen:
+        text += " Read back from the kernel: " + ", ".join(
+            f"{k} on core(s) {','.join(map(str, v))}" for k, v in seen.items()) + "."
+    return text
 
 
 def _command(model: dict[str, Any]) -> str:

@@ -205,6 +205,9 @@ def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
             say(f"!! LiteLLM arm missing: {exc}")
     meta["litellm"] = litellm_info
     meta["versions"]["litellm"] = litellm_info.get("version")
+    # Where each process under measure runs, read back from the kernel (not what was asked).
+    meta["cores_seen"] = {"load generator": sorted(os.sched_getaffinity(0)),
+                          **{arm.proc.name: arm.proc.cpus() for arm in arms}}
     say("warming up every arm")
     aio.run(_warm(arms))
 
