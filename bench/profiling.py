@@ -41,7 +41,7 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn HTTP protocol (httptools)", ("uvicorn/",)),
     ("asyncio machinery (tasks, futures, streams)", ("asyncio/",)),
 ]
-SAMPLE_HZ = 100
+SAMPLE_HZ = 250
 EVENT_LOOP = "event loop + socket I/O (uvloop, native)"
 
 
@@ -98,11 +98,16 @@ async def _load_while_sampling(arm: Arm, rate: int, duration: float, out: Path, 
     client = Client(arm.target)
     await open_loop(client, BODY, rate, 1.0, seed=5)  # warm
     # py-spy attaches first (reading the interpreter's symbols takes a moment of CPU); the
-    # load starts once it samples, and stops before it does. Samples of an idle gateway are
-    # not recorded (py-spy leaves idle threads out).
+    # load starts once it samples, and stops before it does. `--gil` samples the thread that
+    # holds the GIL, i.e. while the interpreter runs (uvloop lets go of it while it waits for
+    # events): py-spy's other test of an active thread, its state in /proc, also counts the
+    # time a woken gateway waits for its idle core to wake up, which on this machine put most
+    # samples in the event loop once the gateway had a core of its own. `--nonblocking`
+    # reads the stacks without stopping the process, so its cost stays with py-spy.
     proc = await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(arm.proc.pid), "--rate", str(SAMPLE_HZ), "--duration",
         str(int(duration + 3)), "--format", "raw", "--output", str(out), "--nonblocking",
+        "--gil",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         await asyncio.sleep(2.0)

@@ -75,8 +75,8 @@ FULL = Mode(
                          burst_concurrency=8, burst_duration=5.0,
                          levels=[25, 100, 250, 500, 1000, 2000], open_rate=250,
                          long_seconds=20),
-    profile_rate=300, profile_seconds=25,
-    model=ModelPlan(rounds=8, max_tokens=128, swaps=5, idle_ttl=1.0, speech_rounds=8),
+    profile_rate=500, profile_seconds=25,
+    model=ModelPlan(rounds=12, max_tokens=128, swaps=5, idle_ttl=1.0, speech_rounds=8),
 )
 
 
