@@ -154,16 +154,19 @@ running here), so every comparison below was made inside one run, arms interleav
    0.32-0.33/1.0-2.6 ms with the gateway on its own core, for the same 0.30-0.32 CPU s per
    1,000 requests.
 
-What is left is spread thin. `perf` on the gateway at 500 req/s (before step 7) put 58 % of its
-CPU in the Python interpreter, 20 % in the kernel (the sockets), 7 % in uvloop, 4 % in
-httptools, 2 % in OpenSSL's SHA-256 (the key check) and 1.5 % in orjson. Driven in-process in a
-closed loop (a fake client socket, the real worker over loopback), the whole request path now
-costs about 115-135 µs of CPU (150 µs before step 7), spread over some thirty Python functions;
-nothing stands out. Over a real socket at 500 req/s it costs about 260-320 µs, because every
-request wakes an idle process twice (request, then the worker's answer) into cold caches: the
-profile above charges 40 % of the samples to the two socket writes, which cost the floor relay,
-whose caches stay warm, a fraction of that. That is also why the CPU per request is higher at
-20 req/s than at 500.
+What is left is spread thin. In the full run of 2026-12-04 (the gateway on a core of its own),
+py-spy, sampling the thread that holds the GIL at 500 req/s, charged the gateway's 198 µs of
+CPU per request to modelhost's server hot path (23 %), the two socket writes (21 %), uvicorn's
+HTTP protocol (17 %), the handler (10 %), uvloop's own C code (10 %), relay, admission and
+registry (9 %), the client to the worker (8 %) and the key check (2 %); no line holds more
+than 12 % (the coalescing writer's `write`, which is the kernel's send). `perf` on the gateway
+at 500 req/s (before step 7) put 58 % of its CPU in the Python interpreter, 20 % in the kernel
+(the sockets), 7 % in uvloop, 4 % in httptools, 2 % in OpenSSL's SHA-256 and 1.5 % in orjson.
+Driven in-process in a closed loop (a fake client socket, the real worker over loopback), the
+whole request path costs about 115-135 µs of CPU (150 µs before step 7), spread over some
+thirty Python functions. Over a real socket it costs more, because every request wakes an
+idle process twice (request, then the worker's answer) into cold caches; that is also why
+the CPU per request is higher at 20 req/s than at 500.
 
 Compiling the request path with mypyc (mypy 2.4: `server.py`, `front.py`, `relay.py`,
 `upstream.py`, `asgi.py`, `auth.py`, `api/openai.py`, `api/requests.py`, `admission.py`) was
@@ -247,12 +250,12 @@ CAVEATS = """
 - **CPU seconds per 1,000 requests** is the CPU time of the gateway process (of the upstream
   for the direct arm) over a step, warm-up included, per 1,000 requests sent, read from the
   scheduler's nanosecond counters (`/proc/PID/task/*/schedstat`).
-- **This machine is slow to wake a sleeping process.** It is a small VM: a write to a socket
-  whose reader sleeps costs 70-100 µs here against about 15 µs when the reader is busy, and
-  caches are cold after every idle gap. Every Python server pays more CPU per request at low
-  rates than at high ones (compare the direct arm's CPU per 1,000 requests at the lowest and
-  the highest rate), and every hop pays a wake-up. The floor arm measures exactly that cost
-  for one more process.
+- **This machine is slow to wake a sleeping process.** It is a small VM whose idle cores
+  halt: a process woken on an idle core waits for that core to come back, and finds its
+  caches cold after every idle gap. Every Python server pays more CPU per request at low rates
+  than at high ones (compare the direct arm's CPU per 1,000 requests at the lowest and the
+  highest rate), and every hop pays a wake-up, which is why a gateway's added latency is
+  higher at 10-50 req/s than at 500. The floor arm measures that cost for one more process.
 - **The knee** is the lowest rate at which errors exceed 0.1 % or the p99 from due exceeds
   10 times the arm's own p99 at the lowest rate (and 10 ms). An arm that collapses (errors
   over 5 % or p99 over 2 s) is not asked for higher rates.
@@ -328,6 +331,11 @@ def _at(rows: dict[str, Any], rate: int) -> tuple[int, Any]:
 def _sign_test(k: int, n: int) -> float:
     """The chance of at least `k` of `n` fair coin tosses landing one way."""
     return float(sum(math.comb(n, i) for i in range(k, n + 1))) / 2.0 ** n
+
+
+def _pct_p(p: float) -> str:
+    """A probability as a percentage with two significant digits (0.024 %, 3.5 %)."""
+    return f"{p * 100:.2g} %"
 
 
 def _share(part: float, whole: float) -> str:
@@ -491,10 +499,10 @@ def _goals(overhead: dict[str, Any] | None, streaming: dict[str, Any] | None,
                 f"whatever else runs on the machine. {above} of the {len(paired)} rounds reach "
                 f"{GOAL_TOKENS:.0%}; "
                 + (f"were the true median below it, a run would show that many less than "
-                   f"{p_met:.1%} of the time (a sign test), so the goal is met."
+                   f"{_pct_p(p_met)} of the time (a sign test), so the goal is met."
                    if verdict == "met" else
                    f"were the true median at or above it, a run would show so few "
-                   f"{p_missed:.1%} of the time (a sign test): the relay is measurably slower "
+                   f"{_pct_p(p_missed)} of the time (a sign test): the relay is measurably slower "
                    f"than the direct path." if verdict.startswith("**not") else
                    "too few either way to tell a 3 % difference from this run's noise "
                    "(a sign test at 5 %); the full mode's more rounds may."))
@@ -810,9 +818,9 @@ def _profile(profile: dict[str, Any]) -> str:
     per_req = profile.get("cpu_us_per_request")
     rows = [[c["what"], _pct(c["share"]),
              f(c["share"] * per_req, 0) if per_req else "-"] for c in profile["components"]]
-    text = (f"## Where modelhost spends its time\n\npy-spy sampled the gateway "
-            f"({profile.get('sample_hz', 100)} Hz, non-blocking) for "
-            f"{profile['duration_s']:g} s while it relayed "
+    text = (f"## Where modelhost spends its time\n\npy-spy sampled the gateway's thread "
+            f"while it held the GIL ({profile.get('sample_hz', 100)} Hz, non-blocking) for "
+            f"{profile['duration_s']:g} s as it relayed "
             f"{profile['rate']} req/s ({profile['requests']:,} requests, p50 "
             f"{f(profile['latency_ms'].get('p50'))} ms, {profile['errors']} errors): "
             f"{f(per_req, 0)} µs of CPU per request. Each sample is charged to the first "
