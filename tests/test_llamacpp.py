@@ -15,8 +15,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 
 from tests.conftest import Gateway, wait_gone
 
+# A 135M model's greedy answer depends on the CPU's arithmetic (llama.cpp picks AVX2 or AVX-512
+# kernels at build time): bare, this question got "Paris" on one machine and "L'Étoile, la
+# Cité, ..." on another. A system prompt and a one-word request give "Paris" a wide margin.
 QUESTION: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "What is the capital of France?"}]
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")
