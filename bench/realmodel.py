@@ -126,26 +126,31 @@ def run_realmodel(procs: Procs, workdir: Path, plan: ModelPlan, say: Any) -> dic
             os.sched_setaffinity(0, all_cpus)
 
 
+def _worker_threads(proc: Proc) -> list[int]:
+    """The thread ids of `proc`'s descendants (its workers)."""
+    ids: list[int] = []
+    for child in proc.tree()[1:]:
+        with contextlib.suppress(OSError, psutil.Error):
+            ids += [thread.id for thread in child.threads()]
+    return ids
+
+
 def _pin_descendants(proc: Proc, cpus: set[int]) -> int:
     """Move every thread of `proc`'s descendants (its workers) to `cpus`; how many."""
     moved = 0
-    for child in proc.tree()[1:]:
-        with contextlib.suppress(OSError, psutil.Error):
-            for thread in child.threads():
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(thread.id, cpus)
-                    moved += 1
+    for tid in _worker_threads(proc):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cpus)
+            moved += 1
     return moved
 
 
-def _cores(processes: list[psutil.Process]) -> list[int]:
-    """Every core any thread of `processes` may run on."""
+def _worker_cores(proc: Proc) -> list[int]:
+    """Every core any thread of `proc`'s descendants may run on."""
     cores: set[int] = set()
-    for child in processes:
-        with contextlib.suppress(OSError, psutil.Error):
-            for thread in child.threads():
-                with contextlib.suppress(OSError):
-                    cores |= os.sched_getaffinity(thread.id)
+    for tid in _worker_threads(proc):
+        with contextlib.suppress(OSError):
+            cores |= os.sched_getaffinity(tid)
     return sorted(cores)
 
 
@@ -177,7 +182,7 @@ def _run(procs: Procs, workdir: Path, plan: ModelPlan, say: Any, pin: bool,
     out["direct_command"] = argv[1:]
     # Where each process runs, read back from the kernel (not what was asked).
     out["cores_seen"] = {"gateway + client": sorted(os.sched_getaffinity(0)),
-                         "gateway's llama.cpp worker": _cores(gw.proc.tree()[1:]),
+                         "gateway's llama.cpp worker": _worker_cores(gw.proc),
                          "llama.cpp worker started by hand": direct_proc.cpus()}
 
     # One unrecorded generation each: llama.cpp caches the prompt after the first one.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots, profiling
-from .report_fmt import f, pct, table
+from .report_fmt import cores, f, pct, table
 from .report_model import model_section, profile_section
 from .report_text import ARMS, CAVEATS, HEADER, HISTORY
 
@@ -99,12 +99,10 @@ def _machine(machine: dict[str, Any], part: dict[str, Any] | None,
     lit = f"litellm {litellm['version']}" if litellm.get("available") else \
         f"LiteLLM arm missing: {litellm.get('reason', 'not run')}"
     pin = machine.get("pinning")
-    pinning = ", ".join(f"{k} on core(s) {','.join(map(str, v))}" for k, v in pin.items()) \
-        if pin else "none (fewer than 2 cores)"
+    pinning = cores(pin) if pin else "none (fewer than 2 cores)"
     seen = machine.get("cores_seen")
     if seen:
-        pinning += "; read back from the kernel: " + ", ".join(
-            f"{k} {','.join(map(str, v))}" for k, v in seen.items())
+        pinning += "; read back from the kernel: " + cores(seen)
     rows = [
         ["run", f"{machine.get('date')}, {machine.get('mode')} mode, "
                 f"{f(machine.get('seconds'), 0)} s"],

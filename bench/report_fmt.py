@@ -22,3 +22,8 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def cores(where: dict[str, list[int]]) -> str:
+    """`{"upstream": [0], ...}` as "upstream on core(s) 0, ..."."""
+    return ", ".join(f"{k} on core(s) {','.join(map(str, v))}" for k, v in where.items())

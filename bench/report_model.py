@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .report_fmt import f, pct, table
+from .report_fmt import cores, f, pct, table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,8 +121,7 @@ def _model_pinning(model: dict[str, Any]) -> str:
             "relay never competes with the engine for its core.")
     seen = model.get("cores_seen")
     if seen:
-        text += " Read back from the kernel: " + ", ".join(
-            f"{k} on core(s) {','.join(map(str, v))}" for k, v in seen.items()) + "."
+        text += " Read back from the kernel: " + cores(seen) + "."
     return text
 
 
