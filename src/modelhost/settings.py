@@ -75,6 +75,65 @@ class Settings(BaseSettings):
     # Seconds between SIGTERM and SIGKILL when a worker is stopped.
     stop_timeout: float = Field(15.0, gt=0, validation_alias=_env("STOP_TIMEOUT"))
 
+    # ---------------------------------------------------------------- security (docs/security.md)
+    # Comma-separated admin keys: the admin API (and /metrics when protected) needs one; an
+    # inference key (OPENAI_API_KEYS) gets 403 there. An admin key also calls /v1.
+    admin_keys: str = Field("", validation_alias=_env("ADMIN_KEYS"))
+    # Serve with no key at all on a non-loopback address (refused otherwise).
+    insecure_no_auth: bool = Field(False, validation_alias=_env("INSECURE_NO_AUTH"))
+    # Host names (comma-separated; "*" for any, ".example.com" for a domain and its
+    # subdomains) accepted in the Host header, on top of the loopback names and the address
+    # the server binds. Anything else is refused (DNS rebinding).
+    allowed_hosts: str = Field("", validation_alias=_env("ALLOWED_HOSTS"))
+    # Browser origins (comma-separated, e.g. https://app.example.com) allowed to call the API
+    # (CORS). Empty: CORS is off and a foreign Origin is refused on state-changing routes.
+    cors_origins: str = Field("", validation_alias=_env("CORS_ORIGINS"))
+    # Let the admin API set what runs code on the host (`command`, `python`, `env`, a local
+    # `source.path`, `trust_remote_code`); by default only the models file may.
+    admin_allow_code: bool = Field(False, validation_alias=_env("ADMIN_ALLOW_CODE"))
+    # Networks or host names (comma-separated) that `remote` URLs given through the admin API
+    # may reach even though they are loopback, link-local or private (refused by default).
+    remote_allow: str = Field("", validation_alias=_env("REMOTE_ALLOW"))
+
+    # ---------------------------------------------------------------- limits and deadlines
+    # Largest non-streamed answer relayed from a worker; past it the client gets a 502.
+    max_answer_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, validation_alias=_env("MAX_ANSWER_BYTES")
+    )
+    # Overall deadline of a non-streamed request once admitted (waiting for a load excluded:
+    # LOAD_WAIT_TIMEOUT bounds that); 504 past it.
+    request_timeout: float = Field(900.0, gt=0, validation_alias=_env("REQUEST_TIMEOUT"))
+    # A stream (or any answer) with no byte from the worker for this long is ended.
+    idle_timeout: float = Field(600.0, gt=0, validation_alias=_env("IDLE_TIMEOUT"))
+    # A client that reads nothing of its answer for this long is disconnected (stalled reader).
+    write_timeout: float = Field(60.0, gt=0, validation_alias=_env("WRITE_TIMEOUT"))
+    # Seconds a client may take to send a request's headers, and at most between two pieces
+    # of its body; past either the connection is closed (408 when nothing was answered yet).
+    header_timeout: float = Field(30.0, gt=0, validation_alias=_env("HEADER_TIMEOUT"))
+    body_timeout: float = Field(60.0, gt=0, validation_alias=_env("BODY_TIMEOUT"))
+    # Open client connections at most; past it new connections are answered 503 and closed.
+    max_connections: int = Field(4096, gt=0, validation_alias=_env("MAX_CONNECTIONS"))
+    # Largest JSON body on the admin API.
+    max_admin_body_bytes: int = Field(
+        1024 * 1024, gt=0, validation_alias=_env("MAX_ADMIN_BODY_BYTES")
+    )
+    # Multipart uploads: parts at most, and bytes of headers per part.
+    max_multipart_parts: int = Field(64, gt=0, validation_alias=_env("MAX_MULTIPART_PARTS"))
+    max_part_header_bytes: int = Field(
+        16 * 1024, gt=0, validation_alias=_env("MAX_PART_HEADER_BYTES")
+    )
+    # Longest audio accepted by the speech and diarization workers (checked before decoding).
+    max_audio_seconds: float = Field(
+        4 * 3600.0, gt=0, validation_alias=_env("MAX_AUDIO_SECONDS")
+    )
+    # On SIGTERM: how long requests in flight (streams included) may take to finish.
+    drain_timeout: float = Field(30.0, ge=0, validation_alias=_env("DRAIN_TIMEOUT"))
+    # A worker's log file rotates past this size, keeping this many old files.
+    worker_log_bytes: int = Field(
+        10 * 1024 * 1024, gt=0, validation_alias=_env("WORKER_LOG_BYTES")
+    )
+    worker_log_backups: int = Field(3, ge=0, validation_alias=_env("WORKER_LOG_BACKUPS"))
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -96,7 +155,23 @@ class Settings(BaseSettings):
 
     @property
     def api_keys(self) -> list[str]:
-        return [key.strip() for key in self.openai_api_keys.split(",") if key.strip()]
+        return _split(self.openai_api_keys)
+
+    @property
+    def admin_api_keys(self) -> list[str]:
+        return _split(self.admin_keys)
+
+    @property
+    def allowed_host_names(self) -> list[str]:
+        return [h.lower() for h in _split(self.allowed_hosts)]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.rstrip("/") for o in _split(self.cors_origins)]
+
+    @property
+    def remote_allow_list(self) -> list[str]:
+        return _split(self.remote_allow)
 
     @property
     def database(self) -> str:
@@ -105,3 +180,7 @@ class Settings(BaseSettings):
     @property
     def logs_path(self) -> Path:
         return self.log_dir if self.log_dir is not None else self.data_dir / "logs"
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
