@@ -94,7 +94,9 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     hub = HubService(Downloader(settings.model_cache_dir, hf_token), persistence, events)
     ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
                          stop_timeout=settings.stop_timeout, hf_token=hf_token,
-                         download=hub.download)
+                         download=hub.download, max_audio_seconds=settings.max_audio_seconds,
+                         worker_log_bytes=settings.worker_log_bytes,
+                         worker_log_backups=settings.worker_log_backups)
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
 
     def publish_state(rt: ModelRuntime, previous: State) -> None:
@@ -103,9 +105,13 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
 
     registry.add_listener(publish_state)
     gateway = Gateway(registry, events, persistence, hub, settings)
-    relay = Relay(settings.load_wait_timeout)
+    relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
+                  request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+                  write_timeout=settings.write_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
-    audio = AudioRoutes(registry, relay, settings.max_upload_bytes)
+    audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
+                        max_parts=settings.max_multipart_parts,
+                        max_part_header_bytes=settings.max_part_header_bytes)
     guard = KeyGuard(settings.api_keys)
 
     @asynccontextmanager
@@ -130,4 +136,4 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         lifespan=lifespan,
     )
     app.include_router(admin_router(gateway))
-    return Front(app, guard, openai.relay_endpoints)
+    return Front(app, guard, openai.relay_endpoints, settings)

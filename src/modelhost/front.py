@@ -24,16 +24,27 @@ from modelhost.asgi import Answer, error_answer, too_large
 from modelhost.auth import KeyGuard
 from modelhost.relay import RelayStream
 from modelhost.server import HotCycle, raise_in_step
+from modelhost.settings import Settings
 
 
 class Front:
-    def __init__(self, app: FastAPI, guard: KeyGuard, routes: Mapping[str, RelayEndpoint]
-                 ) -> None:
+    def __init__(self, app: FastAPI, guard: KeyGuard, routes: Mapping[str, RelayEndpoint],
+                 settings: Settings | None = None) -> None:
         self.app = app
         self.guard = guard
+        self.settings = settings
+        # Set by the server on SIGTERM: new requests get 503, /ready too (graceful stop).
+        self.draining = False
         self.routes: dict[str, ASGIApp] = dict(routes)
         self.hot_routes = {path.encode("ascii"): HotRelay(guard, endpoint)
                            for path, endpoint in routes.items()}
+
+    def gate(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+             ) -> Answer | None:
+        """The refusal of a request judged on its head alone (wrong Host, foreign Origin,
+        missing or wrong key for the route, draining), or None to go on. The server calls it
+        when a request's headers are complete, before reading or asking for its body."""
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

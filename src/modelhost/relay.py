@@ -40,8 +40,14 @@ STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")
 
 
 class Relay:
-    def __init__(self, load_wait_timeout: float) -> None:
+    def __init__(self, load_wait_timeout: float, max_answer_bytes: int = 64 * 1024 * 1024,
+                 request_timeout: float = 900.0, idle_timeout: float = 600.0,
+                 write_timeout: float = 60.0) -> None:
         self.load_wait_timeout = load_wait_timeout
+        self.max_answer_bytes = max_answer_bytes
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         self.client = UpstreamClient()
 
     async def close(self) -> None:

@@ -24,10 +24,13 @@ RESPONSE_FORMATS = {"json", "text", "srt", "vtt", "verbose_json"}
 
 class AudioRoutes:
     def __init__(self, registry: Registry, relay: Relay, max_upload_bytes: int,
-                 spool_dir: Path | None = None) -> None:
+                 spool_dir: Path | None = None, max_parts: int = 64,
+                 max_part_header_bytes: int = 16 * 1024) -> None:
         self.registry = registry
         self.relay = relay
         self.max_upload_bytes = max_upload_bytes
+        self.max_parts = max_parts
+        self.max_part_header_bytes = max_part_header_bytes
         self.spool_dir = spool_dir
 
     def routes(self) -> list[Route]:

@@ -67,6 +67,11 @@ class RuntimeContext:
     hf_token: Callable[[], str | None] = lambda: None
     # Chooses the GPUs of a worker about to start (default: pinned, override or first N).
     place: PlaceFn | None = None
+    # Longest audio a speech or diarization worker accepts (settings.max_audio_seconds).
+    max_audio_seconds: float = 4 * 3600.0
+    # Worker log rotation (settings.worker_log_bytes, settings.worker_log_backups).
+    worker_log_bytes: int = 10 * 1024 * 1024
+    worker_log_backups: int = 3
 
 
 Listener = Callable[["ModelRuntime", State], None]
@@ -334,11 +339,14 @@ class ModelRuntime:
             return spec.source.url
         self.gpus = await (self.ctx.place or _default_place)(self)
         port = free_port(LOOPBACK)
-        plan = launch_plan(spec, self.weights, LOOPBACK, port, self.gpus, self.ctx.hf_token())
+        plan = launch_plan(spec, self.weights, LOOPBACK, port, self.gpus, self.ctx.hf_token(),
+                           max_audio_seconds=self.ctx.max_audio_seconds)
         plan.env.update(spec.env)
         safe = spec.id.replace("/", "__").replace(":", "_")
         worker = WorkerProcess(spec.id, plan, LOOPBACK, port,
-                               self.ctx.log_dir / "workers" / f"{safe}.log", self.ctx.stop_timeout)
+                               self.ctx.log_dir / "workers" / f"{safe}.log", self.ctx.stop_timeout,
+                               log_bytes=self.ctx.worker_log_bytes,
+                               log_backups=self.ctx.worker_log_backups)
         self.worker = worker
         await worker.start()
         try:

@@ -12,7 +12,8 @@ from modelhost.workers.process import BackendConfigError, LaunchPlan
 
 
 def launch_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
-                gpus: list[int], hf_token: str | None = None) -> LaunchPlan:
+                gpus: list[int], hf_token: str | None = None,
+                max_audio_seconds: float | None = None) -> LaunchPlan:
     plan = _backend_plan(spec, weights, host, port, gpus, hf_token)
     # GPU indices are NVML's (PCI bus order); CUDA must number them the same way.
     plan.env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")

@@ -79,7 +79,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class WorkerProcess:
     def __init__(self, name: str, plan: LaunchPlan, host: str, port: int,
-                 log_file: Path | None, stop_timeout: float) -> None:
+                 log_file: Path | None, stop_timeout: float,
+                 log_bytes: int = LOG_FILE_BYTES, log_backups: int = 3) -> None:
         self.name = name
         self.plan = plan
         self.host = host
@@ -87,6 +88,8 @@ class WorkerProcess:
         self.base_url = f"http://{host}:{port}"
         self.log_file = log_file
         self.stop_timeout = stop_timeout
+        self.log_bytes = log_bytes
+        self.log_backups = log_backups
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self.started_at = 0.0
         self._proc: asyncio.subprocess.Process | None = None
