@@ -7,12 +7,15 @@ Every error a client sees has the OpenAI shape::
     ModelhostError                  500 server_error
     ├── InvalidRequest              400 invalid_request_error (malformed JSON, bad fields)
     ├── Unauthorized                401 authentication_error
+    ├── Forbidden                   403 permission_error (wrong role, foreign Origin)
     ├── NotFound                    404 invalid_request_error
     │   └── ModelNotFound           404 code=model_not_found
     ├── RequestTooLarge             413 invalid_request_error
+    ├── MisdirectedRequest          421 invalid_request_error (Host not allowed)
     ├── Overloaded                  429 rate_limit_error, Retry-After
     ├── UpstreamError               502 upstream_error: the worker failed, not the gateway
-    └── ModelNotReady               503 service_unavailable, Retry-After
+    ├── ModelNotReady               503 service_unavailable, Retry-After
+    └── ServiceUnavailable          503 service_unavailable, Retry-After (the gateway stops)
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ class Unauthorized(ModelhostError):
     code = "invalid_api_key"
 
 
+class Forbidden(ModelhostError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(ModelhostError):
     status = 404
     type = "invalid_request_error"
@@ -74,6 +83,12 @@ class RequestTooLarge(ModelhostError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class MisdirectedRequest(ModelhostError):
+    status = 421
+    type = "invalid_request_error"
+    code = "host_not_allowed"
 
 
 class Overloaded(ModelhostError):
@@ -92,6 +107,12 @@ class ModelNotReady(ModelhostError):
     status = 503
     type = "service_unavailable"
     code = "model_not_ready"
+
+
+class ServiceUnavailable(ModelhostError):
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
 
 
 def error_body(
