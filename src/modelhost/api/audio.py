@@ -1,4 +1,8 @@
-"""The OpenAI audio routes: transcriptions and translations, relayed to speech workers."""
+"""The OpenAI audio routes: transcriptions and translations, relayed to speech workers.
+
+Uploads are bounded (uploads.py: body size, parts, header bytes per part; 413 past any) and
+parsed off the event loop; the audio's duration is bounded by the workers themselves
+(`--max-audio-seconds`, settings.max_audio_seconds), whose 413 the relay passes on."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from modelhost.api.uploads import Upload, extract_file, spool_multipart
+from modelhost.api.uploads import Upload, extract_file_async, spool_multipart
 from modelhost.catalog import DEFAULT_DIARIZATION_MODEL
 from modelhost.config import ModelSpec, Task
 from modelhost.diarize import assign_speakers
@@ -50,7 +54,8 @@ class AudioRoutes:
         return await self._relay(request, "/audio/diarization", Task.diarization)
 
     async def _relay(self, request: Request, path: str, task: Task) -> ASGIApp:
-        upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir)
+        upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir,
+                                       self.max_parts, self.max_part_header_bytes)
         try:
             spec = self._check(upload, task)
             if task is Task.transcription and _true(upload.get("diarize")):
@@ -74,7 +79,7 @@ class AudioRoutes:
         if diarizer.task is not Task.diarization:
             raise InvalidRequest(f"model '{diarizer.id}' is not a diarization model",
                                  param="diarization_model")
-        audio = extract_file(upload)
+        audio = await extract_file_async(upload)  # reads the whole spool: off the loop
         filename = upload.filenames.get("file") or "audio"
         try:
             transcript_form = _form(audio, filename, upload, ("model", "language", "prompt",
