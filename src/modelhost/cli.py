@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -41,29 +43,69 @@ def cli(ctx: click.Context) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Models file (YAML) [env MODELHOST_CONFIG].")
 @click.option("--log-level", help="critical, error, warning, info, debug, trace [env LOG_LEVEL].")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Serve on a non-loopback address with no key configured (refused "
+              "otherwise) [env MODELHOST_INSECURE_NO_AUTH].")
 def serve(host: str | None = None, port: int | None = None, config_file: Path | None = None,
-          log_level: str | None = None) -> None:
-    """Serve the OpenAI-compatible API (the default command)."""
+          log_level: str | None = None, insecure_no_auth: bool = False) -> None:
+    """Serve the OpenAI-compatible API (the default command).
+
+    SIGTERM or SIGINT starts a graceful stop: new requests get 503, those in flight
+    (streams included) may finish for MODELHOST_DRAIN_TIMEOUT seconds, then the workers are
+    stopped. A second signal stops at once.
+    """
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from modelhost.app import build_app
     from modelhost.catalog import Catalog
     from modelhost.logs import setup_logging
-    from modelhost.server import GatewayProtocol
+    from modelhost.server import GatewayProtocol, GatewayServer
 
     settings = _settings(api_host=host, api_port=port, config_file=config_file,
-                         log_level=log_level)
+                         log_level=log_level, insecure_no_auth=insecure_no_auth or None)
+    _refuse_exposed_without_keys(settings)
     setup_logging(settings.log_level, settings.logs_path)
     try:
         catalog = Catalog.from_file(settings.config_file)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     app = build_app(settings, catalog)
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, http=GatewayProtocol,
-                log_level=settings.log_level, log_config=None, access_log=settings.access_log,
-                timeout_graceful_shutdown=int(settings.stop_timeout) + 5,
-                proxy_headers=bool(settings.forwarded_allow_ips),
-                forwarded_allow_ips=settings.forwarded_allow_ips or None, server_header=False)
+    config = uvicorn.Config(
+        app, host=settings.api_host, port=settings.api_port, http=GatewayProtocol,
+        log_level=settings.log_level, log_config=None, access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.stop_timeout) + 5,
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None, server_header=False)
+    server = GatewayServer(config, drain_timeout=settings.drain_timeout)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, raised again once stopped
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    name = host.strip().lower().strip("[]").rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_exposed_without_keys(settings: Settings) -> None:
+    """No key at all is a single-user development server: loopback only, unless told."""
+    if (settings.api_keys or settings.admin_api_keys or settings.insecure_no_auth
+            or is_loopback(settings.api_host)):
+        return
+    raise click.ClickException(
+        f"refusing to serve on {settings.api_host} with no key configured: anyone who can "
+        "reach this address could use and change every model, and run what a models file "
+        "may run. Set OPENAI_API_KEYS (inference keys) and MODELHOST_ADMIN_KEYS (admin "
+        "keys), or listen on a loopback address (--host 127.0.0.1), or pass "
+        "--insecure-no-auth (MODELHOST_INSECURE_NO_AUTH=1) to serve without keys anyway.")
 
 
 @cli.group()
