@@ -13,6 +13,8 @@ from tests.conftest import GatewayFactory, fake_model, started_pids, wait_for, w
 
 KEY = "sk-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# The fake worker is a `command` model: the admin API takes it only when the operator says so.
+ALLOW_CODE = {"MODELHOST_ADMIN_ALLOW_CODE": "true"}
 
 
 def admin(gw_url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -21,14 +23,14 @@ def admin(gw_url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
 
 
 def test_admin_routes_need_the_key(gateway_factory: GatewayFactory) -> None:
-    gw = gateway_factory([fake_model("fake")], env={"OPENAI_API_KEYS": KEY})
+    gw = gateway_factory([fake_model("fake")], env={"MODELHOST_ADMIN_KEYS": KEY})
     assert httpx.get(gw.url + "/api/admin/models").status_code == 401
     assert admin(gw.url, "GET", "/models").status_code == 200
 
 
 def test_load_and_unload(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     events = tmp_path / "ev"
-    gw = gateway_factory([fake_model("fake", events)], env={"OPENAI_API_KEYS": KEY})
+    gw = gateway_factory([fake_model("fake", events)], env={"MODELHOST_ADMIN_KEYS": KEY})
     card = admin(gw.url, "POST", "/models/fake/load").json()
     assert card["state"] == "ready"
     assert card["worker"]["pid"] > 0
@@ -42,7 +44,7 @@ def test_load_and_unload(gateway_factory: GatewayFactory, tmp_path: Path) -> Non
 
 
 def test_pinned_gpus_on_a_cpu_machine_is_a_clear_error(gateway_factory: GatewayFactory) -> None:
-    gw = gateway_factory([fake_model("fake")], env={"OPENAI_API_KEYS": KEY})
+    gw = gateway_factory([fake_model("fake")], env={"MODELHOST_ADMIN_KEYS": KEY})
     resp = admin(gw.url, "POST", "/models/fake/load", json={"gpu_device_ids": [1, 2]})
     assert resp.status_code == 409, resp.text
     message = resp.json()["error"]["message"]
@@ -58,7 +60,7 @@ def test_unknown_model_is_404(gateway_factory: GatewayFactory) -> None:
 
 def test_put_validates_persists_and_serves(gateway_factory: GatewayFactory,
                                            tmp_path: Path) -> None:
-    gw = gateway_factory([fake_model("fake")])
+    gw = gateway_factory([fake_model("fake")], env=ALLOW_CODE)
     bad = httpx.put(gw.url + "/api/admin/models/new", json={"backend": "command"})
     assert bad.status_code == 400
     assert "command" in bad.json()["error"]["message"]
@@ -117,7 +119,7 @@ def test_state_survives_kill_9(gateway_factory: GatewayFactory, tmp_path: Path) 
     data = str(tmp_path / "shared-data")
     events = tmp_path / "ev"
     models = [fake_model("declared", events), fake_model("idle")]
-    gw = gateway_factory(models, env={"MODELHOST_DATA_DIR": data})
+    gw = gateway_factory(models, env={"MODELHOST_DATA_DIR": data, **ALLOW_CODE})
     added = fake_model("added", tmp_path / "ev-added", aliases=["a"])
     assert httpx.put(gw.url + "/api/admin/models/added", json=added).status_code == 200
     assert httpx.post(gw.url + "/api/admin/models/declared/load", timeout=30).json()[

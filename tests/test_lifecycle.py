@@ -86,11 +86,14 @@ def test_worker_that_cannot_start_fails_with_its_reason(gateway_factory: Gateway
     assert resp.status_code == 502
     error = resp.json()["error"]
     assert error["code"] == "model_failed"
-    assert "exited with status 3" in error["message"]
-    assert "exiting at start as asked" in error["message"]  # the worker's own output
-    card = gw.model("broken")
+    # The reason is for operators: the inference client is pointed at the admin API.
+    assert "exited" not in error["message"] and "exiting" not in error["message"]
+    assert "/api/admin/models/broken" in error["message"]
+    assert gw.model("broken")["last_error"] == "failed"
+    card = httpx.get(gw.url + "/api/admin/models/broken", timeout=5).json()
     assert card["state"] == "failed"
     assert "exited with status 3" in card["last_error"]
+    assert "exiting at start as asked" in card["last_error"]  # the worker's own output
     # While failed, requests fail fast with Retry-After instead of restarting each time.
     resp = chat(gw.url, model="broken")
     assert resp.status_code == 502
@@ -116,7 +119,8 @@ def test_crash_loop_ends_in_failed(gateway_factory: GatewayFactory, tmp_path: Pa
         if crash < 2:  # restarted after a backoff, ready again
             assert wait_for(lambda p=pid: started_pids(events)[-1] != p, timeout=15)
             gw.wait_state("fake", "ready", timeout=15)
-    card = gw.wait_state("fake", "failed", timeout=15)
+    gw.wait_state("fake", "failed", timeout=15)
+    card = httpx.get(gw.url + "/api/admin/models/fake", timeout=5).json()
     assert "gave up after 2 restart(s)" in card["last_error"]
 
 

@@ -11,6 +11,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -24,7 +25,25 @@ from pydantic import (
     model_validator,
 )
 
-MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+# Matched with fullmatch (never `match` with `$`, which accepts a trailing newline).
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+
+
+def cache_relative(value: str, what: str) -> str:
+    """A revision or file pattern that stays inside the model cache folder: no `..` segment,
+    no absolute path, no backslash, no NUL or other control character."""
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError(f"{what} must not contain control characters")
+    if "\\" in value:
+        raise ValueError(f"{what} must not contain a backslash")
+    if value.startswith(("/", "~")):
+        raise ValueError(f"{what} must be relative to the repository, not an absolute path")
+    if ".." in value.split("/"):
+        raise ValueError(f"{what} must not contain a '..' segment")
+    return value
 
 
 class Task(StrEnum):
@@ -61,8 +80,24 @@ class HubSource(_Strict):
     @field_validator("hf")
     @classmethod
     def _repo_id(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value):
+        if not REPO_ID.fullmatch(value) or ".." in value:
             raise ValueError("must look like 'organisation/repository'")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        # A git ref never contains '..' anywhere; refs/<revision> is a path in the cache.
+        cache_relative(value, "revision")
+        if ".." in value or value.endswith("/"):
+            raise ValueError("revision must be a branch, tag or commit (no '..')")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            cache_relative(pattern, "a file pattern")
         return value
 
 
@@ -91,8 +126,20 @@ class UrlSource(_Strict):
     @field_validator("url")
     @classmethod
     def _http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/]+", value):
+        # Parsed as the relay parses it (urllib's urlsplit), so that what is checked is what
+        # is connected to: no control character or space, no fragment, a host, a valid port.
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value) or \
+                any(ord(c) < 0x20 or c == "\x7f" for c in value):
             raise ValueError("must be an http:// or https:// URL")
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError("must be an http:// or https:// URL with a valid port") from None
+        if not parts.hostname or parts.fragment or "#" in value or \
+                (port is not None and not 0 < port < 65536):
+            raise ValueError("must be an http:// or https:// URL with a host (and no "
+                             "fragment)")
         return value.rstrip("/")
 
 
@@ -174,7 +221,7 @@ class ModelSpec(_Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not MODEL_ID.match(value):
+        if not MODEL_ID.fullmatch(value):
             raise ValueError(
                 "must be 1-128 characters: letters, digits and . _ : / - "
                 "(starting with a letter or digit)"

@@ -77,15 +77,16 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # public, not
     filter_repo_objects,
 )
 
-from modelhost.config import HubSource
+from modelhost.config import HubSource, cache_relative
 from modelhost.hubtoken import mask
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # always fullmatch (`match` with `$` takes a "\n")
+REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 PROGRESS_INTERVAL = 0.25  # seconds between progress events: at most 4 per second per job
 RATE_TIME_CONSTANT = 3.0  # seconds; smooths the rate so the ETA does not jump around
 TREE_FORMAT = 1  # huggingface_hub's trees/<commit>.json format_version
@@ -222,6 +223,13 @@ class RemoteFile:
     sha256: str | None = None  # LFS files only
     xet_hash: str | None = None
 
+    def __post_init__(self) -> None:
+        # Names that come from the hub (or a listing file) become paths in the cache: a
+        # file's path must stay inside the snapshot, its etag must be a hash.
+        cache_relative(self.path, f"file path {self.path!r} listed by the hub")
+        if not ETAG.fullmatch(self.etag):
+            raise ValueError(f"the hub listed {self.path!r} with an invalid hash")
+
     @property
     def etag(self) -> str:
         """The name of its blob in the cache: what the Hub sends as (X-Linked-)ETag."""
@@ -249,13 +257,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _local_commit(storage: Path, revision: str) -> str | None:
     """The commit a revision stands for in the cache: itself, or what its ref says."""
-    if COMMIT.match(revision):
+    if COMMIT.fullmatch(revision):
         return revision
     try:
         commit = (storage / "refs" / revision).read_text().strip()
     except (OSError, ValueError):
         return None
-    return commit if COMMIT.match(commit) else None
+    return commit if COMMIT.fullmatch(commit) else None
 
 
 def read_listing(storage: Path, commit: str) -> dict[str, RemoteFile] | None:
@@ -448,7 +456,7 @@ def delete_from_cache(cache_dir: Path, repo: str, revision: str | None = None) -
     A revision's blobs are deleted only when no remaining revision links to them; partial
     downloads are kept while a remaining revision lists them (they still resume).
     """
-    if not REPO.match(repo) or ".." in repo:
+    if not REPO.fullmatch(repo) or ".." in repo:
         raise ValueError(f"not a repository id: {repo!r}")
     storage = repo_folder(cache_dir, repo)
     if not storage.is_dir():
@@ -671,12 +679,15 @@ class _Fetcher:
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="modelhost")
         storage = repo_folder(self.cache_dir, source.hf)
         commit = source.revision
-        if not COMMIT.match(commit):
+        if not COMMIT.fullmatch(commit):
             info = api.model_info(source.hf, revision=source.revision)
             if not info.sha:
                 raise DownloadError(f"the hub did not say which commit {source.revision} of "
                                     f"{source.hf} is", ErrorKind.hub)
             commit = info.sha
+            if not COMMIT.fullmatch(commit):
+                raise DownloadError(f"the hub named an invalid commit for {source.revision} "
+                                    f"of {source.hf}", ErrorKind.hub)
         listing = read_listing(storage, commit)
         if listing is None:
             listing = {f.path: RemoteFile(f.path, f.size, f.blob_id,

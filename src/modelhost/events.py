@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 QUEUE_SIZE = 256
@@ -16,8 +16,15 @@ QUEUE_SIZE = 256
 class EventBus:
     def __init__(self) -> None:
         self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
+        # Applied to every event's data before it is fanned out: the gateway sets it to remove
+        # secrets (URL credentials, keys, env values) from errors and worker output.
+        self.scrub: Callable[[Any], Any] | None = None
 
     def publish(self, kind: str, **data: Any) -> None:
+        if not self._queues:
+            return
+        if self.scrub is not None:
+            data = self.scrub(data)
         event = {"type": kind, "time": time.time(), **data}
         for queue in self._queues:
             if queue.full():

@@ -2,6 +2,11 @@
 
 Every operation goes through a model's owner (`ModelRuntime.want`), so an admin load, an
 idle unload and a request can never race each other.
+
+What the admin API may set is `admin_policy`'s (code on the host, remote URLs); secrets are
+redacted in every answer, event and log line (`redaction`); a spec change (PUT, DELETE) is
+answered only once it is committed to the state database, and changes nothing when that
+write fails (503, `state_not_saved`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from modelhost.admin_policy import RemotePolicy, check_code, remote_url
 from modelhost.catalog import Catalog
 from modelhost.config import HubSource, ModelSpec
 from modelhost.downloads import DownloadError
 from modelhost.errors import InvalidRequest, ModelhostError, ModelNotReady, NotFound
 from modelhost.events import EventBus
 from modelhost.hub import HubService
-from modelhost.hubtoken import TokenError, delete_token, token_info, write_token
-from modelhost.persistence import Persistence, spec_json
+from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
+from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
+from modelhost.redaction import Scrubber, ScrubFilter, redact_spec
+from modelhost.redaction import spec_secrets as secret_values
 from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime, Target
@@ -31,13 +39,15 @@ from modelhost.settings import Settings
 
 log = logging.getLogger(__name__)
 
+SECRETS_FILE = "secrets.json"
 
-def _redact(spec: dict[str, Any]) -> dict[str, Any]:
-    """A spec as shown to operators: a remote server's key is never returned."""
-    source = spec.get("source")
-    if isinstance(source, dict) and source.get("api_key"):
-        spec = {**spec, "source": {**source, "api_key": "***"}}
-    return spec
+
+class NotSaved(ModelhostError):
+    """The state database (or the secrets file) could not record a change: nothing changed."""
+
+    status = 503
+    type = "server_error"
+    code = "state_not_saved"
 
 
 class Conflict(ModelhostError):
@@ -59,11 +69,37 @@ class Gateway:
         self.started = time.time()
         self.api_models: set[str] = set()
         self.closing = False
+        if persistence.secrets is None:
+            persistence.secrets = SecretFile(settings.data_dir / SECRETS_FILE)
+        self.remote_policy = RemotePolicy.parse(settings.remote_allow_list)
+        self.scrub = Scrubber()
+        self._log_filter = ScrubFilter(self.scrub)
+        events.scrub = self.scrub.value
+        # Spec changes one at a time: each is checked, committed, then applied.
+        self._changes = asyncio.Lock()
+        # Remote models added through the API are checked again at every load.
+        registry.ctx = dataclasses.replace(registry.ctx, remote_policy=self._remote_policy)
         registry.add_listener(self._remember_desired)
+
+    def _remote_policy(self, spec: ModelSpec) -> RemotePolicy | None:
+        return self.remote_policy if spec.id in self.api_models else None
+
+    def _refresh_secrets(self) -> None:
+        """The values the scrubber removes from text: every spec's secrets, the keys."""
+        values = [v for spec in self.catalog.models for v in secret_values(spec_dict(spec))]
+        values += self.settings.api_keys + self.settings.admin_api_keys
+        with contextlib.suppress(Exception):
+            token = resolve_token(self.settings.huggingface_token,
+                                  self.settings.model_cache_dir)
+            if token:
+                values.append(token)
+        self.scrub.set(values)
 
     async def start(self) -> None:
         """Open the state database, record the declared specs, restore the models added
         through the API, start the registry, then load what was loaded before."""
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._log_filter)
         p = self.persistence
         await p.open()
         await p.record_specs(list(self.catalog.models), actor="config-file", source="file")
@@ -75,6 +111,7 @@ class Gateway:
                           "skipped: %s", spec.id, exc)
                 continue
             self.api_models.add(spec.id)
+        self._refresh_secrets()
         self.registry.rebuild()
         await self.registry.start()
         desired = await p.now(lambda store: store.desired_states())
@@ -95,6 +132,8 @@ class Gateway:
         await self.hub.downloader.close()  # partial files stay; the next start resumes them
         await self.registry.close()
         await self.persistence.close()
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._log_filter)
 
     def _remember_desired(self, rt: ModelRuntime, previous: State) -> None:
         if self.persistence.store is None or self.closing:
@@ -116,7 +155,8 @@ class Gateway:
                            code="model_not_found")
         return [{"version": r.version, "action": r.action, "actor": r.actor,
                  "created_at": r.created_at.isoformat(),
-                 "spec": _redact(json.loads(r.spec_json)) if r.spec_json else None}
+                 "spec": self.scrub.value(redact_spec(json.loads(r.spec_json)))
+                 if r.spec_json else None}
                 for r in rows]
 
     def gpus(self) -> dict[str, Any]:
@@ -157,18 +197,18 @@ class Gateway:
             "aliases": rt.spec.aliases,
             "gpus": rt.gpus,
             "gpu_override": rt.gpu_override,
-            "last_error": rt.last_error,
+            "last_error": self.scrub(rt.last_error) if rt.last_error else None,
             "restarts": rt.restarts,
             "active_requests": admission.active,
             "queued_requests": admission.waiting,
             "idle_seconds": round(time.monotonic() - rt.last_used, 1),
-            "download": rt.download_progress,
+            "download": self.scrub.value(rt.download_progress),
             "usage": rt.usage,
             "worker": None if worker is None else {
                 "pid": worker.pid, "port": worker.port,
                 "uptime_seconds": round(time.monotonic() - worker.started_at, 1),
             },
-            "spec": _redact(rt.spec.model_dump(mode="json", exclude_defaults=True)),
+            "spec": redact_spec(spec_dict(rt.spec)),
         }
 
     def cards(self) -> list[dict[str, Any]]:
@@ -266,7 +306,7 @@ class Gateway:
         deadline = time.monotonic() + self.load_timeout
         while rt.state not in states:
             if rt.state is State.failed and rt.failures != failures:
-                raise Conflict(f"model '{rt.spec.id}' failed: {rt.last_error}")
+                raise Conflict(f"model '{rt.spec.id}' failed: {self.scrub(rt.last_error or '')}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ModelNotReady(f"model '{rt.spec.id}' is still {rt.state}",
@@ -274,51 +314,82 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(rt.changed(), min(left, 1.0))
         if rt.state is State.failed and target is Target.ready:
-            raise Conflict(f"model '{rt.spec.id}' failed: {rt.last_error}")
+            raise Conflict(f"model '{rt.spec.id}' failed: {self.scrub(rt.last_error or '')}")
 
     def validate_spec(self, model_id: str, data: dict[str, Any]) -> ModelSpec:
-        """A spec from the admin API, validated like the models file (400 names the field)."""
+        """A spec from the admin API, validated like the models file (400 names the field),
+        then held to what the API may set (`admin_policy.check_code`) unless the operator
+        allows code through the API (settings.admin_allow_code)."""
         data = {**data}
         data.setdefault("id", model_id)
         if data["id"] != model_id:
             raise InvalidRequest(f"the body's id '{data['id']}' differs from the path's "
                                  f"'{model_id}'", param="id")
         try:
-            return ModelSpec.model_validate(data)
+            spec = ModelSpec.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Source"))
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'] if not str(p).endswith('Source')) or 'spec'}"
                 f": {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-            raise InvalidRequest(f"invalid model spec: {details}", param=field or None) \
-                from None
+            raise InvalidRequest(f"invalid model spec: {self.scrub(details)}",
+                                 param=field or None) from None
+        if not self.settings.admin_allow_code:
+            check_code(spec)
+        return spec
 
     async def put_model(self, spec: ModelSpec) -> dict[str, Any]:
-        """Add a model or change one; a loaded model whose spec changes is restarted."""
-        existing = self.catalog.get(spec.id)
-        if existing is not None and existing.id != spec.id:
-            raise Conflict(f"'{spec.id}' is an alias of model '{existing.id}'")
-        if existing is not None and existing.id not in self.api_models:
-            raise Conflict(f"model '{spec.id}' is declared in the models file; change it "
-                           "there (or choose another id)")
-        try:
-            rt = await self.registry.put(spec)
-        except ValueError as exc:
-            raise Conflict(str(exc)) from None
-        self.api_models.add(spec.id)
-        body = spec_json(spec)
-        self.persistence.later(lambda store: store.upsert_model(
-            body, spec.id, source="api", actor="admin-api"))
-        return self.card(rt)
+        """Add a model or change one; a loaded model whose spec changes is restarted.
+        Answers once the change is committed; a failed write changes nothing (503)."""
+        async with self._changes:
+            existing = self.catalog.get(spec.id)
+            if existing is not None and existing.id != spec.id:
+                raise Conflict(f"'{spec.id}' is an alias of model '{existing.id}'")
+            if existing is not None and existing.id not in self.api_models:
+                raise Conflict(f"model '{spec.id}' is declared in the models file; change it "
+                               "there (or choose another id)")
+            for name in spec.names:
+                owner = self.catalog.get(name)
+                if owner is not None and owner.id != spec.id:
+                    raise Conflict(f"name '{name}' is already used by model '{owner.id}'")
+            url = remote_url(spec)
+            if url is not None:
+                await self.remote_policy.check(url)
+            body = spec_json(spec)
+            await self._commit(spec.id, spec_secrets(spec), lambda store: store.upsert_model(
+                body, spec.id, source="api", actor="admin-api"))
+            self.api_models.add(spec.id)
+            try:
+                rt = await self.registry.put(spec)
+            except ValueError as exc:  # cannot happen: the names were checked above
+                raise Conflict(str(exc)) from None
+            finally:
+                self._refresh_secrets()
+            return self.card(rt)
 
     async def delete_model(self, model_id: str) -> None:
-        rt = self.runtime(model_id)
-        if rt.spec.id != model_id:
-            raise NotFound(f"'{model_id}' is an alias; delete model '{rt.spec.id}'")
-        if model_id not in self.api_models:
-            raise Conflict(f"model '{model_id}' is declared in the models file or built in; "
-                           "remove it there")
-        await self.registry.remove(model_id)
-        self.api_models.discard(model_id)
-        self.persistence.later(lambda store: store.delete_model(model_id, actor="admin-api"))
+        """Remove a model added through the API, once the deletion is committed."""
+        async with self._changes:
+            rt = self.runtime(model_id)
+            if rt.spec.id != model_id:
+                raise NotFound(f"'{model_id}' is an alias; delete model '{rt.spec.id}'")
+            if model_id not in self.api_models:
+                raise Conflict(f"model '{model_id}' is declared in the models file or built "
+                               "in; remove it there")
+            await self._commit(model_id, None,
+                               lambda store: store.delete_model(model_id, actor="admin-api"))
+            await self.registry.remove(model_id)
+            self.api_models.discard(model_id)
+            self._refresh_secrets()
+
+    async def _commit(self, model_id: str, secrets: dict[str, str] | None,
+                      write: Any) -> None:
+        try:
+            await self.persistence.commit(model_id, secrets, write)
+        except Exception as exc:
+            log.error("could not record the change of model %s: %s: %s", model_id,
+                      type(exc).__name__, self.scrub(str(exc)))
+            raise NotSaved(f"the change of model '{model_id}' could not be recorded in the "
+                           "state database, so it was not made; retry later (the gateway's "
+                           "log says why)", retry_after=5) from None

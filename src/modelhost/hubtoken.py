@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 TOKEN_FILE = ".hf_token"
 # Hub tokens are "hf_" followed by letters and digits; other hubs (mirrors, proxies) may use
 # other shapes, so only what would break the file or an HTTP header is refused.
-_VALID = re.compile(r"^[\x21-\x7e]{1,512}$")
+_VALID = re.compile(r"[\x21-\x7e]{1,512}")
 
 TokenSource = Literal["environment", "file"]
 
@@ -87,7 +87,7 @@ def write_token(cache_dir: Path, token: str) -> str:
     file others can read.
     """
     token = token.strip()
-    if not _VALID.match(token):
+    if not _VALID.fullmatch(token):
         raise TokenError("a token must be 1 to 512 printable characters without spaces")
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,15 @@
   that is unloaded (admin or idle TTL) `unloaded`; a shutdown changes nothing. At start,
   models recorded `loaded` are loaded again.
 
+* Secrets (`redaction`): the database holds specs with their secrets replaced by `***`
+  (a remote server's key, URL credentials, `env` values, secret engine arguments); the values
+  of the models added through the API are kept in `secrets.json` in the data folder, a file
+  of mode 0600 written whole (temporary file, fsync, rename), and put back into the specs
+  when they are restored at start. The models file's own secrets stay in the models file.
+* Durability: a change asked through the admin API (`commit`) is written before the answer,
+  in order after the queued writes, and its failure is raised to the caller; the other
+  writes (desired states, download progress) are queued (`later`) and a failure is logged.
+
 Database calls are synchronous and short; they run in a thread, in order, from one writer
 task, so the event loop never waits on the disk and writes never reorder.
 """
@@ -18,20 +27,78 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from modelhost.config import ModelSpec
 from modelhost.db.store import Store
+from modelhost.redaction import merge_spec, split_spec
 
 log = logging.getLogger(__name__)
 
 
+class SecretFile:
+    """The secrets of the models added through the API: {model id: {place: value}}, in a
+    JSON file of mode 0600 (its folder 0700 when created here)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path} is not a JSON object")
+        return {str(k): {str(p): str(v) for p, v in dict(v).items()} for k, v in data.items()}
+
+    def get(self, model_id: str) -> dict[str, str]:
+        return self.load().get(model_id, {})
+
+    def set(self, model_id: str, secrets: dict[str, str] | None) -> None:
+        """Record (or with None or {}, forget) a model's secrets; durable on return."""
+        data = self.load()
+        if secrets:
+            data[model_id] = secrets
+        elif model_id in data:
+            del data[model_id]
+        else:
+            return
+        self._write(data)
+
+    def _write(self, data: dict[str, dict[str, str]]) -> None:
+        folder = self.path.parent
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp: mode 0600
+                json.dump(data, out, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
 class Persistence:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secrets: SecretFile | None = None) -> None:
         self.url = url
+        self.secrets = secrets
         self.store: Store | None = None
         self._queue: asyncio.Queue[Callable[[Store], Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -55,6 +122,31 @@ class Persistence:
     def later(self, write: Callable[[Store], Any]) -> None:
         """Queue a write; it runs after every write queued before it."""
         self._queue.put_nowait(write)
+
+    async def commit(self, model_id: str, secrets: dict[str, str] | None,
+                     write: Callable[[Store], Any]) -> Any:
+        """Record a model's secrets and run `write`, after the queued writes; durable when
+        it returns. Raises what failed, and then neither is changed (the secrets are put back
+        as they were)."""
+        assert self.store is not None
+        await self._queue.join()
+        file = self.secrets
+
+        def run(store: Store) -> Any:
+            before = file.get(model_id) if file is not None else {}
+            if file is not None and before != (secrets or {}):
+                file.set(model_id, secrets)
+            try:
+                return write(store)
+            except BaseException:
+                if file is not None and before != (secrets or {}):
+                    try:
+                        file.set(model_id, before)
+                    except OSError:
+                        log.exception("could not restore the secrets of model %s", model_id)
+                raise
+
+        return await asyncio.to_thread(run, self.store)
 
     async def now(self, call: Callable[[Store], Any]) -> Any:
         """Run a call after the queued writes, and return its result."""
@@ -81,19 +173,35 @@ class Persistence:
         await self.now(write)
 
     async def api_specs(self) -> list[ModelSpec]:
-        """Models added or changed through the admin API, still valid with this version."""
+        """Models added or changed through the admin API, still valid with this version
+        (with their secrets put back)."""
         rows = await self.now(lambda store: store.models())
+        file = self.secrets
+        secrets = await asyncio.to_thread(file.load) if file is not None else {}
         specs = []
         for row in rows:
             if row.source != "api":
                 continue
+            data = merge_spec(row.spec(), secrets.get(row.model_id, {}))
             try:
-                specs.append(ModelSpec.model_validate_json(row.spec_json))
+                specs.append(ModelSpec.model_validate(data))
             except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                     for e in exc.errors())  # never the values
                 log.error("stored spec of model %s is no longer valid, skipped: %s",
-                          row.model_id, exc)
+                          row.model_id, problems)
         return specs
 
 
+def spec_dict(spec: ModelSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude_defaults=True)
+
+
 def spec_json(spec: ModelSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+    """The spec as stored in the database: its secrets replaced by `***`."""
+    return json.dumps(split_spec(spec_dict(spec))[0], sort_keys=True)
+
+
+def spec_secrets(spec: ModelSpec) -> dict[str, str]:
+    """The secrets that `spec_json` leaves out, by place."""
+    return split_spec(spec_dict(spec))[1]

@@ -58,11 +58,14 @@ class OpenAIRoutes:
         ]
 
     def model_card(self, rt: ModelRuntime) -> dict[str, Any]:
+        """A model as inference clients see it. The reason of a failure (worker output,
+        addresses, paths) is for operators: only the admin API shows it."""
         spec = rt.spec
         return {
             "id": spec.id, "object": "model", "created": self.created, "owned_by": "modelhost",
             "task": spec.task.value, "backend": spec.backend.value, "aliases": spec.aliases,
-            "state": rt.state.value, "last_error": rt.last_error,
+            "state": rt.state.value,
+            "last_error": "failed" if rt.last_error and rt.state.value == "failed" else None,
         }
 
     async def list_models(self, request: Request) -> Response:

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -311,6 +312,26 @@ def head_revision() -> str:
     return head
 
 
+def private_file(path: Path) -> None:
+    """Create the database file with mode 0600 (its folder 0700 when it is created here),
+    before SQLite opens it: SQLite gives its -wal and -shm files the database file's mode.
+    An existing file that others may read is made 0600 (it holds the model specs)."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            log.warning("state database %s was readable by others: made 0600", path)
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        with suppress(FileNotFoundError, PermissionError):
+            if side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+
+
 # -- the store ---------------------------------------------------------------------------------
 
 
@@ -332,7 +353,7 @@ class Store:
         parsed = make_url(url)
         if _is_sqlite(parsed) and not _is_memory(parsed) and not parsed.query.get("uri"):
             assert parsed.database is not None
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(parsed.database).expanduser())
         return cls(parsed, _create_engine(parsed))
 
     @property

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import aiohttp
 
+from modelhost.admin_policy import GuardedResolver, RemotePolicy, RemoteRefused
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
 from modelhost.errors import ModelNotReady, UpstreamError
 from modelhost.gpu.placement import PlacementError
+from modelhost.redaction import redact_url
 from modelhost.registry.lifecycle import State, check_transition
 from modelhost.workers.plans import launch_plan
 from modelhost.workers.process import (
@@ -72,6 +74,9 @@ class RuntimeContext:
     # Worker log rotation (settings.worker_log_bytes, settings.worker_log_backups).
     worker_log_bytes: int = 10 * 1024 * 1024
     worker_log_backups: int = 3
+    # Where a remote model may connect (None: anywhere, as the models file says); the
+    # gateway gives the policy of `admin_policy` for the models added through the API.
+    remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
 
 
 Listener = Callable[["ModelRuntime", State], None]
@@ -127,7 +132,7 @@ class ModelRuntime:
         if self.state is State.failed:
             wait = FAILED_RETRY_AFTER - (time.monotonic() - self._failed_at)
             if wait > 0:
-                raise UpstreamError(f"model '{self.spec.id}' failed: {self.last_error}",
+                raise UpstreamError(f"model '{self.spec.id}' failed{self._see_admin()}",
                                     code="model_failed", retry_after=wait)
         if self.state in (State.absent, State.downloading) or (
                 self.state is State.failed and self.weights is None
@@ -141,8 +146,9 @@ class ModelRuntime:
             if self.state is State.ready and self.upstream is not None:
                 return self.upstream
             if self.state is State.failed and self.failures != failures:
-                raise UpstreamError(f"model '{self.spec.id}' failed to load: {self.last_error}",
-                                    code="model_failed", retry_after=FAILED_RETRY_AFTER)
+                raise UpstreamError(f"model '{self.spec.id}' failed to load"
+                                    f"{self._see_admin()}", code="model_failed",
+                                    retry_after=FAILED_RETRY_AFTER)
             if self._target is not Target.ready:
                 raise ModelNotReady(f"model '{self.spec.id}' was unloaded while loading",
                                     retry_after=1)
@@ -163,6 +169,10 @@ class ModelRuntime:
             return self.upstream
         return None
 
+    def _see_admin(self) -> str:
+        # The reason (worker output, addresses, paths) is for operators: admin routes only.
+        return f" (the reason is in GET /api/admin/models/{self.spec.id})"
+
     def _not_downloaded(self) -> ModelNotReady:
         if self.state is State.downloading:
             progress = self.download_progress or {}
@@ -171,8 +181,8 @@ class ModelRuntime:
                 if isinstance(done, int) and isinstance(total, int) and total else ""
             return ModelNotReady(f"model '{self.spec.id}' is downloading{pct}; retry when it "
                                  "is done", code="model_downloading", retry_after=30)
-        failed = f" (the last download failed: {self.last_error})" \
-            if self.state is State.failed else ""
+        failed = " (the last download failed; the reason is in GET "\
+            f"/api/admin/models/{self.spec.id})" if self.state is State.failed else ""
         return ModelNotReady(
             f"model '{self.spec.id}' is not downloaded{failed}: download it first "
             f"(`modelhost models download {self.spec.id}` or "
@@ -335,7 +345,13 @@ class ModelRuntime:
         spec = self.spec
         if spec.backend is Backend.remote:
             assert isinstance(spec.source, UrlSource)
-            await _probe_remote(spec.source)
+            policy = self.ctx.remote_policy(spec) if self.ctx.remote_policy else None
+            if policy is not None:
+                try:  # again at every load: the name may resolve elsewhere now
+                    await policy.check(spec.source.url)
+                except RemoteRefused as exc:
+                    raise WorkerStartError(exc.message, permanent=True) from None
+            await _probe_remote(spec.source, policy)
             return spec.source.url
         self.gpus = await (self.ctx.place or _default_place)(self)
         port = free_port(LOOPBACK)
@@ -427,13 +443,21 @@ async def _default_place(runtime: ModelRuntime) -> list[int]:
     return list(range(spec.gpu_count))
 
 
-async def _probe_remote(source: UrlSource) -> None:
+async def _probe_remote(source: UrlSource, policy: RemotePolicy | None = None) -> None:
+    """GET <url>/models must answer 200. Redirects are not followed; with a policy, the
+    connection goes only to addresses it allows (checked as they are resolved)."""
     headers = {"Authorization": f"Bearer {source.api_key}"} if source.api_key else {}
     timeout = aiohttp.ClientTimeout(total=10)
+    shown = redact_url(source.url)
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy)) \
+        if policy is not None else None
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(source.url + "/models", headers=headers) as resp:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, \
+                session.get(source.url + "/models", headers=headers,
+                            allow_redirects=False) as resp:
             if resp.status != 200:
-                raise WorkerStartError(f"remote server {source.url} answered {resp.status}")
+                raise WorkerStartError(f"remote server {shown} answered {resp.status}")
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise WorkerStartError(f"remote server {source.url} unreachable: {exc}") from exc
+        reason = type(exc).__name__ if source.url in str(exc) else str(exc)
+        raise WorkerStartError(f"remote server {shown} unreachable: "
+                               f"{redact_url(reason)}") from exc

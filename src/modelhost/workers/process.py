@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -54,19 +55,39 @@ class WorkerStartError(Exception):
 CANNOT_EXECUTE = (126, 127)
 
 
-# The gateway's own settings and secrets, never passed to a worker: some engines read the same
-# names (llama-cpp-python's server reads CONFIG_FILE, API_KEY, HOST, PORT, MODEL from the
-# environment). A worker that needs a token gets it through its launch plan.
-GATEWAY_ONLY = frozenset({
-    "API_HOST", "API_PORT", "API_KEY", "CONFIG_FILE", "HOST", "PORT", "MODEL",
-    "OPENAI_API_KEYS", "HUGGINGFACE_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-    "LAZY_LOAD_MODELS", "MODEL_CACHE_DIR", "LOG_LEVEL", "LOG_DIR",
+# What a worker inherits from the gateway's environment: an allow-list (docs/operations.md).
+# Everything else (the gateway's keys and settings, cloud credentials, tokens) stays with the
+# gateway; a worker that needs a token gets it through its launch plan, and a model's `env`
+# adds what the operator declares.
+WORKER_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP",
+    "TMP", "TERM", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME",
+    "VIRTUAL_ENV", "CONDA_PREFIX", "HF_HOME", "HF_ENDPOINT", "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CUDA_HOME", "CUDA_PATH", "NUMBA_CACHE_DIR",
+    "TOKENIZERS_PARALLELISM", "SENTENCE_TRANSFORMERS_HOME", "XLA_FLAGS", "TRITON_CACHE_DIR",
 })
+WORKER_ENV_PREFIXES = (
+    "LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "CUBLAS_", "CUDNN_", "HF_HUB_",
+    "TRANSFORMERS_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "VLLM_", "OMP_", "MKL_",
+    "OPENBLAS_", "KMP_", "GGML_", "LLAMA_", "CT2_", "ONNXRUNTIME_", "ORT_",
+)
+# Never inherited, even under an allowed prefix: they hold secrets.
+WORKER_ENV_SECRET = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
+
+
+def inherited(name: str) -> bool:
+    """Whether a worker inherits the gateway's variable `name`."""
+    upper = name.upper()
+    if any(word in upper for word in WORKER_ENV_SECRET) or upper.startswith("MODELHOST_"):
+        return False
+    return name in WORKER_ENV_NAMES or upper.startswith(WORKER_ENV_PREFIXES)
 
 
 def worker_environment(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k.upper() not in GATEWAY_ONLY and not k.upper().startswith("MODELHOST_")}
+    """The gateway's allowed variables (`inherited`), then the launch plan's and the model's
+    `env` (`extra`), which may set anything."""
+    env = {k: v for k, v in os.environ.items() if inherited(k)}
     env.update(extra)
     return env
 
@@ -122,23 +143,59 @@ class WorkerProcess:
         self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.name}")
 
     async def _read_output(self) -> None:
+        """Keep the last lines in memory and append everything to the log file, which
+        rotates while the worker runs: past `log_bytes` it becomes `<name>.log.1` (the older
+        ones shift up to `.log.<log_backups>`, the oldest is deleted) and a new one starts."""
         assert self._proc is not None and self._proc.stdout is not None
-        sink = None
+        sink: BinaryIO | None = None
+        written = 0
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
-                if self.log_file.stat().st_size > LOG_FILE_BYTES:
-                    self.log_file.replace(self.log_file.with_suffix(".log.1"))
-            sink = self.log_file.open("ab")
+                if self.log_file.stat().st_size >= self.log_bytes:
+                    self._rotate()
+            sink, written = self._open_log()
         try:
             async for raw in self._proc.stdout:
                 if sink is not None:
-                    sink.write(raw)
-                    sink.flush()
+                    try:
+                        if written and written + len(raw) > self.log_bytes:
+                            sink.close()
+                            self._rotate()
+                            sink, written = self._open_log()
+                        sink.write(raw)
+                        sink.flush()
+                        written += len(raw)
+                    except OSError as exc:  # a full disk must not stop the worker
+                        log.warning("worker %s: cannot write its log file: %s", self.name, exc)
+                        with contextlib.suppress(OSError):
+                            sink.close()
+                        sink = None
                 self.output.append(raw.decode(errors="replace").rstrip())
         finally:
             if sink is not None:
                 sink.close()
+
+    def _open_log(self) -> tuple[BinaryIO, int]:
+        assert self.log_file is not None
+        sink = self.log_file.open("ab")
+        return sink, sink.tell()
+
+    def _rotate(self) -> None:
+        """<log> -> <log>.1 -> ... -> <log>.<log_backups> (deleted past it)."""
+        assert self.log_file is not None
+        base = str(self.log_file)
+        if self.log_backups <= 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.log_file.unlink()
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{base}.{self.log_backups}")
+        for n in range(self.log_backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{base}.{n}", f"{base}.{n + 1}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(base, f"{base}.1")
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll the worker's probe until it answers 200, it exits, or `timeout` passes."""
