@@ -287,7 +287,7 @@ def test_a_silent_worker_times_out() -> None:
 
     async def main() -> float:
         async with raw_server(on_request) as base:
-            client = UpstreamClient(read_timeout=0.4)
+            client = UpstreamClient(idle_timeout=0.4)
             started = time.monotonic()
             with pytest.raises(TimeoutError):
                 await client.request(base, "POST", "/x", JSON, b"{}")
@@ -309,7 +309,7 @@ def test_a_worker_that_keeps_talking_does_not_time_out() -> None:
 
     async def main() -> list[bytes]:
         async with aiohttp_server(handler) as (base, _):
-            client = UpstreamClient(read_timeout=0.3)
+            client = UpstreamClient(idle_timeout=0.3)
             resp = await client.request(base, "POST", "/x", JSON, b"{}")
             chunks = [c async for c in resp.chunks()]
             client.close()

@@ -10,6 +10,19 @@ response (502 when the worker failed); after, a final `data: {"error": ...}` eve
 nothing has to be waited for, the request is sent at once and the answer followed from the
 worker connection's callbacks (`Exchange`), falling back to the awaited steps for anything
 else.
+
+Sizes and deadlines (docs/operations.md, "Answers, sizes and deadlines"):
+
+- a non-streamed answer is collected whole, whatever its size, up to `max_answer_bytes`; past
+  it the worker connection is aborted and the client gets a 502 naming the limit. Streams are
+  not capped: they are relayed as they arrive, with back-pressure.
+- a non-streamed request must be answered within `request_timeout` of being sent (504); a
+  worker silent for `idle_timeout` is given up on (504 before a stream starts, an error event
+  after). A stream is bounded by the idle timeout alone. The upstream client's single timer
+  checks both for every connection: nothing per request.
+- the model's admission slot is released however the exchange ends.
+- what a client is told names no internal address: the detail (the worker's address, the
+  exception) goes to the log.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -32,10 +46,18 @@ from modelhost.errors import (
     sse_error_event,
 )
 from modelhost.registry.runtime import ModelRuntime
-from modelhost.upstream import Body, Multipart, UpstreamClient, UpstreamResponse
+from modelhost.upstream import (
+    AnswerTooLarge,
+    Body,
+    Multipart,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger(__name__)
 
+ERROR_BODY_LIMIT = 1024 * 1024  # an error answer's body is read up to this (for its message)
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
@@ -45,10 +67,26 @@ class Relay:
                  write_timeout: float = 60.0) -> None:
         self.load_wait_timeout = load_wait_timeout
         self.max_answer_bytes = max_answer_bytes
-        self.request_timeout = request_timeout
-        self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
-        self.client = UpstreamClient()
+        self.client = UpstreamClient(idle_timeout=idle_timeout, request_timeout=request_timeout)
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds a non-streamed request may take once sent to the worker."""
+        return self.client.request_timeout
+
+    @request_timeout.setter
+    def request_timeout(self, seconds: float) -> None:
+        self.client.request_timeout = seconds
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds of silence from the worker after which an answer is given up on."""
+        return self.client.idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        self.client.idle_timeout = seconds
 
     async def close(self) -> None:
         self.client.close()
@@ -80,7 +118,7 @@ class Relay:
                 released = True  # the stream releases the slot when it ends
                 return RelayStream(runtime, admission, resp, content_type)
             try:
-                data = await resp.read()
+                data = await resp.read(self.max_answer_bytes)
             except OSError as exc:
                 raise _failed_while_answering(runtime, exc) from exc
             return Answer(data, resp.status, content_type.encode("latin-1"))
@@ -99,7 +137,8 @@ class Relay:
         if base is None or not admission.try_acquire():
             return False
         exchange = Exchange(self, runtime, admission, reply)
-        if self.client.start(base, "POST", path, headers, body, exchange) is None:
+        if self.client.start(base, "POST", path, headers, body, exchange,
+                             self.max_answer_bytes) is None:
             admission.release()
             return False
         return True
@@ -114,8 +153,10 @@ class Relay:
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
             try:
-                data = json.loads(await resp.read())
-            except (OSError, ValueError) as exc:
+                data = json.loads(await resp.read(self.max_answer_bytes))
+            except OSError as exc:
+                raise _failed_while_answering(runtime, exc) from exc
+            except ValueError as exc:
                 raise UpstreamError(f"worker of '{runtime.spec.id}' gave no JSON answer: "
                                     f"{_describe(exc)}") from exc
             _content_type_and_usage(runtime, resp)
@@ -130,6 +171,8 @@ class Relay:
             base = await runtime.ensure_ready(self.load_wait_timeout)
             try:
                 return await self.client.request(base, "POST", path, headers, body)
+            except UpstreamTimeout as exc:
+                raise _timed_out(runtime, exc) from exc
             except OSError as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
@@ -137,8 +180,10 @@ class Relay:
                     log.warning("model %s: worker gone (%s); retrying after its restart",
                                 runtime.spec.id, _describe(exc))
                     continue
-                raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable: "
-                                    f"{_describe(exc)}") from exc
+                # The detail (an address, a system error) is the operator's, not the client's.
+                log.warning("model %s: worker unreachable: %s", runtime.spec.id,
+                            _describe(exc))
+                raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable") from exc
         raise AssertionError("unreachable")
 
 
@@ -163,7 +208,11 @@ class Exchange:
       `RelayStream`);
     - a failure before the head (the pooled connection had been closed, or the worker died):
       the whole request again, which retries and waits for a restart as `forward` does;
-    - a failure after it: 502, as `forward` answers it.
+    - a timeout (504), an answer past `max_answer_bytes` or a failure after the head (502):
+      answered as `forward` answers them.
+
+    The body is collected whole, however large (up to `max_answer_bytes`): reading from the
+    worker never pauses on this path, since nothing but the end would resume it.
     """
 
     __slots__ = ("admission", "content_type", "relay", "reply", "runtime")
@@ -195,7 +244,7 @@ class Exchange:
         resp.listener = None
         resp.close()
         _done(self.runtime, self.admission)
-        if not resp.head_received:
+        if not resp.head_received and not isinstance(exc, UpstreamTimeout):
             self.reply.resume(None)
         else:
             self.reply.send(error_answer(_failed_while_answering(self.runtime, exc)))
@@ -211,9 +260,43 @@ def _done(runtime: ModelRuntime, admission: Admission) -> None:
     admission.release()
 
 
+class GatewayTimeout(UpstreamError):
+    """The worker did not answer in time (`request_timeout`, `idle_timeout`)."""
+
+    status = 504
+    code = "worker_timeout"
+
+
+class AnswerTooLargeError(UpstreamError):
+    """The worker's answer went past `max_answer_bytes`."""
+
+    code = "answer_too_large"
+
+
 def _failed_while_answering(runtime: ModelRuntime, exc: BaseException) -> UpstreamError:
-    return UpstreamError(f"worker of '{runtime.spec.id}' failed while answering: "
-                         f"{_describe(exc)}")
+    """What the client is told of an exchange that failed once sent: 504 for a timeout, 502
+    naming the limit for an answer too large, a generic 502 otherwise (the detail, which may
+    name an internal address, is logged)."""
+    model = runtime.spec.id
+    if isinstance(exc, UpstreamTimeout):
+        return _timed_out(runtime, exc)
+    if isinstance(exc, AnswerTooLarge):
+        log.warning("model %s: answer cut off past max_answer_bytes (%d)", model, exc.limit)
+        return AnswerTooLargeError(
+            f"the answer of '{model}' exceeds the gateway's limit of {exc.limit} bytes for a "
+            f"non-streamed answer (max_answer_bytes); ask for a stream, or a smaller answer")
+    log.warning("model %s: worker failed while answering: %s", model, _describe(exc))
+    return UpstreamError(f"worker of '{model}' failed while answering")
+
+
+def _timed_out(runtime: ModelRuntime, exc: UpstreamTimeout) -> GatewayTimeout:
+    model = runtime.spec.id
+    log.warning("model %s: %s", model, exc)
+    if exc.idle:
+        return GatewayTimeout(f"worker of '{model}' sent nothing for {exc.seconds:g} s "
+                              f"(idle_timeout)")
+    return GatewayTimeout(f"worker of '{model}' did not answer within {exc.seconds:g} s "
+                          f"(request_timeout)")
 
 
 # Headers by which our worker apps report what a request consumed (summed per model).
@@ -250,6 +333,7 @@ class RelayStream:
         self._runtime = runtime
         self._admission = admission
         self._resp = resp
+        resp.deadline = math.inf  # a stream is bounded by the idle timeout alone
         self._headers = [(b"content-type", content_type.encode("latin-1")), *STREAM_HEADERS]
         self._complete = False
         self._closed = False
@@ -269,12 +353,12 @@ class RelayStream:
             except OSError as exc:
                 if self._gone:
                     return
-                log.warning("model %s: stream broken: %s", self._runtime.spec.id,
-                            _describe(exc))
+                model = self._runtime.spec.id
+                log.warning("model %s: stream broken: %s", model, _describe(exc))
+                error = _timed_out(self._runtime, exc) if isinstance(exc, UpstreamTimeout) \
+                    else UpstreamError(f"worker of '{model}' failed mid-stream")
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": sse_error_event(UpstreamError(
-                                f"worker of '{self._runtime.spec.id}' failed mid-stream: "
-                                f"{_describe(exc)}"))})
+                            "body": sse_error_event(error)})
             await send({"type": "http.response.body", "body": b""})
         finally:
             watcher.remove_done_callback(self._client_left)
@@ -308,7 +392,7 @@ async def _disconnected(receive: Receive) -> None:
 async def _upstream_failure(runtime: ModelRuntime, resp: UpstreamResponse
                             ) -> ModelhostError:
     try:
-        raw = await resp.read()
+        raw = await resp.read(ERROR_BODY_LIMIT)
     except OSError:
         raw = b""
     message = _error_message(raw) or f"HTTP {resp.status}"

@@ -8,12 +8,16 @@ client does only what the relay needs, on asyncio's protocol layer:
 - connections are pooled per origin and reused (keep-alive), most recently used first;
 - a request with a bytes body is written with a single `transport.write`; files and
   multipart forms (audio uploads) are streamed with back-pressure;
-- responses are parsed by httptools (llhttp, the parser uvicorn uses) as bytes arrive; a body
-  is handed on chunk by chunk as it arrives, never buffered beyond a high-water mark, and
-  reading from the worker pauses while the client is slower than the worker;
-- timeouts: connecting (10 s) and silence from the worker (600 s without a byte: a long
-  generation is legitimate; a worker that says nothing at all is not), checked by one timer
-  for all connections;
+- responses are parsed by httptools (llhttp, the parser uvicorn uses) as bytes arrive. A
+  body read whole (`read()`, or a `Listener`: a non-streamed answer) is collected as the
+  pieces it arrives in and joined once at the end, up to a cap past which the exchange fails
+  (`AnswerTooLarge`) and its connection is aborted; a body read as it arrives (`chunks()`: a
+  stream) is never buffered beyond a high-water mark: reading from the worker pauses while the
+  client is slower than the worker;
+- timeouts: connecting (10 s); silence from the worker (`idle_timeout`, 600 s without a byte
+  by default: a long generation is legitimate; a worker that says nothing at all is not); and
+  an overall deadline per exchange (`request_timeout`, which a stream's relay lifts). All are
+  checked by one timer for all connections (`_sweep`), not one per request;
 - a pooled connection the worker closed just as a request went out is retried once on a new
   connection, if not a byte of the answer had arrived;
 - `close()` on a response aborts its connection, which is how a worker learns that the client
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import secrets
 import ssl
+import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +45,8 @@ from urllib.parse import urlsplit
 import httptools
 
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 600.0  # seconds of silence from the worker while an answer is awaited
+IDLE_TIMEOUT = 600.0  # seconds of silence from the worker while an answer is awaited
+REQUEST_TIMEOUT = 900.0  # seconds an exchange may take in all (unless lifted: a stream)
 KEEPALIVE = 30.0  # an idle pooled connection older than this is not reused
 MAX_IDLE = 64  # idle connections kept per origin
 HIGH_WATER = 256 * 1024  # buffered answer bytes past which reading from the worker pauses
@@ -53,6 +60,25 @@ class UpstreamClosed(ConnectionError):
 
 class UpstreamProtocolError(ConnectionError):
     """The worker's answer was not valid HTTP/1.1."""
+
+
+class AnswerTooLarge(ConnectionError):
+    """The answer's body, read whole, went past the cap it was read with."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer exceeds {limit} bytes")
+        self.limit = limit
+
+
+class UpstreamTimeout(TimeoutError):
+    """The exchange ran past its deadline (`idle` False) or the worker was silent for too
+    long (`idle` True); `seconds` is the limit that was passed."""
+
+    def __init__(self, seconds: float, idle: bool) -> None:
+        super().__init__(f"the worker sent nothing for {seconds:g} s" if idle
+                         else f"no complete answer within {seconds:g} s")
+        self.seconds = seconds
+        self.idle = idle
 
 
 @dataclass
@@ -111,10 +137,16 @@ class UpstreamResponse:
     """An answer being received. `status` and `raw_headers` are known when `request()`
     returns; the body arrives through `read()` or `chunks()`. Exactly one of
     `release()` (after the body was read to the end) or `close()` must follow; both are
-    idempotent, and `read()` / a finished `chunks()` release by themselves."""
+    idempotent, and `read()` / a finished `chunks()` release by themselves.
 
-    __slots__ = ("_buffer", "_conn", "_done", "_error", "_head", "_raw_headers", "_received",
-                 "_size", "_waiter", "keep_alive", "listener", "status")
+    Until a consumer says how it reads the body, bytes are buffered up to the high-water mark
+    and reading from the worker pauses there; `collect(limit)` (what `read()` and a
+    `Listener` that wants the whole body do) lifts that, up to `limit` bytes. `deadline` is
+    the loop time by which the exchange must be over (`math.inf`: none)."""
+
+    __slots__ = ("_buffer", "_check_at", "_collect", "_conn", "_done", "_error", "_head",
+                 "_raw_headers", "_received", "_size", "_waiter", "deadline", "keep_alive",
+                 "listener", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
@@ -126,6 +158,9 @@ class UpstreamResponse:
         self._done = False
         self._error: BaseException | None = None
         self._received = False  # any byte of the answer at all
+        self._collect = 0  # the cap of a body read whole; 0 while it is flow-controlled
+        self._check_at = HIGH_WATER  # buffered bytes past which `_overflow` judges
+        self.deadline = math.inf
         self._head: asyncio.Future[None] = conn.loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         # Told, from the connection's callbacks, of the head, the end and a failure (for an
@@ -151,9 +186,23 @@ class UpstreamResponse:
         return data
 
     # ------------------------------------------------------------------ consumer side
-    async def read(self) -> bytes:
-        """The whole body; then the connection goes back to the pool."""
+    def collect(self, limit: int) -> None:
+        """Read the whole body, without flow control, up to `limit` bytes (0: no cap); past
+        them the exchange fails with `AnswerTooLarge` and the connection is aborted (the
+        worker stops)."""
+        self._collect = self._check_at = limit if limit > 0 else sys.maxsize
+        if self._size > self._check_at:
+            self._overflow()
+        conn = self._conn
+        if conn is not None and conn.reading_paused:
+            conn.resume_reading()
+
+    async def read(self, limit: int = 0) -> bytes:
+        """The whole body (at most `limit` bytes, 0: no cap: see `collect`); then the
+        connection goes back to the pool."""
         try:
+            if not self._done and self._error is None:
+                self.collect(limit)
             while not self._done:
                 if self._error is not None:
                     raise self._error
@@ -167,6 +216,8 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, in the pieces it arrives in."""
         conn = self._conn
+        self._collect = 0
+        self._check_at = HIGH_WATER
         while True:
             if self._buffer:
                 chunk = self._buffer.popleft()
@@ -190,6 +241,8 @@ class UpstreamResponse:
             return
         conn.response = None
         if self._done and self._error is None and self.keep_alive and not conn.closed:
+            if conn.reading_paused:  # paused at the high-water mark as the answer ended
+                conn.resume_reading()
             conn.pool.put(conn)
         else:
             conn.abort()
@@ -220,10 +273,26 @@ class UpstreamResponse:
     def _feed(self, chunk: bytes) -> None:
         self._buffer.append(chunk)
         self._size += len(chunk)
+        if self._size > self._check_at:
+            self._overflow()
+        if not self._collect:  # a body read whole wakes its reader once, at the end
+            self._wake()
+
+    def _overflow(self) -> None:
+        """More is buffered than the consumer wants: pause reading (a flow-controlled body)
+        or fail (a body read whole, past its cap)."""
         conn = self._conn
-        if self._size > HIGH_WATER and conn is not None and not conn.reading_paused:
-            conn.pause_reading()
-        self._wake()
+        if not self._collect:
+            if conn is not None and not conn.reading_paused:
+                conn.pause_reading()
+            return
+        self._buffer.clear()
+        self._size = 0
+        self._fail(AnswerTooLarge(self._collect))
+        if conn is not None:
+            self._conn = None
+            conn.response = None
+            conn.abort()
 
     def _finish(self) -> None:
         self._done = True
@@ -426,8 +495,10 @@ class _Pool:
 class UpstreamClient:
     """Pooled HTTP/1.1 connections to the workers (and remote servers)."""
 
-    def __init__(self, read_timeout: float = READ_TIMEOUT) -> None:
-        self.read_timeout = read_timeout
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self._pools: dict[str, _Pool] = {}
         self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -449,14 +520,16 @@ class UpstreamClient:
             if conn is None:
                 conn = await _connect(pool, loop)
             resp = UpstreamResponse(conn)
+            resp.deadline = loop.time() + self.request_timeout
             conn.start(resp)
             try:
                 await _send(conn, head, body)
                 await resp._head
                 return resp
-            except OSError:
+            except OSError as exc:
                 resp.close()
-                if reused and attempt == 1 and not resp._received:
+                if reused and attempt == 1 and not resp._received and \
+                        not isinstance(exc, TimeoutError):
                     continue  # a pooled connection the worker had just closed
                 raise
             except BaseException:
@@ -465,10 +538,11 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     def start(self, base: str, method: str, path: str, headers: Mapping[str, str],
-              body: bytes, listener: Listener) -> UpstreamResponse | None:
+              body: bytes, listener: Listener, limit: int = 0) -> UpstreamResponse | None:
         """Send a request now, without waiting, on an idle pooled connection to `base`, and
-        follow its answer with `listener`; None (nothing sent) when no idle connection is at
-        hand (`request()` then opens one)."""
+        follow its answer with `listener`, its body collected whole up to `limit` bytes (see
+        `UpstreamResponse.collect`); None (nothing sent) when no idle connection is at hand
+        (`request()` then opens one)."""
         pool = self._pools.get(base)
         if pool is None:
             return None
@@ -483,7 +557,9 @@ class UpstreamClient:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         resp = UpstreamResponse(conn)
         resp.listener = listener
+        resp._collect = resp._check_at = limit if limit > 0 else sys.maxsize
         conn.start(resp)
+        resp.deadline = conn.last_io + self.request_timeout
         conn.transport.write(self._head(pool, method, path, headers, len(body)) + body)
         return resp
 
@@ -501,22 +577,29 @@ class UpstreamClient:
 
     @property
     def _sweep_every(self) -> float:
-        return min(1.0, self.read_timeout / 4)
+        return min(1.0, self.idle_timeout / 4, self.request_timeout / 4)
 
     def _sweep(self) -> None:
-        """Fail every exchange whose worker has sent nothing for `read_timeout` seconds. One
-        timer for all connections, not one per request (a timer costs as much as parsing)."""
+        """Fail every exchange past its deadline, or whose worker has sent nothing for
+        `idle_timeout` seconds, and abort its connection (the worker stops). One timer for all
+        connections, not one per request (a timer costs as much as parsing)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         busy = False
         for pool in self._pools.values():
             for conn in list(pool.all):
-                silent = conn.silent_for(now)
-                if silent >= self.read_timeout and conn.response is not None:
-                    conn.response._fail(TimeoutError(
-                        f"the worker sent nothing for {self.read_timeout:g} s"))
-                    conn.abort()
-                busy = busy or conn.response is not None
+                resp = conn.response
+                if resp is None:
+                    continue
+                busy = True
+                if now >= resp.deadline:
+                    error = UpstreamTimeout(self.request_timeout, idle=False)
+                elif conn.silent_for(now) >= self.idle_timeout:
+                    error = UpstreamTimeout(self.idle_timeout, idle=True)
+                else:
+                    continue
+                resp._fail(error)
+                conn.abort()
         self._sweeper = loop.call_later(self._sweep_every, self._sweep) if busy else None
 
     def close(self) -> None:
