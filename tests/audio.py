@@ -165,3 +165,29 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
                                previous[j - 1] + (ref_word != hyp_word)))  # substitution
         previous = current
     return previous[-1] / len(ref)
+
+
+def have_sox() -> bool:
+    return shutil.which("sox") is not None
+
+
+def silent_flac(path: Path, seconds: float, rate: int = SAMPLE_RATE) -> Path:
+    """`seconds` of digital silence as a mono FLAC made by sox (`sox -n -r 16000 -c 1 x.flac
+    trim 0 SECONDS`): about 200 KiB an hour; its header says how long it is."""
+    # (No `-b 16`: sox would dither down to it, and noise does not compress.)
+    subprocess.run(["sox", "-n", "-r", str(rate), "-c", "1", str(path), "trim", "0",
+                    str(seconds)], check=True, capture_output=True, timeout=600)
+    return path
+
+
+def flac_with_total_samples(source: Path, dest: Path, total: int) -> Path:
+    """A copy of a FLAC file whose STREAMINFO header says it holds `total` samples: 0 is
+    "unknown" (as a stream written to a pipe), a small number a header that lies."""
+    data = bytearray(Path(source).read_bytes())
+    if data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        raise ValueError(f"{source}: not a FLAC file starting with its STREAMINFO block")
+    # STREAMINFO starts at byte 8; its 36-bit sample count is at bits 108-143 of it.
+    data[21] = (data[21] & 0xF0) | ((total >> 32) & 0x0F)
+    data[22:26] = (total & 0xFFFFFFFF).to_bytes(4, "big")
+    Path(dest).write_bytes(bytes(data))
+    return Path(dest)

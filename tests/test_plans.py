@@ -401,3 +401,30 @@ def test_remote_does_not_start_a_process(tmp_path: Path) -> None:
 def test_llamacpp_module_gguf_file_accepts_a_file(gguf: Path) -> None:
     spec = ModelSpec(id="f", backend=Backend.llamacpp, source=PathSource(path=gguf))
     assert llamacpp.gguf_file(spec, gguf) == gguf
+
+
+# --------------------------------------------------------------------------- worker apps
+
+
+@pytest.mark.parametrize(("backend", "task"), [("speech", "transcription"),
+                                               ("diarization", "diarization")])
+def test_audio_apps_get_the_audio_duration_cap(tmp_path: Path, backend: str,
+                                               task: str) -> None:
+    spec = ModelSpec(id="a", backend=Backend(backend), task=task,
+                     source=PathSource(path=tmp_path))
+    plan = launch_plan(spec, tmp_path, HOST, PORT, [], max_audio_seconds=3600.0)
+    assert plan.argv[2] == f"modelhost.workers.apps.{backend}"
+    assert flag_value(plan.argv, "--max-audio-seconds") == ["3600.0"]
+    assert "--max-audio-seconds" not in launch_plan(spec, tmp_path, HOST, PORT, []).argv
+    # The models file may set a model's own cap, in either spelling; it is passed once.
+    for key in ("max_audio_seconds", "max-audio-seconds"):
+        own = spec.model_copy(update={"engine_args": {key: 60}})
+        argv = launch_plan(own, tmp_path, HOST, PORT, [], max_audio_seconds=3600.0).argv
+        assert flag_value(argv, "--max-audio-seconds") == ["60"]
+
+
+def test_embeddings_app_gets_no_audio_cap(tmp_path: Path) -> None:
+    spec = ModelSpec(id="e", backend=Backend.embeddings, task="embedding",
+                     source=PathSource(path=tmp_path))
+    plan = launch_plan(spec, tmp_path, HOST, PORT, [], max_audio_seconds=3600.0)
+    assert "--max-audio-seconds" not in plan.argv

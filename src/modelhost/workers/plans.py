@@ -14,14 +14,15 @@ from modelhost.workers.process import BackendConfigError, LaunchPlan
 def launch_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
                 gpus: list[int], hf_token: str | None = None,
                 max_audio_seconds: float | None = None) -> LaunchPlan:
-    plan = _backend_plan(spec, weights, host, port, gpus, hf_token)
+    plan = _backend_plan(spec, weights, host, port, gpus, hf_token, max_audio_seconds)
     # GPU indices are NVML's (PCI bus order); CUDA must number them the same way.
     plan.env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     return plan
 
 
 def _backend_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
-                  gpus: list[int], hf_token: str | None) -> LaunchPlan:
+                  gpus: list[int], hf_token: str | None,
+                  max_audio_seconds: float | None) -> LaunchPlan:
     if spec.backend is Backend.command:
         assert spec.command is not None
         if weights is None and any("{model_path}" in part for part in spec.command):
@@ -37,13 +38,15 @@ def _backend_plan(spec: ModelSpec, weights: Path | None, host: str, port: int,
     if spec.backend is Backend.vllm:
         return vllm.plan(spec, weights, host, port, gpus, hf_token)
     if spec.backend in (Backend.speech, Backend.embeddings, Backend.diarization):
-        return _app_plan(spec, weights, host, port, gpus)
+        return _app_plan(spec, weights, host, port, gpus, max_audio_seconds)
     raise BackendConfigError(f"backend '{spec.backend}' does not start processes")
 
 
 def _app_plan(spec: ModelSpec, weights: Path, host: str, port: int,
-              gpus: list[int]) -> LaunchPlan:
-    """One of modelhost's own worker apps (workers/apps/): speech, embeddings, diarization."""
+              gpus: list[int], max_audio_seconds: float | None = None) -> LaunchPlan:
+    """One of modelhost's own worker apps (workers/apps/): speech, embeddings, diarization.
+    The audio apps (speech, Canary through it, diarization) get `--max-audio-seconds`
+    (settings.max_audio_seconds) unless the model's engine_args set their own."""
     clash = {"model", "host", "port", "served_name"} & \
         {k.replace("-", "_") for k in spec.engine_args}
     if clash:
@@ -51,6 +54,9 @@ def _app_plan(spec: ModelSpec, weights: Path, host: str, port: int,
                                  f"{', '.join(sorted(clash))} (the gateway sets them)")
     args = dict(spec.engine_args)
     args.setdefault("device", "cuda" if gpus else "cpu")
+    if max_audio_seconds is not None and spec.backend in (Backend.speech, Backend.diarization) \
+            and not any(k.replace("-", "_") == "max_audio_seconds" for k in args):
+        args["max_audio_seconds"] = max_audio_seconds
     argv = [spec.python or sys.executable, "-m", f"modelhost.workers.apps.{spec.backend.value}",
             "--model", str(weights), "--host", host, "--port", str(port),
             "--served-name", spec.id, *kebab_flags(args)]

@@ -4,6 +4,7 @@
         --host H --port P --served-name ID [--device cpu|cuda] [--engine auto|resemblyzer|pyannote]
         [--window 1.5] [--step 0.25] [--threshold 0.35] [--smoothing 5] [--min-turn 0.3]
         [--merge-gap 0.5] [--vad-mode 3] [--max-windows 3000] [--max-upload-mb 1024]
+        [--max-audio-seconds 14400]
 
 Routes: `GET /v1/models` (200 once the model is loaded: the port opens only then),
 `GET /health`, and `POST /v1/audio/diarization` (multipart: `file`, `model`, `num_speakers`,
@@ -14,7 +15,9 @@ Routes: `GET /v1/models` (200 once the model is loaded: the port opens only then
      "segments": [{"speaker": "SPEAKER_00", "start": 0.0, "end": 1.2}, ...]}
 
 with the header `X-Audio-Seconds`. Speakers are numbered in order of first appearance.
-Bad input is a 400 in the OpenAI error envelope, never a 500.
+Bad input is a 400 in the OpenAI error envelope, never a 500; audio longer than
+`--max-audio-seconds` (default 4 hours; the gateway passes settings.max_audio_seconds) is a 413
+(code `audio_too_long`), refused before it is decoded (audio_input.py).
 
 Engines:
 
@@ -68,6 +71,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from aiohttp import BodyPartReader, web
+
+from modelhost.workers.apps.audio_input import (
+    DEFAULT_MAX_SECONDS,
+    AudioTooLong,
+    NoAudioStream,
+    cap_argument,
+    decode_capped,
+)
 
 SAMPLE_RATE = 16000
 MEL_HOP = 160  # samples per mel frame (10 ms): resemblyzer's `mel_window_step`
@@ -123,31 +134,24 @@ class Engine(Protocol):
 # ----------------------------------------------------------------------------- audio
 
 
-def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> FloatArray:
-    """Any container/codec FFmpeg reads → mono float32 at `sample_rate`; RequestError if not."""
-    import av  # PyAV: imported here so that the pure helpers of this module stay light
-
-    chunks: list[npt.NDArray[Any]] = []
+def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE,
+                 max_seconds: float | None = None) -> FloatArray:
+    """Any container/codec FFmpeg reads → mono float32 at `sample_rate`; RequestError if not,
+    and a 413 RequestError (code `audio_too_long`) for audio longer than `max_seconds`, told
+    by the header before decoding or as soon as decoding passes it (audio_input.py)."""
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise RequestError("the file has no audio stream", "file", "invalid_audio")
-            stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-    except RequestError:
-        raise
+        audio = decode_capped(path, max_seconds, sample_rate, skip_invalid=False)
+    except NoAudioStream:
+        raise RequestError("the file has no audio stream", "file", "invalid_audio") from None
+    except AudioTooLong as exc:
+        raise RequestError(exc.message, "file", "audio_too_long", 413) from None
     except Exception as exc:  # FFmpeg's errors are many; all of them mean "not audio we read"
         reason = getattr(exc, "strerror", None) or type(exc).__name__  # not the spool's path
         raise RequestError(f"could not decode the audio file ({reason})", "file",
                            "invalid_audio") from exc
-    if not chunks or not sum(len(c) for c in chunks):
+    if not audio.size:
         raise RequestError("the audio file holds no samples", "file", "invalid_audio")
-    return (np.concatenate(chunks).astype(np.float32) / 32768.0).astype(np.float32)
+    return audio
 
 
 # ----------------------------------------------------------------------------- pure steps
@@ -571,10 +575,12 @@ def speaker_bounds(fields: dict[str, str]) -> SpeakerBounds:
 class Worker:
     """The HTTP side: one engine, one lock (a request diarizes at a time, in a thread)."""
 
-    def __init__(self, engine: Engine, served_name: str, max_upload_bytes: int) -> None:
+    def __init__(self, engine: Engine, served_name: str, max_upload_bytes: int,
+                 max_audio_seconds: float | None = DEFAULT_MAX_SECONDS) -> None:
         self.engine = engine
         self.served_name = served_name
         self.max_upload_bytes = max_upload_bytes
+        self.max_audio_seconds = max_audio_seconds
         self.created = int(time.time())
         self._lock = threading.Lock()
 
@@ -671,7 +677,8 @@ class Worker:
                 raise RequestError(f"response_format must be json or rttm, not "
                                    f"'{response_format[:40]}'", "response_format",
                                    "invalid_value")
-            audio = await asyncio.to_thread(decode_audio, spool)
+            audio = await asyncio.to_thread(decode_audio, spool, SAMPLE_RATE,
+                                            self.max_audio_seconds)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(spool)
@@ -717,6 +724,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vad-mode", type=int, choices=[0, 1, 2, 3], default=defaults.vad_mode)
     p.add_argument("--max-windows", type=int, default=defaults.max_windows)
     p.add_argument("--max-upload-mb", type=float, default=1024)
+    p.add_argument("--max-audio-seconds", type=cap_argument, default=DEFAULT_MAX_SECONDS,
+                   help="longer audio is refused (413) before it is decoded (default: 4 hours; "
+                        "0 or none: no cap)")
     return p.parse_args(argv)
 
 
@@ -744,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = load_engine(args)
     print(f"diarization worker: {engine.name} ready in {time.monotonic() - started:.1f} s, "
           f"serving '{served}' on {args.host}:{args.port}", flush=True)
-    worker = Worker(engine, served, int(args.max_upload_mb * 1024 * 1024))
+    worker = Worker(engine, served, int(args.max_upload_mb * 1024 * 1024),
+                    args.max_audio_seconds)
     web.run_app(worker.app(), host=args.host, port=args.port, print=None,
                 handle_signals=True)
 

@@ -3,7 +3,7 @@
     python -m modelhost.workers.apps.speech [--model PATH_OR_NAME] --host 127.0.0.1 --port N
         --served-name ID [--engine auto|whisper|canary] [--device auto|cpu|cuda]
         [--compute-type auto|default|int8|float16|...] [--threads N] [--concurrency N]
-        [--beam-size N] [--vad-filter]
+        [--beam-size N] [--vad-filter] [--max-audio-seconds 14400]
         Canary only: [--languages en,de,es,fr] [--default-language en] [--chunk-seconds 30]
         [--no-timestamps]
 
@@ -18,6 +18,11 @@ Routes:
     GET  /health
     POST /v1/audio/transcriptions  multipart, OpenAI's fields: file, model, language, prompt,
     POST /v1/audio/translations    response_format, temperature, timestamp_granularities[]
+
+Audio longer than `--max-audio-seconds` (default 4 hours; the gateway passes
+settings.max_audio_seconds) is refused with a 413 in the OpenAI error shape (code
+`audio_too_long`) before it is decoded: the container's header says how long it is, and where
+it does not, decoding stops as soon as it passes the cap (audio_input.py).
 
 The `model` field is ignored (the worker serves one model; the gateway routes by it), and so
 are `stream`, `include[]`, `chunking_strategy` and `diarize` (the gateway diarizes). Every
@@ -60,7 +65,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from modelhost.errors import InvalidRequest, ModelhostError, error_body
+from modelhost.errors import InvalidRequest, ModelhostError, RequestTooLarge, error_body
+from modelhost.workers.apps.audio_input import (
+    DEFAULT_MAX_SECONDS,
+    AudioTooLong,
+    NoAudioStream,
+    cap_argument,
+    decode_capped,
+)
 
 log = logging.getLogger("modelhost.speech")
 
@@ -348,19 +360,24 @@ def _json(body: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------- audio
 
 
-def decode_audio_file(path: Path) -> Audio:
+def decode_audio_file(path: Path, max_seconds: float | None = None) -> Audio:
     """16 kHz mono float32 samples, decoded by PyAV (FFmpeg); InvalidRequest (param `file`)
-    for an empty or undecodable file, or one without a single sample."""
+    for an empty or undecodable file, or one without a single sample; RequestTooLarge (413,
+    code `audio_too_long`) for audio longer than `max_seconds`, told by the header before
+    decoding or, where the header does not say, as soon as decoding passes it
+    (audio_input.decode_capped: memory stays bounded by the cap whatever the upload)."""
     import av  # lazily: it loads FFmpeg
 
     if path.stat().st_size == 0:
         raise InvalidRequest("The audio file is empty.", param="file", code="empty_file")
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise InvalidRequest("The file contains no audio stream: it is not audio.",
-                                     param="file", code="invalid_value")
-        samples = _decode_samples(path)
+        samples = decode_capped(path, max_seconds, SAMPLE_RATE, skip_invalid=True)
+    except NoAudioStream:
+        raise InvalidRequest("The file contains no audio stream: it is not audio.",
+                             param="file", code="invalid_value") from None
+    except AudioTooLong as exc:
+        raise RequestTooLarge(exc.message[0].upper() + exc.message[1:] + ".", param="file",
+                              code="audio_too_long") from None
     except (av.error.FFmpegError, IndexError, EOFError, ValueError) as exc:
         # FFmpeg's own words, without the spool file's path.
         said = exc.strerror if isinstance(exc, av.error.FFmpegError) else None
@@ -375,39 +392,10 @@ def decode_audio_file(path: Path) -> Audio:
     return samples
 
 
-def _decode_samples(path: Path) -> Audio:
-    """faster-whisper's decoder where it is installed; else the same steps with PyAV alone
-    (a Canary environment needs no faster-whisper): s16 mono at 16 kHz, scaled to [-1, 1)."""
-    if importlib.util.find_spec("faster_whisper") is not None:
-        return np.asarray(_faster_whisper().decode_audio(str(path), sampling_rate=SAMPLE_RATE),
-                          dtype=np.float32)
-    return decode_with_pyav(path)
-
-
-def decode_with_pyav(path: Path) -> Audio:
-    import av
-
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-    chunks: list[npt.NDArray[np.int16]] = []
-
-    def keep(frames: Iterable[Any]) -> None:
-        chunks.extend(np.asarray(f.to_ndarray(), dtype=np.int16).reshape(-1) for f in frames)
-
-    with av.open(str(path), metadata_errors="ignore") as container:
-        decoded = container.decode(audio=0)
-        while True:
-            try:
-                frame = next(decoded)
-            except StopIteration:
-                break
-            except av.error.InvalidDataError:  # a damaged packet: skip it, as faster-whisper
-                continue
-            frame.pts = None
-            keep(resampler.resample(frame))
-    keep(resampler.resample(None))
-    if not chunks:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32) / 32768.0
+def decode_with_pyav(path: Path, max_seconds: float | None = None) -> Audio:
+    """s16 mono at 16 kHz, scaled to [-1, 1), with PyAV alone (as faster-whisper's decoder
+    does, but bounded: see audio_input.decode_capped)."""
+    return decode_capped(path, max_seconds, SAMPLE_RATE, skip_invalid=True)
 
 
 class SpeechEngine(Protocol):
@@ -442,9 +430,10 @@ def engine_languages(engine: SpeechEngine) -> tuple[str, ...] | None:
     return engine.languages if isinstance(engine, LanguageLimited) else None
 
 
-def transcribe_file(engine: SpeechEngine, path: Path, request: SpeechRequest) -> Transcript:
+def transcribe_file(engine: SpeechEngine, path: Path, request: SpeechRequest,
+                    max_seconds: float | None = None) -> Transcript:
     """Decode a file and run the engine on it: the whole job of one request, without HTTP."""
-    return engine.transcribe(decode_audio_file(path), request)
+    return engine.transcribe(decode_audio_file(path, max_seconds), request)
 
 
 # --------------------------------------------------------------------------- faster-whisper
@@ -580,8 +569,10 @@ def _suffix(filename: str | None) -> str:
 
 
 def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
-              spool_dir: Path | None = None, info: Mapping[str, Any] | None = None) -> Starlette:
-    """The worker's HTTP face over a loaded engine."""
+              spool_dir: Path | None = None, info: Mapping[str, Any] | None = None,
+              max_audio_seconds: float | None = DEFAULT_MAX_SECONDS) -> Starlette:
+    """The worker's HTTP face over a loaded engine. Audio longer than `max_audio_seconds`
+    (None: no cap) is refused with a 413 before it is decoded."""
     created = int(time.time())
     slots = asyncio.Semaphore(max(1, concurrency))  # CTranslate2 runs one job per worker
     details = dict(info or {})
@@ -609,7 +600,7 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
             path = await asyncio.to_thread(_spool, upload.file, spool_dir,
                                            _suffix(upload.filename))
         try:
-            audio = await asyncio.to_thread(decode_audio_file, path)
+            audio = await asyncio.to_thread(decode_audio_file, path, max_audio_seconds)
         finally:
             path.unlink(missing_ok=True)
         async with slots:
@@ -697,6 +688,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="cut longer audio into chunks of at most this (0: never)")
     canary.add_argument("--no-timestamps", action="store_true",
                         help="do not ask the model for timestamps (one segment per chunk)")
+    parser.add_argument("--max-audio-seconds", type=cap_argument, default=DEFAULT_MAX_SECONDS,
+                        help="longer audio is refused (413) before it is decoded (default: "
+                             "4 hours; 0 or none: no cap)")
     parser.add_argument("--spool-dir", type=Path, default=None,
                         help="where uploads are written while decoded (default: the temp dir)")
     parser.add_argument("--log-level", default="info")
@@ -765,7 +759,10 @@ def main(argv: Sequence[str] | None = None) -> None:
              time.monotonic() - began)
     app = build_app(engine, served, concurrency=args.concurrency, spool_dir=args.spool_dir,
                     info={"engine": kind, "device": engine.device,
-                          "compute_type": engine.compute_type})
+                          "compute_type": engine.compute_type,
+                          "max_audio_seconds": args.max_audio_seconds
+                          if math.isfinite(args.max_audio_seconds) else None},
+                    max_audio_seconds=args.max_audio_seconds)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None,
                 log_level=args.log_level.lower())
 
