@@ -111,11 +111,11 @@ def test_under_the_cap_or_without_one(files: dict[str, Path], tmp_path: Path) ->
 def test_samples_are_scaled_like_faster_whisper(tmp_path: Path) -> None:
     if not have_espeak():
         pytest.skip("needs espeak-ng")
-    from faster_whisper.audio import decode_audio
+    fw_audio = pytest.importorskip("faster_whisper.audio")
 
     wav = speak("One two three.", tmp_path / "a.wav")
     ours = decode_capped(wav, 60)
-    theirs = decode_audio(str(wav))
+    theirs = fw_audio.decode_audio(str(wav))
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() < 1e-6
 
@@ -151,7 +151,15 @@ def test_header_seconds_prefers_the_stream() -> None:
     assert header_seconds(Container(), Stream()) == 5.0
     Container.duration = None
     assert header_seconds(Container(), Stream()) is None
-    assert NoAudioStream  # raised by probe_seconds / decode_capped for a file without audio
+
+
+def test_a_file_without_audio(tmp_path: Path) -> None:
+    subtitles = tmp_path / "a.srt"  # FFmpeg opens it: one subtitle stream, no audio
+    subtitles.write_text("1\n00:00:01,000 --> 00:00:02,000\nHello\n\n")
+    with pytest.raises(NoAudioStream):
+        decode_capped(subtitles, 60)
+    with pytest.raises(NoAudioStream):
+        probe_seconds(subtitles)
 
 
 # --------------------------------------------------------------------------- through a gateway
