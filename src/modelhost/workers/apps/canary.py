@@ -3,6 +3,7 @@
     python -m modelhost.workers.apps.speech --engine canary --model nvidia/canary-1b-flash \\
         --port N [--device auto|cpu|cuda] [--compute-type auto|float32|bfloat16|float16]
         [--languages en,de,es,fr] [--default-language en] [--chunk-seconds 30] [--no-timestamps]
+        [--max-audio-seconds 14400]
 
 `--model` is a `.nemo` file, a folder holding one (what the gateway's Hub cache gives for
 `source: {hf: nvidia/canary-1b-flash}`), or a Hub name for NeMo's `from_pretrained`; with
@@ -32,6 +33,9 @@ What Canary does differently from Whisper, and how the worker maps it:
 * Canary Flash is trained on utterances of up to 40 s: longer audio is cut into chunks of at
   most `--chunk-seconds` (30), each at its quietest 100 ms in the last 5 s (`split_points`),
   and the chunks' timestamps are shifted to where each chunk starts.
+* Uploads are decoded by the speech worker (`speech.decode_audio_file`), under its
+  `--max-audio-seconds` cap (the gateway passes settings.max_audio_seconds): longer audio is a
+  413 before it is decoded, so NeMo never sees more than the cap (audio_input.py).
 """
 
 from __future__ import annotations
