@@ -7,11 +7,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from modelhost.errors import InvalidRequest
 from modelhost.gateway import Gateway
 
 HEARTBEAT_SECONDS = 15.0
@@ -26,8 +27,17 @@ class TokenBody(BaseModel):
     token: str = Field(description="A Hugging Face access token (hf_...). Never returned.")
 
 
+def _plain_path(request: Request) -> None:
+    """Refuse a path with a control character: routes match with `$`, which also matches
+    before a final newline, so `/models/abc%0A` would otherwise reach model `abc`."""
+    path = request.scope["path"]
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise InvalidRequest("the path contains a control character (a model id is 1-128 "
+                             "letters, digits and . _ : / -)", param="model")
+
+
 def admin_router(gateway: Gateway) -> APIRouter:
-    router = APIRouter(prefix="/api/admin")
+    router = APIRouter(prefix="/api/admin", dependencies=[Depends(_plain_path)])
 
     @router.get("/models", tags=["models"], summary="List models with state and placement")
     async def list_models() -> dict[str, Any]:

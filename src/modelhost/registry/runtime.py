@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import aiohttp
+import yarl
 
 from modelhost.admin_policy import GuardedResolver, RemotePolicy, RemoteRefused
 from modelhost.catalog import SourceUnavailable, local_weights
@@ -449,12 +450,17 @@ async def _probe_remote(source: UrlSource, policy: RemotePolicy | None = None) -
     headers = {"Authorization": f"Bearer {source.api_key}"} if source.api_key else {}
     timeout = aiohttp.ClientTimeout(total=10)
     shown = redact_url(source.url)
+    url = yarl.URL(source.url + "/models")
+    if url.user is not None:  # credentials in the URL: basic auth, unless a key is given
+        if not source.api_key:
+            auth = aiohttp.BasicAuth(url.user or "", url.password or "")
+            headers["Authorization"] = auth.encode()
+        url = url.with_user(None)
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy)) \
         if policy is not None else None
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, \
-                session.get(source.url + "/models", headers=headers,
-                            allow_redirects=False) as resp:
+                session.get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise WorkerStartError(f"remote server {shown} answered {resp.status}")
     except (TimeoutError, aiohttp.ClientError) as exc:
