@@ -35,8 +35,9 @@ FIELD_LIMIT = 64 * 1024  # bytes kept of one non-file field
 MAX_PARTS = 64
 MAX_PART_HEADER_BYTES = 16 * 1024
 # The parser runs in a thread once this much body is waiting (and at the end): a typical
-# upload of a few hundred KiB is parsed in one hop.
-BATCH_BYTES = 1 << 20
+# upload of a few hundred KiB is parsed in one or two hops, and a part or header limit is
+# seen at most this far past where it was crossed.
+BATCH_BYTES = 256 * 1024
 # Within a batch the parser is fed this much at a time, so that a limit is seen (and parsing
 # stops) within this many bytes of where it was crossed.
 SLICE_BYTES = 64 * 1024
