@@ -127,10 +127,10 @@ class App:
 
 
 class Served:
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, app: App | None = None, **config: Any) -> None:
         config.setdefault("access_log", False)
         config.setdefault("log_level", "warning")
-        self.app = App()
+        self.app = app or App()
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, http=GatewayProtocol, lifespan="off",

@@ -67,6 +67,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 import time
 import urllib.parse
 import weakref
@@ -354,7 +356,11 @@ class Watch:
                         conn.writer.transport.abort()
         for lingering in list(self.lingering):
             if now >= lingering.until:
-                lingering.transport.abort()
+                transport = lingering.transport
+                if transport.get_write_buffer_size():
+                    reset(transport)  # the client did not even read its answer
+                else:
+                    transport.close()
         if self.connections or self.lingering:
             self._timer = self.loop.call_later(limits.tick, self.sweep)
         else:
@@ -445,6 +451,16 @@ def request_path(url: bytes) -> str:
     return urllib.parse.unquote(path) if "%" in path else path
 
 
+def reset(transport: asyncio.Transport) -> None:
+    """Abort a connection with a reset, so that the kernel drops what it still holds for the
+    client too (a plain abort closes the socket, and the kernel goes on sending its buffer)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _nothing() -> None:
     pass
 
@@ -521,10 +537,10 @@ class GatewayProtocol(HttpToolsProtocol):
         hot = route is not None and method == b"POST" and not self.parser.should_upgrade()
         gate = self.gate
         if gate is not None:
-            refusal = gate(method, url.decode("ascii") if hot else request_path(url),
-                           self.headers)
+            path = url.decode("ascii") if hot else request_path(url)
+            refusal = gate(method, path, self.headers)
             if refusal is not None:
-                self.refuse(refusal)
+                self.refuse(refusal, method, path)
                 return
         if not hot:
             super().on_headers_complete()
@@ -550,12 +566,17 @@ class GatewayProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, self.app))
 
-    def refuse(self, answer: Answer) -> None:
+    def refuse(self, answer: Answer, method: bytes, path: str) -> None:
         """Answer a request refused on its head, and let the connection go; behind an answer
         still in progress (pipelining), in its turn."""
+        scope = self.scope
+        scope["method"] = method.decode("ascii")
+        scope["http_version"] = self.parser.get_http_version()
+        scope["path"] = path
+        scope["raw_path"], _, scope["query_string"] = self.url.partition(b"?")
         existing = self.cycle
         cycle = self.cycle = RequestResponseCycle(
-            scope=self.scope, transport=self.transport, flow=self.flow, logger=self.logger,
+            scope=scope, transport=self.transport, flow=self.flow, logger=self.logger,
             access_logger=self.access_logger, access_log=self.access_log,
             default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
             expect_100_continue=False, keep_alive=False, on_response=self.on_response_complete)
@@ -637,7 +658,7 @@ class GatewayProtocol(HttpToolsProtocol):
             elif now - self.stalled_since > limits.write_timeout + limits.tick:
                 log.info("%s: the client read nothing of its answer for %g s: disconnected",
                          self._peer(), limits.write_timeout)
-                transport.abort()
+                reset(transport)
                 return
             self.resumed_seen = self.resumed
         self.unsent = unsent
