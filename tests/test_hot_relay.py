@@ -138,7 +138,7 @@ class Client:
              path: bytes = b"/v1/chat/completions") -> None:
         body = raw if raw is not None else json.dumps(payload).encode()
         self.protocol.data_received(
-            b"POST %s HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer %s\r\n"
+            b"POST %s HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (path, key.encode(), len(body), body))
 
