@@ -18,15 +18,35 @@ def modelhost(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 def test_models_lists_a_running_gateway(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake", aliases=["f"])],
-                         env={"OPENAI_API_KEYS": "k1"})
-    env = {"API_PORT": str(gw.port), "OPENAI_API_KEYS": "k1"}
+                         env={"OPENAI_API_KEYS": "k1", "MODELHOST_ADMIN_KEYS": "a1,a2"})
+    # The CLI sends an admin key: the first of MODELHOST_ADMIN_KEYS (as on the server)...
+    env = {"API_PORT": str(gw.port), "OPENAI_API_KEYS": "k1", "MODELHOST_ADMIN_KEYS": "a1,a2"}
     table = modelhost("models", env=env)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split() == ["ID", "TASK", "BACKEND", "STATE", "GPUS", "ALIASES"]
     assert row.split() == ["fake", "chat", "command", "cached", "-", "f"]
-    as_json = modelhost("models", "--json", "--url", gw.url, env={"OPENAI_API_KEYS": "k1"})
+    # ... or MODELHOST_ADMIN_KEY, first.
+    as_json = modelhost("models", "--json", "--url", gw.url,
+                        env={"MODELHOST_ADMIN_KEY": "a2", "MODELHOST_ADMIN_KEYS": "wrong"})
     assert json.loads(as_json.stdout)[0]["state"] == "cached"
+
+
+def test_an_inference_key_is_refused_with_what_to_set(gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory([fake_model("fake")],
+                         env={"OPENAI_API_KEYS": "k1", "MODELHOST_ADMIN_KEYS": "a1"})
+    clean = {"MODELHOST_ADMIN_KEY": "", "MODELHOST_ADMIN_KEYS": ""}
+    result = modelhost("models", "--url", gw.url, env={**clean, "OPENAI_API_KEYS": "k1"})
+    assert result.returncode == 1
+    assert "403" in result.stderr and "MODELHOST_ADMIN_KEYS" in result.stderr
+    result = modelhost("gpus", "--url", gw.url, env=clean)
+    assert result.returncode == 1
+    assert "401" in result.stderr and "Missing API key" in result.stderr
+    # Without an admin key on the server, the admin API is closed to every key.
+    closed = gateway_factory([fake_model("fake")], env={"OPENAI_API_KEYS": "k1"})
+    result = modelhost("models", "--url", closed.url, env={**clean, "OPENAI_API_KEYS": "k1"})
+    assert result.returncode == 1
+    assert "403" in result.stderr and "no admin key" in result.stderr
 
 
 def test_load_unload_and_gpus(gateway_factory: GatewayFactory) -> None:

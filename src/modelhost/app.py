@@ -1,4 +1,9 @@
-"""The application factory: nothing is created at import time."""
+"""The application factory: nothing is created at import time.
+
+Who may call what is decided ahead of FastAPI, by `front.Front.gate` (docs/security.md). What
+is left here: CORS (Starlette's middleware, only when origins are configured) and a size limit
+on the admin API's bodies (`AdminBodyLimit`).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,21 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelhost import __version__
 from modelhost.api.admin import admin_router
 from modelhost.api.audio import AudioRoutes
 from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
-from modelhost.auth import APIKeyMiddleware, KeyGuard
+from modelhost.asgi import ClientGone, error_answer, read_body
+from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
 from modelhost.downloads import Downloader
-from modelhost.errors import ModelhostError, error_body
+from modelhost.errors import ModelhostError, RequestTooLarge, error_body
 from modelhost.events import EventBus
 from modelhost.front import Front
 from modelhost.gateway import Gateway
@@ -74,6 +82,42 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                                    "server_error"), status_code=500)
 
 
+class AdminBodyLimit:
+    """Refuses an admin API body past `limit` bytes with 413 (whatever Content-Length says,
+    counted while it is read), before any route parses it. The body, at most `limit` bytes,
+    is read here and handed on whole."""
+
+    def __init__(self, app: ASGIApp, limit: int, prefixes: tuple[str, ...] = ADMIN_PREFIXES
+                 ) -> None:
+        self.app = app
+        self.limit = limit
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS")
+                or not scope["path"].startswith(self.prefixes)):
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(scope, receive, self.limit)
+        except RequestTooLarge as exc:
+            # The rest of the body is not read: the connection cannot be used again.
+            await error_answer(exc, {"Connection": "close"})(scope, receive, send)
+            return
+        except ClientGone:
+            return
+        given = False
+
+        async def replay() -> Message:
+            nonlocal given
+            if given:
+                return await receive()
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 TAGS = [
     {"name": "models", "description": "Models: state, placement, load, unload, specs."},
     {"name": "downloads", "description": "Hugging Face downloads and the model cache."},
@@ -112,7 +156,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
                         max_parts=settings.max_multipart_parts,
                         max_part_header_bytes=settings.max_part_header_bytes)
-    guard = KeyGuard(settings.api_keys)
+    guard = KeyGuard(settings.api_keys, settings.admin_api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,13 +171,22 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
             await gateway.close()
             await relay.close()
 
+    # CORS only for the origins configured (none: off). Keys go in the Authorization header,
+    # never in cookies: no credentials. Any request header (the OpenAI SDKs send their own).
+    cors = [Middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                       allow_methods=["GET", "POST", "PUT", "DELETE"],
+                       allow_headers=["*"],
+                       expose_headers=["Retry-After"], max_age=600)
+            ] if settings.cors_origin_list else []
     app = FastAPI(
         title="modelhost", version=__version__, openapi_tags=TAGS,
-        routes=[*health_routes(registry), *openai.routes(), *audio.routes()],
-        middleware=[Middleware(APIKeyMiddleware, guard=guard, prefixes=("/v1", "/api/admin"))],
+        routes=[*health_routes(registry, lambda: front.draining), *openai.routes(),
+                *audio.routes()],
+        middleware=[*cors, Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
                             RequestValidationError: _invalid_body, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.include_router(admin_router(gateway))
-    return Front(app, guard, openai.relay_endpoints, settings)
+    front = Front(app, guard, openai.relay_endpoints, settings)
+    return front

@@ -1,4 +1,8 @@
-"""CLI commands that drive a running gateway: models, downloads, GPUs, the hub token."""
+"""CLI commands that drive a running gateway: models, downloads, GPUs, the hub token.
+
+They call the admin API with an admin key (`client.admin_key`): `MODELHOST_ADMIN_KEY`, else the
+first of `MODELHOST_ADMIN_KEYS`, else the first of `OPENAI_API_KEYS`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 url_option = click.option("--url", envvar="MODELHOST_URL",
-                          help="Gateway URL [env MODELHOST_URL; default http://API_HOST:API_PORT].")
+                          help="Gateway URL [env MODELHOST_URL; default http://API_HOST:API_PORT]. "
+                               "The admin key sent is MODELHOST_ADMIN_KEY, else the first of "
+                               "MODELHOST_ADMIN_KEYS, else the first of OPENAI_API_KEYS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
 

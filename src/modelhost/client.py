@@ -1,8 +1,15 @@
-"""A small client of a running gateway's HTTP API, for the CLI."""
+"""A small client of a running gateway's HTTP API, for the CLI.
+
+The CLI calls the admin API, so it sends an admin key: `MODELHOST_ADMIN_KEY`, else the first of
+`MODELHOST_ADMIN_KEYS` (the server's own setting, when the CLI runs beside it), else the first
+of `OPENAI_API_KEYS` (which the admin API refuses with 403 once keys are configured, with a
+message that says what to set).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,13 +22,24 @@ class GatewayError(Exception):
     """The gateway could not be reached or refused the call; the message says why."""
 
 
+def admin_key(settings: Settings) -> str | None:
+    """The key the CLI sends (see the module's docstring), or None."""
+    key = os.environ.get("MODELHOST_ADMIN_KEY", "").strip()
+    if key:
+        return key
+    for keys in (settings.admin_api_keys, settings.api_keys):
+        if keys:
+            return keys[0]
+    return None
+
+
 class GatewayClient:
     def __init__(self, url: str | None = None, key: str | None = None,
                  timeout: float = 600) -> None:
         settings = Settings()
         host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
         self.url = (url or f"http://{host}:{settings.api_port}").rstrip("/")
-        key = key or (settings.api_keys[0] if settings.api_keys else None)
+        key = key or admin_key(settings)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
