@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench            quick mode (a few minutes)
     .venv/bin/python -m bench --full     full mode (longer, more rates and rounds)
-    .venv/bin/python -m bench --only overhead,streaming,profile,model
+    .venv/bin/python -m bench --only overhead,streaming,profile,model,large
     .venv/bin/python -m bench --report   render docs/benchmarks.md from bench/results/ only
     .venv/bin/python -m bench --commit HEAD   measure a commit's src/ (exported with
                                               git archive), not the working tree
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("overhead", "streaming", "profile", "model")
+PARTS = ("overhead", "streaming", "profile", "model", "large")
 
 
 def install_requirements() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from . import plots, profiling
 from .report_fmt import cores, f, pct, table
+from .report_large import large_section
 from .report_model import model_section, profile_section
 from .report_text import ARMS, CAVEATS, HEADER, HISTORY
 
@@ -42,12 +43,13 @@ def render() -> Path:
         # Classify the raw samples again, so that the page follows profiling.COMPONENTS.
         profile.update(profiling.summarize(RESULTS / profile["raw"]))
     model = _load("realmodel")
+    large = _load("large")
     failed = {name: data["failed"] for name, data in
               (("overhead", overhead), ("streaming", streaming), ("realmodel", model),
-               ("profile", profile)) if data and "failed" in data}
-    overhead, streaming, profile, model = (
+               ("profile", profile), ("large", large)) if data and "failed" in data}
+    overhead, streaming, profile, model, large = (
         None if data and "failed" in data else data
-        for data in (overhead, streaming, profile, model))
+        for data in (overhead, streaming, profile, model, large))
     out: list[str] = [HEADER]
     out.append(_machine(machine, overhead or streaming, {
         "overhead": overhead, "streaming": streaming, "profile": profile, "real model": model}))
@@ -61,6 +63,8 @@ def render() -> Path:
         out.append(_overhead(overhead))
     if streaming:
         out.append(_streaming(streaming))
+    if large:
+        out.append(large_section(large))
     if model:
         out.append(model_section(model))
     if profile:

@@ -110,7 +110,7 @@ rewrites this page. Benchmarks print figures; the test suite never asserts timin
 ```bash
 bench/run                 # quick mode: a few minutes (what this page shows unless noted)
 bench/run --full          # full mode: more rates, longer steps, more rounds (about 28 minutes)
-bench/run --only overhead,streaming   # parts: overhead, streaming, profile, model
+bench/run --only overhead,streaming   # parts: overhead, streaming, profile, model, large
 bench/run --no-litellm    # leave the LiteLLM arm out
 bench/run --report        # re-render this page from bench/results/ only
 bench/run --commit HEAD   # measure a commit's src/ (exported with git archive), not the

@@ -27,6 +27,7 @@ from .arms import (
     start_modelhost,
     start_upstream,
 )
+from .large import LargePlan, run_large
 from .loadgen import Client, closed_loop_max, closed_loop_streams
 from .meta import machine
 from .overhead import BODY, OverheadPlan, capacity_check, run_overhead
@@ -55,6 +56,7 @@ class Mode:
     profile_rate: int
     profile_seconds: float
     model: ModelPlan
+    large: LargePlan
 
 
 QUICK = Mode(
@@ -66,6 +68,7 @@ QUICK = Mode(
                          levels=[100, 300, 1000], open_rate=300, long_seconds=5),
     profile_rate=300, profile_seconds=8,
     model=ModelPlan(rounds=4, max_tokens=64, swaps=2, idle_ttl=1.0, speech_rounds=4),
+    large=LargePlan(duration=2.0, rounds=2),
 )
 FULL = Mode(
     name="full",
@@ -77,6 +80,7 @@ FULL = Mode(
                          long_seconds=20),
     profile_rate=500, profile_seconds=25,
     model=ModelPlan(rounds=12, max_tokens=128, swaps=5, idle_ttl=1.0, speech_rounds=8),
+    large=LargePlan(duration=5.0, rounds=3),
 )
 
 
@@ -148,7 +152,8 @@ def run_all(full: bool, parts: list[str], litellm: bool = True) -> None:
     started = time.monotonic()
     try:
         with sigterm_as_interrupt(), Procs(work / "logs") as procs:
-            relay_parts = [p for p in parts if p in ("overhead", "streaming", "profile")]
+            relay_parts = [p for p in parts
+                           if p in ("overhead", "streaming", "profile", "large")]
             if relay_parts:
                 if pin:
                     os.sched_setaffinity(0, LOAD_CPUS)
@@ -179,7 +184,8 @@ def run_all(full: bool, parts: list[str], litellm: bool = True) -> None:
 
 def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
                       meta: dict[str, Any], litellm: bool, pin: bool) -> None:
-    names = OVERHEAD_MODELS + STREAM_MODELS + [mode.streaming.long_model]
+    names = OVERHEAD_MODELS + STREAM_MODELS + [mode.streaming.long_model] + \
+        mode.large.models()
     gateway_cpus = GATEWAY_CPUS if pin else None
     try:
         upstream = start_upstream(procs, LOAD_CPUS if pin else None)
@@ -239,6 +245,15 @@ def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
             result["litellm"] = litellm_info
             result["machine"] = meta
             write("overhead", result)
+
+    if "large" in parts:
+        large = mode.large
+        say(f"== large answers: {', '.join(f'{s // (1024 * 1024)} MiB' for s in large.sizes)}"
+            f", {large.rounds} rounds of {large.duration:g} s per arm")
+        with part("large", meta):
+            result = aio.run(run_large(arms, large, say))
+            result["machine"] = meta
+            write("large", result)
 
     if "profile" in parts:
         say(f"== profile: py-spy on modelhost at {mode.profile_rate} req/s")

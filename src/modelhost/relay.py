@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from starlette.types import Receive, Scope, Send
 
@@ -181,8 +182,8 @@ class Relay:
                                 runtime.spec.id, _describe(exc))
                     continue
                 # The detail (an address, a system error) is the operator's, not the client's.
-                log.warning("model %s: worker unreachable: %s", runtime.spec.id,
-                            _describe(exc))
+                log.warning("model %s: worker at %s unreachable: %s", runtime.spec.id,
+                            _address(base), _describe(exc))
                 raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable") from exc
         raise AssertionError("unreachable")
 
@@ -437,6 +438,16 @@ def _error_param(raw: bytes) -> str | None:
         param = data["error"].get("param")
         return str(param) if param is not None else None
     return None
+
+
+def _address(base: str) -> str:
+    """A worker's host and port, for the log (never a URL's credentials or path)."""
+    parts = urlsplit(base)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.hostname}:{port}" if port else str(parts.hostname)
 
 
 def _describe(exc: BaseException) -> str:
