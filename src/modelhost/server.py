@@ -702,6 +702,7 @@ class GatewayServer(uvicorn.Server):
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self.drain_until: float | None = None
+        self.drained = self.announced = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = not self.should_exit and self.drain_until is None
@@ -714,18 +715,22 @@ class GatewayServer(uvicorn.Server):
                 front.draining = True
 
     async def on_tick(self, counter: int) -> bool:
-        if self.drain_until is not None and not self.should_exit:
+        if self.drain_until is not None and not self.drained:
+            if not self.announced:  # here, not in the signal handler
+                self.announced = True
+                log.info("stopping: draining (new requests get 503) for at most %g s",
+                         self.drain_timeout)
             busy = in_flight(self.server_state)
             if not busy and not self.server_state.tasks:
-                log.info("draining: no request in flight, stopping")
-                self.should_exit = True
-            elif time.monotonic() >= self.drain_until:
-                log.warning("draining: %d request(s) still in flight after %g s "
-                            "(MODELHOST_DRAIN_TIMEOUT): cut off", len(busy),
-                            self.drain_timeout)
+                log.info("drained: no request in flight")
+                self.drained = self.should_exit = True
+            elif self.should_exit or time.monotonic() >= self.drain_until:
+                log.warning("%d request(s) still in flight %s: cut off", len(busy),
+                            "at a second signal" if self.should_exit else
+                            f"after the drain timeout ({self.drain_timeout:g} s)")
                 for conn in busy:
                     conn.transport.abort()
-                self.should_exit = True
+                self.drained = self.should_exit = True
         return await super().on_tick(counter)
 
 
