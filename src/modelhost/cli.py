@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
                          log_level=log_level, insecure_no_auth=insecure_no_auth or None)
     _refuse_exposed_without_keys(settings)
     setup_logging(settings.log_level, settings.logs_path)
+    _open_files_for(settings.max_connections)
     try:
         catalog = Catalog.from_file(settings.config_file)
     except ConfigError as exc:
@@ -93,6 +96,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _open_files_for(connections: int) -> None:
+    """Raise the soft limit on open files to what `connections` clients need (each may have a
+    connection to a worker too, plus the gateway's own files), up to the hard limit: a
+    gateway out of descriptors stops accepting before its connection cap answers 503."""
+    needed = 2 * connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logging.getLogger(__name__).warning(
+            "open files are limited to %d, short of the %d that MODELHOST_MAX_CONNECTIONS=%d "
+            "may need: raise the limit (ulimit -n, systemd LimitNOFILE) or lower the setting",
+            soft, needed, connections)
 
 
 def _refuse_exposed_without_keys(settings: Settings) -> None:
