@@ -550,7 +550,7 @@ class GatewayProtocol(HttpToolsProtocol):
         scope = self.scope
         scope["method"] = "POST"
         scope["http_version"] = http_version
-        scope["path"] = url.decode("ascii")
+        scope["path"] = path if gate is not None else url.decode("ascii")
         scope["raw_path"] = url
         scope["query_string"] = b""
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
