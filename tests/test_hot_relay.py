@@ -251,9 +251,13 @@ def test_invalid_requests_and_keys_are_answered_without_a_task(serve: Serve) -> 
         assert not state.tasks
         status, _, body = await client.answer()
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert client.closed  # refused on its head: the server closes the connection
+        client = Client(GatewayProtocol(client.protocol.config, state, {},
+                                        asyncio.get_running_loop()))
         client.send(chat(model="nope"))
         status, _, body = await client.answer()
         assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+        client.protocol.connection_lost(None)
 
     serve(test)
 
