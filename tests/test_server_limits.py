@@ -84,6 +84,8 @@ class Gated(App):
     def gate(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
              ) -> Answer | None:
         self.gated.append((method, path))
+        if path == "/gate-fails":
+            raise RuntimeError("the gate failed")
         if path.startswith("/refused") or (b"x-refuse", b"1") in headers:
             return json_answer(error_body("Refused by the gate.", "authentication_error",
                                           None, "invalid_api_key"), 401)
@@ -157,6 +159,13 @@ def test_the_gate_sees_every_request_with_its_decoded_path(served: Served) -> No
     resp = httpx.delete(served.url + "/refused/x%2Fy")
     assert resp.status_code == 401 and resp.headers["connection"] == "close"
     assert app.gated == [(b"POST", "/hot"), (b"GET", "/other path"), (b"DELETE", "/refused/x/y")]
+
+
+def test_a_gate_that_fails_is_a_500(served: Served) -> None:
+    resp = httpx.post(served.url + "/gate-fails", content=b"x")
+    assert resp.status_code == 500 and resp.headers["connection"] == "close"
+    assert error_of(resp.content)["type"] == "server_error"
+    assert httpx.post(served.url + "/hot", content=b"after").text == "hot after"
 
 
 @pytest.mark.parametrize("path", ["/hot", "/other"])

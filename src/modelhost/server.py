@@ -259,8 +259,8 @@ class HotCycle(RequestResponseCycle):
                     self.message_event.clear()
                     await self.message_event.wait()
             self.message_event.clear()
-            if self.disconnected:
-                return
+            if self.disconnected and self.step is self.route:
+                return  # (a step given by `go_on` owns a model's slot: it runs, and frees it)
             await self.step(self)
         except BaseException as exc:
             self.logger.error("Exception in a hot route", exc_info=exc)
@@ -461,6 +461,10 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+GATE_FAILED = Answer(json.dumps(error_body("The gateway failed to process the request.",
+                                           "server_error")).encode(), 500)
+
+
 def _nothing() -> None:
     pass
 
@@ -538,7 +542,11 @@ class GatewayProtocol(HttpToolsProtocol):
         gate = self.gate
         if gate is not None:
             path = url.decode("ascii") if hot else request_path(url)
-            refusal = gate(method, path, self.headers)
+            try:
+                refusal = gate(method, path, self.headers)
+            except Exception:
+                log.exception("the gate failed on %s %s", method.decode("latin-1"), path)
+                refusal = GATE_FAILED
             if refusal is not None:
                 self.refuse(refusal, method, path)
                 return
