@@ -161,6 +161,20 @@ def test_the_gate_sees_every_request_with_its_decoded_path(served: Served) -> No
     assert app.gated == [(b"POST", "/hot"), (b"GET", "/other path"), (b"DELETE", "/refused/x/y")]
 
 
+@pytest.mark.parametrize("config", [{"log_level": "trace"}, {"access_log": True},
+                                    {"proxy_headers": True, "forwarded_allow_ips": "*"}],
+                         ids=["trace", "access-log", "proxy-headers"])
+def test_the_gate_is_asked_behind_uvicorns_wrappers(config: dict[str, Any]) -> None:
+    # The hot path is off with the first two, never the gate.
+    s = Served(Gated(), **config)
+    try:
+        resp = httpx.post(s.url + "/hot", content=b"x", headers={"X-Refuse": "1"})
+        assert resp.status_code == 401
+        assert app_of(s).gated == [(b"POST", "/hot")]
+    finally:
+        s.stop()
+
+
 def test_a_gate_that_fails_is_a_500(served: Served) -> None:
     resp = httpx.post(served.url + "/gate-fails", content=b"x")
     assert resp.status_code == 500 and resp.headers["connection"] == "close"
