@@ -132,18 +132,21 @@ def test_check_code_rules() -> None:
         return ModelSpec.model_validate({"id": "m", "backend": "llamacpp", "source": HUB,
                                          "engine_args": engine_args})
 
-    for args in ({"trust_remote_code": True}, {"worker_cls": "x.Y"},
+    bad: list[dict[str, Any]] = [{"trust_remote_code": True}, {"worker_cls": "x.Y"},
                  {"logits_processors": ["x.Y"]}, {"middleware": "x.y"},
                  {"allowed_local_media_path": "/"}, {"tokenizer": "org/tok"},
                  {"download_dir": "/tmp"}, {"load_format": "tensorizer"},
                  {"hf_overrides": {"x": "../secret"}}, {"n_ctx": "~/x"},
-                 {"rpc_servers": "10.0.0.1:50052"}):
+                 {"rpc_servers": "10.0.0.1:50052"}]
+    for args in bad:
         with pytest.raises(InvalidRequest):
             check_code(spec(**args))
-    for args in ({"n_ctx": 2048}, {"max_model_len": 8192, "quantization": "awq_marlin"},
+    good: list[dict[str, Any]] = [{"n_ctx": 2048},
+                                  {"max_model_len": 8192, "quantization": "awq_marlin"},
                  {"distributed_executor_backend": "mp"}, {"load_format": "safetensors"},
                  {"hf_overrides": {"rope_scaling": {"type": "yarn"}}},
-                 {"trust_remote_code": False}, {"tensor_split": [0.5, 0.5]}):
+                 {"trust_remote_code": False}, {"tensor_split": [0.5, 0.5]}]
+    for args in good:
         check_code(spec(**args))
 
 
@@ -268,9 +271,9 @@ def test_secrets_never_leave(gateway_factory: GatewayFactory,
     listener.start()
     assert subscribed.wait(10)
 
-    remote = {"backend": "remote", "source": {
-        "url": f"http://user:{url_password}@127.0.0.1:{port}/v1", "api_key": key,
-        "model": "fake"}}
+    source = {"url": f"http://user:{url_password}@127.0.0.1:{port}/v1", "api_key": key,
+              "model": "fake"}
+    remote: dict[str, Any] = {"backend": "remote", "source": source}
     assert put(gw, "remote", remote).status_code == 200
     # A worker that prints its secret environment and fails: its output is the last error.
     leaky = {"backend": "command", "env": {"LEAKY_VALUE": env_secret}, "max_restarts": 0,
@@ -305,7 +308,7 @@ def test_secrets_never_leave(gateway_factory: GatewayFactory,
     # Inference clients get no detail of the failure.
     assert httpx.get(gw.url + "/v1/models/leaky").json()["last_error"] == "failed"
     # A change (new key) and a deletion, seen in the history and the events too.
-    remote["source"]["api_key"] = key + "-rotated"
+    source["api_key"] = key + "-rotated"
     secrets.append(key + "-rotated")
     assert put(gw, "remote", remote).status_code == 200
     assert httpx.delete(gw.url + "/api/admin/models/dead", timeout=30).status_code == 200
@@ -437,6 +440,30 @@ def test_a_failed_write_is_a_5xx_and_changes_nothing(gateway_factory: GatewayFac
     assert rows == {"kept": 1, "new": 0, "remote": 0}
 
 
+def test_a_locked_database_is_a_5xx_and_changes_nothing(gateway_factory: GatewayFactory,
+                                                        tmp_path: Path) -> None:
+    """Another process holds the database's write lock: the change waits a few seconds for
+    it, then fails with 503; once the lock is gone the same change goes through."""
+    gw = gateway_factory([], env=ALLOW_CODE)
+    db = gw.tmp / "data" / "modelhost.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE models SET version = version")
+        started = time.monotonic()
+        resp = put(gw, "new", fake_model("new", tmp_path / "ev"))
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "state_not_saved"
+        assert time.monotonic() - started < 30  # a bounded wait, not a hang
+        assert httpx.get(gw.url + "/v1/models/new").status_code == 404
+        assert chat(gw, "new").status_code == 404
+    finally:
+        holder.rollback()
+        holder.close()
+    assert put(gw, "new", fake_model("new", tmp_path / "ev")).status_code == 200
+    assert chat(gw, "new").status_code == 200
+
+
 # ----------------------------------------------------------------------------- workers
 
 
@@ -512,3 +539,67 @@ def test_worker_log_rotates_while_it_runs(tmp_path: Path) -> None:
     assert "02047" in log_file.read_text().splitlines()[-1]
     first_kept = int(log_file.with_name("chatty.log.2").read_text()[:5])
     assert first_kept > 0  # the oldest output was rotated away
+
+
+def test_a_card_sent_back_keeps_its_secrets(gateway_factory: GatewayFactory,
+                                            remote_server: tuple[int, str]) -> None:
+    """GET a model, change it, PUT its spec back: the `***` keeps the stored key (for the
+    same server only: a stored key is never sent to another one)."""
+    port, key = remote_server
+    gw = gateway_factory([], env={"MODELHOST_REMOTE_ALLOW": "127.0.0.0/8,localhost"})
+    spec = {"backend": "remote", "source": {"url": f"http://127.0.0.1:{port}/v1",
+                                            "api_key": key, "model": "fake"}}
+    assert put(gw, "remote", spec).status_code == 200
+    shown = httpx.get(gw.url + "/api/admin/models/remote", timeout=5).json()["spec"]
+    assert shown["source"]["api_key"] == "***"
+    shown["max_concurrency"] = 2
+    assert put(gw, "remote", shown).status_code == 200
+    assert chat(gw, "remote").status_code == 200  # still the real key
+    shown["source"]["url"] = f"http://localhost:{port}/v1"
+    assert_refused(put(gw, "remote", shown), "source.api_key", "another server")
+
+
+def test_secrets_stored_in_clear_by_an_older_version_are_moved_out(
+        gateway_factory: GatewayFactory, remote_server: tuple[int, str],
+        tmp_path: Path) -> None:
+    from modelhost.db.store import Store, default_url
+
+    port, key = remote_server
+    data = tmp_path / "old-data"
+    spec = {"id": "old", "backend": "remote", "source": {
+        "url": f"http://127.0.0.1:{port}/v1", "api_key": key, "model": "fake"}}
+    with Store.open(default_url(data)) as store:  # what an older modelhost wrote
+        store.migrate()
+        store.upsert_model(json.dumps(spec), "old", source="api", actor="admin-api")
+        store.upsert_model(json.dumps({**spec, "max_queue": 3}), "old", source="api",
+                           actor="admin-api")
+    gw = gateway_factory([], env={"MODELHOST_DATA_DIR": str(data),
+                                  "MODELHOST_REMOTE_ALLOW": "127.0.0.0/8"})
+    assert chat(gw, "old").status_code == 200  # restored with its key
+    history = httpx.get(gw.url + "/api/admin/models/old/history", timeout=5).json()["data"]
+    assert [h["spec"]["source"]["api_key"] for h in history] == ["***", "***"]
+    gw.stop()
+    blob = b"".join(p.read_bytes() for p in data.glob("modelhost.db*"))
+    assert key.encode() not in blob
+    assert json.loads((data / "secrets.json").read_text())["old"]["source.api_key"] == key
+
+
+def test_a_remote_is_checked_again_at_every_load(gateway_factory: GatewayFactory,
+                                                 remote_server: tuple[int, str],
+                                                 tmp_path: Path) -> None:
+    """Allowed when added; after a restart without the allowance, its load is refused."""
+    port, key = remote_server
+    data = str(tmp_path / "shared")
+    gw = gateway_factory([], env={"MODELHOST_DATA_DIR": data,
+                                  "MODELHOST_REMOTE_ALLOW": "127.0.0.0/8"})
+    spec = {"backend": "remote", "source": {"url": f"http://127.0.0.1:{port}/v1",
+                                            "api_key": key, "model": "fake"}}
+    assert put(gw, "remote", spec).status_code == 200
+    assert chat(gw, "remote").status_code == 200
+    gw.stop()
+    again = gateway_factory([], env={"MODELHOST_DATA_DIR": data})
+    resp = chat(again, "remote")
+    assert resp.status_code == 502, resp.text
+    assert "127.0.0.1" not in resp.text  # the inference client learns no address
+    card = httpx.get(again.url + "/api/admin/models/remote", timeout=5).json()
+    assert card["state"] == "failed" and "MODELHOST_REMOTE_ALLOW" in card["last_error"]

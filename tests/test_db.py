@@ -493,3 +493,71 @@ def test_two_processes_write_at_once(tmp_path: Path) -> None:
         assert sorted(d.model_id for d in downloads) == ["alpha", "beta"]
         assert {(d.state, d.bytes_done) for d in downloads} == {("completed", count - 1)}
         assert store.interrupted_downloads() == []
+
+
+# -- privacy: file modes, secrets out of the files, bounded waits ------------------------------
+
+
+def test_database_file_and_folder_are_private(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "data"
+    with Store.open(default_url(data)) as store:
+        store.migrate()
+        store.upsert_model(remote_spec("m"), "m", source="api", actor="t")
+        files = sorted(data.iterdir())
+        assert {f.name for f in files} >= {DB_FILENAME, DB_FILENAME + "-wal"}
+        for f in files:  # the log and shared-memory files too (SQLite copies the mode)
+            assert f.stat().st_mode & 0o777 == 0o600, f
+    assert data.stat().st_mode & 0o777 == 0o700
+    # An existing database that others could read is made private.
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / DB_FILENAME).touch(mode=0o644)
+    (loose / DB_FILENAME).chmod(0o644)
+    Store.open(default_url(loose)).close()
+    assert (loose / DB_FILENAME).stat().st_mode & 0o777 == 0o600
+    assert loose.stat().st_mode & 0o777 == 0o755  # a folder it did not create is left alone
+
+
+def test_rewrite_specs_leaves_no_old_bytes(tmp_path: Path) -> None:
+    """Specs rewritten in place (secrets moved out) are gone from the file, history too."""
+    secret = "sk-old-version-kept-this-1234"
+    path = tmp_path / DB_FILENAME
+    with Store.open(default_url(tmp_path)) as store:
+        store.migrate()
+        for version in range(3):
+            spec = {"id": "m", "backend": "remote", "max_queue": version, "source": {
+                "url": "http://10.0.0.5:8000/v1", "api_key": f"{secret}{version}"}}
+            store.upsert_model(json.dumps(spec), "m", source="api", actor="t")
+        assert secret.encode() in path.read_bytes() + path.with_name(
+            DB_FILENAME + "-wal").read_bytes()
+
+        def rewrite(model_id: str, text: str) -> str:
+            spec = json.loads(text)
+            spec["source"]["api_key"] = "***"
+            return json.dumps(spec)
+
+        assert store.rewrite_specs(rewrite) == 4  # the current row and 3 revisions
+        assert store.rewrite_specs(rewrite) == 0
+        assert [r.spec()["source"]["api_key"] for r in store.history("m")] == ["***"] * 3
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert secret.encode() not in blob
+
+
+def test_a_write_that_must_answer_soon_waits_a_bounded_time(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    with Store.open(default_url(tmp_path)) as store:
+        store.migrate()
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError, match="locked"):
+                store.waiting_at_most(0.5).upsert_model(remote_spec("m"), "m", source="api",
+                                                        actor="t")
+            assert time.monotonic() - started < 10
+        finally:
+            holder.rollback()
+            holder.close()
+        assert store.model("m") is None
+        store.upsert_model(remote_spec("m"), "m", source="api", actor="t")
+        assert store.model("m") is not None

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -30,7 +31,7 @@ from modelhost.events import EventBus
 from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
-from modelhost.redaction import Scrubber, ScrubFilter, redact_spec
+from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked
 from modelhost.redaction import spec_secrets as secret_values
 from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
@@ -40,6 +41,11 @@ from modelhost.settings import Settings
 log = logging.getLogger(__name__)
 
 SECRETS_FILE = "secrets.json"
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 class NotSaved(ModelhostError):
@@ -102,6 +108,7 @@ class Gateway:
             handler.addFilter(self._log_filter)
         p = self.persistence
         await p.open()
+        await p.move_secrets_out()
         await p.record_specs(list(self.catalog.models), actor="config-file", source="file")
         for spec in await p.api_specs():
             try:
@@ -353,6 +360,8 @@ class Gateway:
                 owner = self.catalog.get(name)
                 if owner is not None and owner.id != spec.id:
                     raise Conflict(f"name '{name}' is already used by model '{owner.id}'")
+            if existing is not None:
+                spec = self._keep_secrets(existing, spec)
             url = remote_url(spec)
             if url is not None:
                 await self.remote_policy.check(url)
@@ -367,6 +376,21 @@ class Gateway:
             finally:
                 self._refresh_secrets()
             return self.card(rt)
+
+    @staticmethod
+    def _keep_secrets(existing: ModelSpec, spec: ModelSpec) -> ModelSpec:
+        """A `***` sent back in place of a secret (a card's spec, changed and PUT again)
+        keeps the stored secret; a remote's only while its URL names the same server, so
+        that a stored key is never sent to another one."""
+        data = spec_dict(spec)
+        restored = restore_masked(data, spec_secrets(existing))
+        if restored == data:
+            return spec
+        old, new = remote_url(existing), remote_url(spec)
+        if new is not None and (old is None or _origin(old) != _origin(new)):
+            raise InvalidRequest("the remote URL names another server: give its key (and "
+                                 "credentials) again instead of '***'", param="source.api_key")
+        return ModelSpec.model_validate(restored)
 
     async def delete_model(self, model_id: str) -> None:
         """Remove a model added through the API, once the deletion is committed."""

@@ -41,6 +41,10 @@ from modelhost.redaction import merge_spec, split_spec
 
 log = logging.getLogger(__name__)
 
+# How long a change asked through the admin API waits for another writer's lock (another
+# gateway process, the CLI) before it fails with 503; background writes wait longer.
+COMMIT_WAIT_S = 5.0
+
 
 class SecretFile:
     """The secrets of the models added through the API: {model id: {place: value}}, in a
@@ -137,7 +141,7 @@ class Persistence:
             if file is not None and before != (secrets or {}):
                 file.set(model_id, secrets)
             try:
-                return write(store)
+                return write(store.waiting_at_most(COMMIT_WAIT_S))
             except BaseException:
                 if file is not None and before != (secrets or {}):
                     try:
@@ -164,6 +168,32 @@ class Persistence:
                 log.exception("state database write failed")
             finally:
                 self._queue.task_done()
+
+    async def move_secrets_out(self) -> int:
+        """Specs stored with secrets in clear (by a modelhost before 0.x, or by hand): the
+        current API models' secrets go to the secrets file, and every stored spec, current
+        and past, is rewritten with `***`. Returns how many specs were rewritten."""
+        file = self.secrets
+
+        def run(store: Store) -> int:
+            found = {row.model_id: split_spec(row.spec())[1]
+                     for row in store.models() if row.source == "api"}
+            found = {k: v for k, v in found.items() if v}
+            if found and file is not None:
+                for model_id, secrets in found.items():
+                    file.set(model_id, {**file.get(model_id), **secrets})
+
+            def rewrite(model_id: str, text: str) -> str:
+                data = json.loads(text)
+                return json.dumps(split_spec(data)[0] if isinstance(data, dict) else data)
+
+            return store.rewrite_specs(rewrite)
+
+        changed: int = await self.now(run)
+        if changed:
+            log.warning("the state database held %d spec(s) with secrets in clear: moved "
+                        "to %s", changed, file.path if file is not None else "nowhere")
+        return changed
 
     async def record_specs(self, specs: list[ModelSpec], actor: str, source: str) -> None:
         def write(store: Store) -> None:

@@ -74,8 +74,23 @@ def url_credentials(url: str) -> str | None:
     return netloc.rsplit("@", 1)[0] if "@" in netloc else None
 
 
+def _masked_value(place: tuple[str | int, ...], value: Any) -> bool:
+    """Whether the value at a secret place is already `***` (a redacted spec)."""
+    if not isinstance(value, str):
+        return False
+    if place == ("source", "url"):
+        return url_credentials(value) == MASK
+    match = _secret_assign(value) if place[0] == "command" else None
+    return (match.group(3) if match else value) == MASK
+
+
 def _places(spec: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-    """(place, value) of every secret of a spec dict."""
+    """(place, value) of every secret of a spec dict (not those already `***`)."""
+    return [(place, value) for place, value in _all_places(spec)
+            if not _masked_value(place, value)]
+
+
+def _all_places(spec: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
     found: list[tuple[tuple[str | int, ...], str]] = []
     source = spec.get("source")
     if isinstance(source, dict):
@@ -163,6 +178,29 @@ def _places_of(spec: dict[str, Any]) -> list[tuple[str | int, ...]]:
     if isinstance(command, list):
         places += [("command", i) for i in range(len(command))]
     return places
+
+
+def restore_masked(spec: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
+    """The spec with each `***` it holds at a place of `secrets` given that secret back: a
+    card's spec sent back with a change keeps the stored key."""
+    spec = copy.deepcopy(spec)
+    for place in _places_of(spec):
+        key = _key(place)
+        holder: Any = spec
+        for part in place[:-1]:
+            holder = holder[part]
+        value = holder[place[-1]]
+        if key not in secrets or not _masked_value(place, value):
+            continue
+        if place == ("source", "url"):  # the stored credentials, in the URL as it is now
+            parts = urlsplit(value)
+            host = parts.netloc.rsplit("@", 1)[1]
+            value = urlunsplit(parts._replace(
+                netloc=f"{url_credentials(secrets[key])}@{host}"))
+        else:
+            value = secrets[key]
+        holder[place[-1]] = value
+    return spec
 
 
 def spec_secrets(spec: dict[str, Any]) -> list[str]:

@@ -41,6 +41,7 @@ local disk, and use PostgreSQL to share one between machines.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -88,6 +89,7 @@ BUSY_TIMEOUT_S: Final = 30.0
 # Attempts of a write that lost a race on PostgreSQL (two replicas inserting the same key).
 WRITE_ATTEMPTS: Final = 3
 _WRITE_OPTION: Final = "modelhost_write"
+_WAIT_OPTION: Final = "modelhost_busy_timeout"
 
 T = TypeVar("T")
 
@@ -254,6 +256,9 @@ def _sqlite_connect(foreign_keys: bool) -> Callable[[Any, ConnectionPoolEntry], 
                             "network file system?", mode)
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+            # What a write replaces or deletes is overwritten on disk, not left in free
+            # space: a spec rewritten without its secrets leaves no copy of them.
+            cursor.execute("PRAGMA secure_delete = ON")
         finally:
             cursor.close()
 
@@ -261,7 +266,11 @@ def _sqlite_connect(foreign_keys: bool) -> Callable[[Any, ConnectionPoolEntry], 
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
+    options = connection.get_execution_options()
+    immediate = options.get(_WRITE_OPTION, False)
+    if immediate:  # how long this write waits for another writer (`Store.waiting_at_most`)
+        wait = float(options.get(_WAIT_OPTION, BUSY_TIMEOUT_S))
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait * 1000)}")
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
@@ -355,6 +364,14 @@ class Store:
             assert parsed.database is not None
             private_file(Path(parsed.database).expanduser())
         return cls(parsed, _create_engine(parsed))
+
+    def waiting_at_most(self, seconds: float) -> Store:
+        """The same store (same connections), whose writes wait at most `seconds` for
+        another writer's lock instead of `BUSY_TIMEOUT_S`, then fail with "database is
+        locked": for a caller that must answer soon (an admin API change). Do not close it."""
+        view = copy.copy(self)
+        view._writer = self._writer.execution_options(**{_WAIT_OPTION: seconds})
+        return view
 
     @property
     def engine(self) -> Engine:
@@ -471,6 +488,33 @@ class Store:
             return record.version
 
         return self._retry(write)
+
+    def rewrite_specs(self, rewrite: Callable[[str, str], str]) -> int:
+        """Rewrite every stored spec, current and past (`rewrite(model_id, spec_json)`
+        returns the new JSON), in one transaction, without adding revisions; returns how many
+        changed. Then, on SQLite, the log is checkpointed and truncated, so that the old
+        bytes are gone from the files (with secure_delete on, freed space is zeroed)."""
+
+        def write(session: Session) -> int:
+            changed = 0
+            for record in session.scalars(sa.select(ModelRecord)):
+                new = canonical_spec(rewrite(record.model_id, record.spec), record.model_id)
+                if new != record.spec:
+                    record.spec, changed = new, changed + 1
+            for revision in session.scalars(sa.select(ModelRevision)):
+                if revision.spec is None:
+                    continue
+                new = canonical_spec(rewrite(revision.model_id, revision.spec),
+                                     revision.model_id)
+                if new != revision.spec:
+                    revision.spec, changed = new, changed + 1
+            return changed
+
+        changed = self._retry(write)
+        if changed and _is_sqlite(self.url) and not _is_memory(self.url):
+            with self._engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return changed
 
     def delete_model(self, model_id: str, actor: str) -> int | None:
         """Mark a model deleted, keeping its history; returns the version of the deletion,
