@@ -663,6 +663,10 @@ class GatewayProtocol(HttpToolsProtocol):
     def judge(self, now: float, limits: Limits) -> None:
         """Apply the deadlines at a sweep (`Watch.sweep`)."""
         transport = self.writer.transport
+        # The transport holds bytes only once the kernel's buffers for the client are full.
+        # Progress: it holds fewer than at the last sweep, or it went under its low-water mark
+        # since (`resume_writing`). A client reading slower than its answer is produced still
+        # drains it once the transport pauses its writer (past 64 KiB).
         unsent = transport.get_write_buffer_size()
         if unsent:
             if not self.unsent or unsent < self.unsent or self.resumed != self.resumed_seen:
