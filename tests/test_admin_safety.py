@@ -174,6 +174,12 @@ def test_public_addresses_and_the_allow_list() -> None:
     assert asyncio.run(policy.check("https://a.b.corp.example/v1")) == []
     with pytest.raises(InvalidRequest):
         asyncio.run(policy.check("http://192.168.0.1/v1"))
+    loopback = RemotePolicy.parse(["127.0.0.0/8"])
+    assert loopback.address_allowed(ipaddress.ip_address("::1"))
+    assert loopback.address_allowed(ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert not loopback.address_allowed(ipaddress.ip_address("10.0.0.1"))
+    assert not policy.address_allowed(ipaddress.ip_address("::1"))
+    assert RemotePolicy.parse(["::1"]).address_allowed(ipaddress.ip_address("127.0.0.1"))
 
 
 def test_ssrf_targets_are_refused(gateway_factory: GatewayFactory,
@@ -192,8 +198,9 @@ def test_ssrf_targets_are_refused(gateway_factory: GatewayFactory,
             "resolved" in resp.json()["error"]["message"]
     assert httpx.get(gw.url + "/v1/models/r").status_code == 404
 
-    # The operator allows the loopback network (or a host name): accepted, and it serves.
-    allowed = gateway_factory([], env={"MODELHOST_REMOTE_ALLOW": "127.0.0.0/8,localhost"})
+    # The operator allows the loopback network: accepted, and it serves (`localhost` too,
+    # whether it resolves to 127.0.0.1, ::1 or both: loopback is one place).
+    allowed = gateway_factory([], env={"MODELHOST_REMOTE_ALLOW": "127.0.0.0/8"})
     for model_id, url in (("r", f"http://127.0.0.1:{port}/v1"),
                           ("named", f"http://localhost:{port}/v1")):
         resp = put(allowed, model_id, {"backend": "remote",

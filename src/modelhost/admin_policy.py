@@ -136,6 +136,8 @@ def check_code(spec: ModelSpec) -> None:
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
+LOOPBACK6 = ipaddress.IPv6Address("::1")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -191,6 +193,10 @@ class RemotePolicy:
     def address_allowed(self, ip: Address) -> bool:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and \
                 any(ip.ipv4_mapped in n for n in self.networks):
+            return True
+        if ip.is_loopback and any(LOOPBACK4 in n or LOOPBACK6 in n for n in self.networks):
+            # Loopback is one place: allowing 127.0.0.1 (or ::1) allows the other, so that
+            # `localhost` works whether it resolves to one or both.
             return True
         return public_address(ip) or any(ip in n for n in self.networks)
 
