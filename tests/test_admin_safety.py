@@ -506,8 +506,13 @@ def test_worker_environment_function(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_USE_V1", "1")
     monkeypatch.setenv("GITHUB_TOKEN", "x")
     monkeypatch.setenv("XDG_CACHE_HOME", "/c")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("HF_HUB_TOKEN", "x")
+    monkeypatch.setenv("TORCH_AUTH_SECRET", "x")
     env = worker_environment({"HF_TOKEN": "from-the-plan"})
     assert "VLLM_API_KEY" not in env and "GITHUB_TOKEN" not in env
+    assert "HF_HUB_TOKEN" not in env and "TORCH_AUTH_SECRET" not in env
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     assert env["VLLM_USE_V1"] == "1" and env["XDG_CACHE_HOME"] == "/c"
     assert env["HF_TOKEN"] == "from-the-plan"
 

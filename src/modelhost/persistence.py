@@ -189,7 +189,11 @@ class Persistence:
 
             return store.rewrite_specs(rewrite)
 
-        changed: int = await self.now(run)
+        try:
+            changed: int = await self.now(run)
+        except (OSError, ValueError) as exc:  # a broken secrets file: keep them where they are
+            log.error("cannot move the secrets stored in the database out of it: %s", exc)
+            return 0
         if changed:
             log.warning("the state database held %d spec(s) with secrets in clear: moved "
                         "to %s", changed, file.path if file is not None else "nowhere")
@@ -207,7 +211,12 @@ class Persistence:
         (with their secrets put back)."""
         rows = await self.now(lambda store: store.models())
         file = self.secrets
-        secrets = await asyncio.to_thread(file.load) if file is not None else {}
+        try:
+            secrets = await asyncio.to_thread(file.load) if file is not None else {}
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the secrets file: %s; models added through the API come "
+                      "back without their secrets", exc)
+            secrets = {}
         specs = []
         for row in rows:
             if row.source != "api":

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -72,14 +73,15 @@ WORKER_ENV_PREFIXES = (
     "TRANSFORMERS_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "VLLM_", "OMP_", "MKL_",
     "OPENBLAS_", "KMP_", "GGML_", "LLAMA_", "CT2_", "ONNXRUNTIME_", "ORT_",
 )
-# Never inherited, even under an allowed prefix: they hold secrets.
-WORKER_ENV_SECRET = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
+# Never inherited, even under an allowed prefix: a name with one of these words holds a secret.
+WORKER_ENV_SECRET = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|APIKEY|CREDENTIALS?|AUTH)(_|$)")
 
 
 def inherited(name: str) -> bool:
     """Whether a worker inherits the gateway's variable `name`."""
     upper = name.upper()
-    if any(word in upper for word in WORKER_ENV_SECRET) or upper.startswith("MODELHOST_"):
+    if WORKER_ENV_SECRET.search(upper) or upper.startswith("MODELHOST_"):
         return False
     return name in WORKER_ENV_NAMES or upper.startswith(WORKER_ENV_PREFIXES)
 
