@@ -199,9 +199,9 @@ def test_a_slow_answer_gets_a_504_past_the_request_deadline(
     events = upstream[1]
     aborted = events.read_text().count("aborted")
     # A worker that keeps talking (a piece every 0.3 s, never silent for the idle deadline)
-    # but would take about 5 s in all.
+    # but would take about 5 s in all. Of unknown length, the answer is collected: a 504.
     started = time.monotonic()
-    resp = chat(hurried, size=16 * 64 * KiB, gap=0.3)
+    resp = chat(hurried, size=16 * 64 * KiB, gap=0.3, chunked=True)
     took = time.monotonic() - started
     assert resp.status_code == 504, resp.text
     error = resp.json()["error"]
@@ -209,10 +209,18 @@ def test_a_slow_answer_gets_a_504_past_the_request_deadline(
     assert 1.5 < took < 4.5
     assert wait_for(lambda: events.read_text().count("aborted") > aborted, timeout=5)
     assert_answered(hurried)
+    # With its length declared, it is relayed as it comes: the deadline cuts it short.
+    aborted = events.read_text().count("aborted")
+    with pytest.raises(httpx.RemoteProtocolError):
+        chat(hurried, size=16 * 64 * KiB, gap=0.3)
+    assert wait_for(lambda: events.read_text().count("aborted") > aborted, timeout=5)
+    assert_answered(hurried)
 
 
 def test_a_silent_worker_gets_a_504_past_the_idle_deadline(hurried: Gateway) -> None:
-    silent: list[dict[str, Any]] = [{"delay": 30}, {"size": MiB, "stall_after": 300 * KiB}]
+    # Silent before the head; silent in the middle of an answer of unknown length.
+    silent: list[dict[str, Any]] = [{"delay": 30},
+                                    {"size": MiB, "stall_after": 300 * KiB, "chunked": True}]
     for big in silent:
         started = time.monotonic()
         resp = chat(hurried, **big)
@@ -220,6 +228,10 @@ def test_a_silent_worker_gets_a_504_past_the_idle_deadline(hurried: Gateway) -> 
         assert "idle_timeout" in resp.json()["error"]["message"]
         assert 0.7 < time.monotonic() - started < 3.5
         assert_answered(hurried)
+    # Silent in the middle of an answer of declared length, relayed as it comes: cut short.
+    with pytest.raises(httpx.RemoteProtocolError):
+        chat(hurried, size=MiB, stall_after=300 * KiB)
+    assert_answered(hurried)
 
 
 def test_a_stream_is_bounded_by_the_idle_deadline_alone(hurried: Gateway) -> None:
@@ -297,11 +309,16 @@ def test_a_worker_that_crashes_mid_answer_releases_the_slot(
                            "max_restarts": 5, "command": [sys.executable, BIG_UPSTREAM,
                                                           "--port", "{port}"]}])
     assert_answered(gw, timeout=30)
-    resp = chat(gw, size=4 * MiB, crash_after=MiB)
+    # Of unknown length, the answer is collected: the client gets a 502.
+    resp = chat(gw, size=4 * MiB, crash_after=MiB, chunked=True)
     assert resp.status_code == 502
     message = resp.json()["error"]["message"]
     assert message == "worker of 'big' failed while answering"
     assert_answered(gw, timeout=30)  # after the worker's restart
+    # With its length declared, it is relayed as it comes: the client sees it cut short.
+    with pytest.raises(httpx.RemoteProtocolError):
+        chat(gw, size=4 * MiB, crash_after=MiB)
+    assert_answered(gw, timeout=30)
 
 
 def test_errors_name_no_internal_address(gateway_factory: GatewayFactory,
@@ -313,7 +330,8 @@ def test_errors_name_no_internal_address(gateway_factory: GatewayFactory,
         assert wait_for(lambda: _up(url), timeout=20)
         gw = gateway_factory([remote(url, max_restarts=0)])
         assert_answered(gw)
-        resp = chat(gw, size=4 * MiB, drop_after=MiB)  # the connection is dropped mid-answer
+        # The connection is dropped mid-answer.
+        resp = chat(gw, size=4 * MiB, drop_after=MiB, chunked=True)
         assert resp.status_code == 502
         assert resp.json()["error"]["message"] == "worker of 'big' failed while answering"
     finally:

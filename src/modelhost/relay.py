@@ -58,6 +58,9 @@ from modelhost.upstream import (
 
 log = logging.getLogger(__name__)
 
+# A non-streamed answer whose declared length is past this is relayed as it arrives
+# (`RelayStream`); a smaller one, or one of unknown length, is collected and sent in one write.
+RELAY_AS_IT_COMES = 256 * 1024
 ERROR_BODY_LIMIT = 1024 * 1024  # an error answer's body is read up to this (for its message)
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
@@ -106,18 +109,26 @@ class Relay:
         return await self.finish(runtime, admission, resp)
 
     async def finish(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
-                     content_type: str | None = None) -> Answer | RelayStream:
-        """Relay an answer whose head is in (`content_type` when its usage was counted
-        already); the admission slot is released when it ends."""
+                     content_type: str | None = None, length: int = -1
+                     ) -> Answer | RelayStream:
+        """Relay an answer whose head is in (`content_type` and its declared `length`, -1 for
+        none, when its usage was counted already); the admission slot is released when it
+        ends."""
         released = False
         try:
             if resp.status >= 400:
                 raise await _upstream_failure(runtime, resp)
             if content_type is None:
-                content_type = _content_type_and_usage(runtime, resp)
+                content_type, length = _content_type_and_usage(runtime, resp)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 return RelayStream(runtime, admission, resp, content_type)
+            if length > self.max_answer_bytes:
+                resp.close()
+                raise _failed_while_answering(runtime, AnswerTooLarge(self.max_answer_bytes))
+            if length > RELAY_AS_IT_COMES:
+                released = True
+                return RelayStream(runtime, admission, resp, content_type, length)
             try:
                 data = await resp.read(self.max_answer_bytes)
             except OSError as exc:
@@ -228,11 +239,11 @@ class Exchange:
 
     def head(self, resp: UpstreamResponse) -> None:
         if resp.status >= 400:
-            self._resume(resp, None)
+            self._resume(resp, None, -1)
             return
-        self.content_type = _content_type_and_usage(self.runtime, resp)
-        if self.content_type.startswith("text/event-stream"):
-            self._resume(resp, self.content_type)
+        self.content_type, length = _content_type_and_usage(self.runtime, resp)
+        if length > RELAY_AS_IT_COMES or self.content_type.startswith("text/event-stream"):
+            self._resume(resp, self.content_type, length)
 
     def done(self, resp: UpstreamResponse) -> None:
         resp.listener = None
@@ -250,10 +261,10 @@ class Exchange:
         else:
             self.reply.send(error_answer(_failed_while_answering(self.runtime, exc)))
 
-    def _resume(self, resp: UpstreamResponse, content_type: str | None) -> None:
+    def _resume(self, resp: UpstreamResponse, content_type: str | None, length: int) -> None:
         resp.listener = None
         relay, runtime, admission = self.relay, self.runtime, self.admission
-        self.reply.resume(lambda: relay.finish(runtime, admission, resp, content_type))
+        self.reply.resume(lambda: relay.finish(runtime, admission, resp, content_type, length))
 
 
 def _done(runtime: ModelRuntime, admission: Admission) -> None:
@@ -304,38 +315,53 @@ def _timed_out(runtime: ModelRuntime, exc: UpstreamTimeout) -> GatewayTimeout:
 USAGE_HEADERS = {b"x-audio-seconds": "audio_seconds", b"x-input-tokens": "input_tokens"}
 
 
-def _content_type_and_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> str:
-    """The answer's content type; what the request consumed is added to the model's usage.
-    (One pass over the headers: this runs for every request.)"""
+def _content_type_and_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> tuple[str, int]:
+    """The answer's content type and declared length (-1: none); what the request consumed
+    is added to the model's usage. (One pass over the headers: this runs for every
+    request.)"""
     content_type = "application/json"
+    length = -1
     for name, value in resp.raw_headers:
         name = name.lower()
         if name == b"content-type":
             content_type = value.decode("latin-1")
+        elif name == b"content-length":
+            length = int(value) if value.isdigit() else -1
         elif name in USAGE_HEADERS:
             key = USAGE_HEADERS[name]
             try:
                 runtime.usage[key] = runtime.usage.get(key, 0.0) + float(value)
             except ValueError:
                 continue
-    return content_type
+    return content_type, length
 
 
 class RelayStream:
-    """A streamed answer passed through as it arrives (an ASGI app).
+    """A streamed answer passed through as it arrives (an ASGI app); also a large
+    non-streamed answer whose `length` the worker declared, which is relayed the same way
+    (with that Content-Length), so that the gateway never holds it whole.
 
     A client that goes away is noticed by a task waiting on `receive()`; it aborts the
     connection to the worker, which stops generating. Cleanup (closing or releasing the
     upstream answer, releasing the admission slot) runs exactly once, however the stream ends.
+    A stream that breaks ends with an error event; a non-streamed answer that breaks (the
+    worker failed, or the request deadline passed) is left incomplete, and the connection
+    to the client closed.
     """
 
     def __init__(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
-                 content_type: str) -> None:
+                 content_type: str, length: int = -1) -> None:
         self._runtime = runtime
         self._admission = admission
         self._resp = resp
-        resp.deadline = math.inf  # a stream is bounded by the idle timeout alone
-        self._headers = [(b"content-type", content_type.encode("latin-1")), *STREAM_HEADERS]
+        self._length = length
+        if length < 0:
+            resp.deadline = math.inf  # a stream is bounded by the idle timeout alone
+            self._headers = [(b"content-type", content_type.encode("latin-1")),
+                             *STREAM_HEADERS]
+        else:
+            self._headers = [(b"content-type", content_type.encode("latin-1")),
+                             (b"content-length", b"%d" % length)]
         self._complete = False
         self._closed = False
         self._gone = False
@@ -356,6 +382,8 @@ class RelayStream:
                     return
                 model = self._runtime.spec.id
                 log.warning("model %s: stream broken: %s", model, _describe(exc))
+                if self._length >= 0:
+                    return  # incomplete: the server closes the connection
                 error = _timed_out(self._runtime, exc) if isinstance(exc, UpstreamTimeout) \
                     else UpstreamError(f"worker of '{model}' failed mid-stream")
                 await send({"type": "http.response.body", "more_body": True,
