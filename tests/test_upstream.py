@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,11 +20,13 @@ from aiohttp import web
 
 from modelhost.server import CoalescingWriter
 from modelhost.upstream import (
+    AnswerTooLarge,
     Multipart,
     UpstreamClient,
     UpstreamClosed,
     UpstreamProtocolError,
     UpstreamResponse,
+    UpstreamTimeout,
 )
 
 JSON = {"Content-Type": "application/json"}
@@ -456,3 +459,136 @@ def test_coalescing_writer_sends_head_and_body_in_one_write() -> None:
         return transport.writes
 
     assert run(main()) == [b"HEADBODY", b"event 1", b"last"]
+
+
+# --- answers read whole: any size, a cap, a deadline ------------------------------------------
+
+
+def test_an_answer_read_whole_is_never_paused_whatever_its_size() -> None:
+    payload = bytes(range(256)) * (64 * 1024)  # 16 MiB, far past the high-water mark
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=payload)
+
+    async def main() -> list[bytes]:
+        async with aiohttp_server(handler) as (base, peers):
+            client = UpstreamClient()
+            bodies = []
+            for _ in range(3):  # and the connection, back in the pool, is still good
+                resp = await client.request(base, "POST", "/x", JSON, b"{}")
+                await asyncio.sleep(0.2)  # the answer arrives (and pauses) before read()
+                bodies.append(await asyncio.wait_for(resp.read(), 10))
+            assert len(peers) == 1
+            client.close()
+            return bodies
+
+    assert all(body == payload for body in run(main()))
+
+
+class _Collect:
+    """A `Listener` that hands the whole body to a future."""
+
+    def __init__(self) -> None:
+        self.body: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def head(self, resp: UpstreamResponse) -> None:
+        pass
+
+    def done(self, resp: UpstreamResponse) -> None:
+        self.body.set_result(resp.take_body())
+        resp.release()
+
+    def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
+        resp.close()
+        self.body.set_exception(exc)
+
+
+def test_a_listener_gets_a_large_answer_whole_and_a_cap_cuts_it_off() -> None:
+    payload = b"x" * (3 * 1024 * 1024 + 17)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(payload), 64 * 1024):  # chunked: no length declared
+            await resp.write(payload[i:i + 64 * 1024])
+        await resp.write_eof()
+        return resp
+
+    async def main() -> tuple[bytes, BaseException | None, int]:
+        async with aiohttp_server(handler) as (base, peers):
+            client = UpstreamClient()
+            await (await client.request(base, "POST", "/x", JSON, b"{}")).read()  # pooled
+            whole = _Collect()
+            assert client.start(base, "POST", "/x", JSON, b"{}", whole) is not None
+            body = await asyncio.wait_for(whole.body, 10)
+            capped = _Collect()
+            assert client.start(base, "POST", "/x", JSON, b"{}", capped, limit=1024 * 1024)
+            error = None
+            try:
+                await asyncio.wait_for(capped.body, 10)
+            except AnswerTooLarge as exc:
+                error = exc
+            client.close()
+            return body, error, len(peers)
+
+    body, error, _ = run(main())
+    assert body == payload
+    assert isinstance(error, AnswerTooLarge) and error.limit == 1024 * 1024
+
+
+def test_read_with_a_cap_fails_past_it_and_aborts_the_connection() -> None:
+    gone = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        try:
+            for _ in range(1000):  # 64 MiB, slowly enough to be cut off well before the end
+                await resp.write(b"y" * 64 * 1024)
+                await asyncio.sleep(0.002)
+        except (ConnectionError, asyncio.CancelledError):
+            gone.set()
+            raise
+        return resp
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient()
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            with pytest.raises(AnswerTooLarge, match="exceeds 1048576 bytes"):
+                await resp.read(1024 * 1024)
+            await asyncio.wait_for(gone.wait(), 5)  # the worker saw the connection go
+            client.close()
+
+    run(main())
+
+
+def test_a_worker_that_keeps_talking_past_the_request_deadline_times_out() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(40):
+            await resp.write(b"z" * 1024)
+            await asyncio.sleep(0.1)  # never silent for the idle timeout
+        await resp.write_eof()
+        return resp
+
+    async def main() -> tuple[UpstreamTimeout, float, bytes]:
+        async with aiohttp_server(handler) as (base, _):
+            client = UpstreamClient(idle_timeout=1.0, request_timeout=0.8)
+            started = time.monotonic()
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            with pytest.raises(UpstreamTimeout) as info:
+                await resp.read()
+            took = time.monotonic() - started
+            # A stream's reader lifts the deadline: only silence would end it.
+            resp = await client.request(base, "POST", "/x", JSON, b"{}")
+            resp.deadline = math.inf
+            streamed = b"".join([chunk async for chunk in resp.chunks()])
+            client.close()
+            return info.value, took, streamed
+
+    error, took, streamed = run(main())
+    assert not error.idle and error.seconds == 0.8
+    assert 0.6 < took < 3
+    assert streamed == b"z" * 40 * 1024
