@@ -322,3 +322,49 @@ def test_draining_refuses_all_but_health(drained: TestClient) -> None:
         assert int(resp.headers["retry-after"]) >= 1
     # A foreign Host is still told so first.
     assert_error(drained.get("/health", headers={"Host": EVIL}), 421)
+
+
+def test_the_asgi_path_refuses_as_the_server_does(gateway_factory: GatewayFactory,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same requests through the server (which asks the gate when the headers are
+    complete) and through the app called as plain ASGI (another server, a test client): the
+    same refusals."""
+    env = {"OPENAI_API_KEYS": "sk-inf", "MODELHOST_ADMIN_KEYS": "sk-adm",
+           "MODELHOST_ALLOWED_HOSTS": "gw.example"}
+    gw = gateway_factory([fake_model("fake")], env=env)
+    (tmp_path / "models.yaml").write_text("include_builtin: false\nmodels: []\n")
+    monkeypatch.setenv("MODELHOST_CONFIG", str(tmp_path / "models.yaml"))
+    monkeypatch.setenv("MODELHOST_DATA_DIR", str(tmp_path / "data"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    front = build_app(Settings())
+    assert not front.server_gates
+    asgi = TestClient(front, base_url="http://127.0.0.1")
+    inf, adm = {"Authorization": "Bearer sk-inf"}, {"Authorization": "Bearer sk-adm"}
+    cases: list[tuple[str, str, dict[str, str], int | None]] = [
+        ("POST", "/v1/chat/completions", {}, 401),
+        ("POST", "/v1/chat/completions", {"Authorization": "Bearer nope"}, 401),
+        ("POST", "/v1/chat/completions", {**inf, "Host": EVIL}, 421),
+        ("POST", "/v1/chat/completions", {**inf, "Origin": f"http://{EVIL}"}, 403),
+        ("POST", "/v1/embeddings", {**adm, "Sec-Fetch-Site": "cross-site"}, 403),
+        ("GET", "/v1/models", {}, 401),
+        ("GET", "/v1/models", {**inf, "Host": "gw.example:443"}, None),
+        ("GET", "/api/admin/models", inf, 403),
+        ("GET", "/api/admin/models", adm, None),
+        ("PUT", "/api/admin/token", {**adm, "Origin": "null"}, 403),
+        ("GET", "/api/%61dmin/models", inf, 403),
+        ("GET", "/health", {"Host": EVIL}, 421),
+        ("GET", "/health", {}, None),
+        ("GET", "/nowhere", {}, 404),
+    ]
+    for method, path, headers, wanted in cases:
+        served = httpx.request(method, gw.url + path, headers=headers, json={}, timeout=30)
+        direct = asgi.request(method, path, headers=headers, json={})
+        for label, resp in (("server", served), ("asgi", direct)):
+            if wanted is None:
+                assert resp.status_code not in (401, 403, 421), (label, method, path, resp.text)
+            else:
+                assert resp.status_code == wanted, (label, method, path, resp.text)
+        if wanted in (401, 403, 421):
+            assert served.json()["error"] == direct.json()["error"], (method, path)
