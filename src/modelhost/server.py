@@ -95,6 +95,7 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
 from modelhost.asgi import Answer
@@ -595,6 +596,10 @@ class GatewayProtocol(HttpToolsProtocol):
         if existing is None or existing.response_complete:
             # What the parser still delivers of this request is ignored (a complete cycle).
             cycle.response_started = cycle.response_complete = True
+            if self.access_log:
+                self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope),
+                                        scope["method"], get_path_with_query_string(scope),
+                                        scope["http_version"], answer.status)
             self.let_go(answer_bytes(answer.status, self.server_state.default_headers,
                                      answer.headers, answer.body))
         else:
