@@ -13,9 +13,12 @@ else.
 
 Sizes and deadlines (docs/operations.md, "Answers, sizes and deadlines"):
 
-- a non-streamed answer is collected whole, whatever its size, up to `max_answer_bytes`; past
-  it the worker connection is aborted and the client gets a 502 naming the limit. Streams are
-  not capped: they are relayed as they arrive, with back-pressure.
+- a non-streamed answer is relayed whole, whatever its size, up to `max_answer_bytes`; past
+  it the worker connection is aborted and the client gets a 502 naming the limit. One whose
+  declared length is over 256 KiB is passed on as it arrives (`RelayStream`, with back-pressure:
+  never held whole); a smaller one, or one of undeclared length, is collected first (a large
+  one is then sent in the pieces it came in, never joined). Streams are not capped: they are
+  relayed as they arrive, with back-pressure.
 - a non-streamed request must be answered within `request_timeout` of being sent (504); a
   worker silent for `idle_timeout` is given up on (504 before a stream starts, an error event
   after). A stream is bounded by the idle timeout alone. The upstream client's single timer
@@ -59,7 +62,8 @@ from modelhost.upstream import (
 log = logging.getLogger(__name__)
 
 # A non-streamed answer whose declared length is past this is relayed as it arrives
-# (`RelayStream`); a smaller one, or one of unknown length, is collected and sent in one write.
+# (`RelayStream`); one of undeclared length is collected (up to the cap), then sent in one
+# write if it is no larger, or else in the pieces it arrived in (never joined).
 RELAY_AS_IT_COMES = 256 * 1024
 ERROR_BODY_LIMIT = 1024 * 1024  # an error answer's body is read up to this (for its message)
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -126,13 +130,18 @@ class Relay:
             if length > self.max_answer_bytes:
                 resp.close()
                 raise _failed_while_answering(runtime, AnswerTooLarge(self.max_answer_bytes))
+            if length <= RELAY_AS_IT_COMES:
+                try:
+                    length = await resp.complete(self.max_answer_bytes)
+                except OSError as exc:
+                    resp.close()
+                    raise _failed_while_answering(runtime, exc) from exc
             if length > RELAY_AS_IT_COMES:
+                # Passed on as it arrives; or, collected, sent in the pieces it came in.
                 released = True
                 return RelayStream(runtime, admission, resp, content_type, length)
-            try:
-                data = await resp.read(self.max_answer_bytes)
-            except OSError as exc:
-                raise _failed_while_answering(runtime, exc) from exc
+            data = resp.take_body()
+            resp.release()
             return Answer(data, resp.status, content_type.encode("latin-1"))
         finally:
             if not released:
@@ -223,8 +232,11 @@ class Exchange:
     - a timeout (504), an answer past `max_answer_bytes` or a failure after the head (502):
       answered as `forward` answers them.
 
-    The body is collected whole, however large (up to `max_answer_bytes`): reading from the
-    worker never pauses on this path, since nothing but the end would resume it.
+    A head that declares a length over 256 KiB goes on the async path too (`RelayStream`
+    passes it on as it arrives). Otherwise the body is collected whole (up to
+    `max_answer_bytes`): reading from the worker never pauses on this path, since nothing but
+    the end would resume it; a collected body over 256 KiB is sent from a task, in the pieces
+    it came in.
     """
 
     __slots__ = ("admission", "content_type", "relay", "reply", "runtime")
@@ -246,6 +258,9 @@ class Exchange:
             self._resume(resp, self.content_type, length)
 
     def done(self, resp: UpstreamResponse) -> None:
+        if resp.buffered > RELAY_AS_IT_COMES:  # of undeclared length, and large: no join
+            self._resume(resp, self.content_type, resp.buffered)
+            return
         resp.listener = None
         data = resp.take_body()
         resp.release()

@@ -201,17 +201,29 @@ class UpstreamResponse:
         """The whole body (at most `limit` bytes, 0: no cap: see `collect`); then the
         connection goes back to the pool."""
         try:
-            if not self._done and self._error is None:
-                self.collect(limit)
-            while not self._done:
-                if self._error is not None:
-                    raise self._error
-                await self._wait()
-            if self._error is not None:
-                raise self._error
+            await self.complete(limit)
             return self.take_body()
         finally:
             self.release()
+
+    async def complete(self, limit: int = 0) -> int:
+        """Wait until the whole body is in (at most `limit` bytes: see `collect`), and
+        return its size; it stays buffered, in the pieces it arrived in, for `take_body()`
+        or `chunks()`. On a failure, `close()` is the caller's."""
+        if not self._done and self._error is None:
+            self.collect(limit)
+        while not self._done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+        return self._size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the body received and not yet handed on."""
+        return self._size
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, in the pieces it arrives in."""
