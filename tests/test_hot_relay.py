@@ -100,6 +100,24 @@ class Worker(asyncio.Protocol):
         elif mode == "slow":
             asyncio.get_running_loop().call_later(
                 0.2, self.answer, path, {**request, "mode": "ok"})
+        elif mode == "big":  # `size` bytes, with their length declared
+            self.transport.write(answer(200, big(request["size"])))
+        elif mode == "big-chunked":  # `size` bytes in 64 KiB chunks, no length declared
+            body = big(request["size"])
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(body), 65536):
+                piece = body[i:i + 65536]
+                self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.transport.write(b"0\r\n\r\n")
+        elif mode == "big-late":
+            asyncio.get_running_loop().call_later(
+                0.3, self.answer, path, {**request, "mode": "big"})
+
+
+def big(size: int) -> bytes:
+    """A JSON document of exactly `size` bytes."""
+    return b'{"object": "chat.completion", "pad": "' + b"x" * (size - 40) + b'"}'
 
 
 class Client:
@@ -321,3 +339,32 @@ def test_a_busy_model_queues_requests_in_order(serve: Serve) -> None:
         other.protocol.connection_lost(None)
 
     serve(test, max_concurrency=1, max_queue=4)
+
+
+def test_large_answers_arrive_whole_and_free_the_slot(serve: Serve) -> None:
+    async def test(app: Front, client: Client, state: ServerState) -> None:
+        registry = app.hot_routes[b"/v1/chat/completions"].endpoint.registry
+        admission = registry.admissions["m"]
+        # Up to 256 KiB, collected and answered from callbacks: no task.
+        client.send(chat("big", size=200 * 1024))
+        assert not state.tasks
+        status, headers, body = await client.answer()
+        assert status == 200 and body == big(200 * 1024)
+        # Larger: passed on as it arrives (length declared), or collected and sent in pieces.
+        for mode in ("big", "big-chunked", "big", "big-chunked"):
+            client.send(chat(mode, size=3 * 1024 * 1024 + 5))
+            status, headers, body = await client.answer()
+            assert status == 200 and body == big(3 * 1024 * 1024 + 5), mode
+            assert headers[b"content-length"] == str(3 * 1024 * 1024 + 5).encode()
+            assert admission.active == 0
+        # A client that leaves before a large answer's head: the slot is freed all the same.
+        client.send(chat("big-late", size=3 * 1024 * 1024))
+        await asyncio.sleep(0.05)
+        client.protocol.connection_lost(None)
+        for _ in range(100):
+            if admission.active == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert admission.active == 0
+
+    serve(test, max_concurrency=1)
