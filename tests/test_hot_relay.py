@@ -42,10 +42,14 @@ class Worker(asyncio.Protocol):
     """A scripted OpenAI-compatible worker: the request's `"mode"` says how it answers."""
 
     seen = 0
+    lost = 0  # connections the gateway closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.buffer = b""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        Worker.lost += 1
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -110,6 +114,8 @@ class Worker(asyncio.Protocol):
                 piece = body[i:i + 65536]
                 self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.transport.write(b"0\r\n\r\n")
+        elif mode == "never":  # silent: only the gateway can end this exchange
+            pass
         elif mode == "big-late":
             asyncio.get_running_loop().call_later(
                 0.3, self.answer, path, {**request, "mode": "big"})
@@ -366,5 +372,23 @@ def test_large_answers_arrive_whole_and_free_the_slot(serve: Serve) -> None:
                 break
             await asyncio.sleep(0.02)
         assert admission.active == 0
+
+    serve(test, max_concurrency=1)
+
+
+def test_a_client_that_leaves_a_request_followed_from_callbacks_stops_the_worker(
+        serve: Serve) -> None:
+    async def test(app: Front, client: Client, state: ServerState) -> None:
+        admission = app.hot_routes[b"/v1/chat/completions"].endpoint.registry.admissions["m"]
+        lost = Worker.lost
+        client.send(chat("never"))
+        assert not state.tasks and admission.active == 1
+        client.protocol.connection_lost(None)
+        for _ in range(150):  # the sweeper looks about once a second
+            if admission.active == 0 and Worker.lost > lost:
+                break
+            await asyncio.sleep(0.02)
+        assert admission.active == 0 and Worker.lost > lost
+        assert not state.tasks  # not served again the awaited way
 
     serve(test, max_concurrency=1)

@@ -290,6 +290,9 @@ class _CycleReply:
         except Exception as exc:  # called from a callback, which must not raise
             self.cycle.go_on(raise_in_step(exc))
 
+    def gone(self) -> bool:
+        return self.cycle.disconnected
+
     def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]] | None) -> None:
         route = self.route
         if step is None:

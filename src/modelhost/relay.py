@@ -51,6 +51,7 @@ from modelhost.errors import (
 )
 from modelhost.registry.runtime import ModelRuntime
 from modelhost.upstream import (
+    Abandoned,
     AnswerTooLarge,
     Body,
     Multipart,
@@ -158,10 +159,12 @@ class Relay:
         if base is None or not admission.try_acquire():
             return False
         exchange = Exchange(self, runtime, admission, reply)
-        if self.client.start(base, "POST", path, headers, body, exchange,
-                             self.max_answer_bytes) is None:
+        resp = self.client.start(base, "POST", path, headers, body, exchange,
+                                 self.max_answer_bytes)
+        if resp is None:
             admission.release()
             return False
+        resp.abandoned = reply.gone  # a client that leaves frees the slot within a second
         return True
 
     async def fetch_json(self, runtime: ModelRuntime, admission: Admission, path: str,
@@ -213,6 +216,10 @@ class Reply(Protocol):
 
     def send(self, answer: Answer) -> None:
         """Send a complete answer now."""
+
+    def gone(self) -> bool:
+        """Whether the client has disconnected (asked about once a second while the answer
+        is awaited)."""
 
     def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]] | None) -> None:
         """Go on in a task: await `step` and send what it gives (its errors answered as the
@@ -271,13 +278,14 @@ class Exchange:
         resp.listener = None
         resp.close()
         _done(self.runtime, self.admission)
-        if not resp.head_received and not isinstance(exc, UpstreamTimeout):
+        if not resp.head_received and not isinstance(exc, UpstreamTimeout | Abandoned):
             self.reply.resume(None)
         else:
             self.reply.send(error_answer(_failed_while_answering(self.runtime, exc)))
 
     def _resume(self, resp: UpstreamResponse, content_type: str | None, length: int) -> None:
         resp.listener = None
+        resp.abandoned = None  # from here on, the awaited path sees a client that leaves
         relay, runtime, admission = self.relay, self.runtime, self.admission
         self.reply.resume(lambda: relay.finish(runtime, admission, resp, content_type, length))
 
@@ -307,6 +315,9 @@ def _failed_while_answering(runtime: ModelRuntime, exc: BaseException) -> Upstre
     model = runtime.spec.id
     if isinstance(exc, UpstreamTimeout):
         return _timed_out(runtime, exc)
+    if isinstance(exc, Abandoned):  # nobody will read this answer
+        log.info("model %s: the client went away; the worker was told to stop", model)
+        return UpstreamError(f"worker of '{model}' failed while answering")
     if isinstance(exc, AnswerTooLarge):
         log.warning("model %s: answer cut off past max_answer_bytes (%d)", model, exc.limit)
         return AnswerTooLargeError(

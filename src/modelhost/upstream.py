@@ -17,7 +17,8 @@ client does only what the relay needs, on asyncio's protocol layer:
 - timeouts: connecting (10 s); silence from the worker (`idle_timeout`, 600 s without a byte
   by default: a long generation is legitimate; a worker that says nothing at all is not); and
   an overall deadline per exchange (`request_timeout`, which a stream's relay lifts). All are
-  checked by one timer for all connections (`_sweep`), not one per request;
+  checked by one timer for all connections (`_sweep`), not one per request, which also asks
+  an exchange followed without a task whether its client is still there (`abandoned`);
 - a pooled connection the worker closed just as a request went out is retried once on a new
   connection, if not a byte of the answer had arrived;
 - `close()` on a response aborts its connection, which is how a worker learns that the client
@@ -36,7 +37,7 @@ import os
 import secrets
 import ssl
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -60,6 +61,10 @@ class UpstreamClosed(ConnectionError):
 
 class UpstreamProtocolError(ConnectionError):
     """The worker's answer was not valid HTTP/1.1."""
+
+
+class Abandoned(UpstreamClosed):
+    """Whoever wanted the answer has gone (`UpstreamResponse.abandoned`)."""
 
 
 class AnswerTooLarge(ConnectionError):
@@ -145,8 +150,8 @@ class UpstreamResponse:
     the loop time by which the exchange must be over (`math.inf`: none)."""
 
     __slots__ = ("_buffer", "_check_at", "_collect", "_conn", "_done", "_error", "_head",
-                 "_raw_headers", "_received", "_size", "_waiter", "deadline", "keep_alive",
-                 "listener", "status")
+                 "_raw_headers", "_received", "_size", "_waiter", "abandoned", "deadline",
+                 "keep_alive", "listener", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
@@ -161,6 +166,9 @@ class UpstreamResponse:
         self._collect = 0  # the cap of a body read whole; 0 while it is flow-controlled
         self._check_at = HIGH_WATER  # buffered bytes past which `_overflow` judges
         self.deadline = math.inf
+        # Asked by the sweeper (about once a second) whether whoever wanted the answer has
+        # gone; if so, the exchange fails and its connection is aborted (the worker stops).
+        self.abandoned: Callable[[], bool] | None = None
         self._head: asyncio.Future[None] = conn.loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         # Told, from the connection's callbacks, of the head, the end and a failure (for an
@@ -604,10 +612,13 @@ class UpstreamClient:
                 if resp is None:
                     continue
                 busy = True
+                error: OSError
                 if now >= resp.deadline:
                     error = UpstreamTimeout(self.request_timeout, idle=False)
                 elif conn.silent_for(now) >= self.idle_timeout:
                     error = UpstreamTimeout(self.idle_timeout, idle=True)
+                elif resp.abandoned is not None and resp.abandoned():
+                    error = Abandoned("the client went away")
                 else:
                     continue
                 resp._fail(error)
