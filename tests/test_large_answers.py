@@ -378,3 +378,18 @@ def test_embeddings_of_2048_inputs_through_the_builtin_model(asgi: bool,
 
 
 WORDS = ["cats", "ships", "rivers", "taxes", "music", "bread", "engines", "stars"]
+
+
+@pytest.mark.parametrize("asgi", [False, True], ids=["fast", "asgi"])
+def test_a_client_that_stops_reading_a_large_answer_is_cut_off(
+        asgi: bool, upstream: tuple[str, Path], tmp_path: Path) -> None:
+    gw = gateway_for(tmp_path, [remote(upstream[0])], asgi=asgi, MODELHOST_WRITE_TIMEOUT="2")
+    try:
+        for chunked in (False, True):  # passed on as it arrives; collected, then sent
+            with raw_request(gw, {"size": 48 * MiB, "chunked": chunked}) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.recv(1024)  # the head, and then nothing more is read
+                # The gateway gives up on the stalled reader and frees the model's one slot.
+                assert_answered(gw, timeout=20)
+    finally:
+        gw.stop()
