@@ -197,8 +197,8 @@ def assert_too_long(resp: httpx.Response, words: str) -> None:
     assert resp.status_code == 413, resp.text
     error = resp.json()["error"]
     assert error["type"] == "invalid_request_error"
-    # The worker's code is `audio_too_long`; the relay passes the status, message and param.
-    assert error["code"] in ("audio_too_long", None)
+    # The worker's status, message, param and code are passed on by the relay.
+    assert error["code"] == "audio_too_long"
     assert error["param"] == "file"
     assert words in error["message"].lower(), error
 

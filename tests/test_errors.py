@@ -82,6 +82,10 @@ def test_unknown_model_is_404(gateway: Gateway) -> None:
     assert info.value.code == "model_not_found"
     resp = httpx.get(gateway.url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"})
     assert_envelope(resp, 404, param="model", code="model_not_found")
+    # Matched in full: a trailing newline does not reach model 'fake'.
+    resp = httpx.get(gateway.url + "/v1/models/fake%0A",
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert_envelope(resp, 404, param="model", code="model_not_found")
 
 
 def test_malformed_json_is_400(gateway: Gateway) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import math
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -592,3 +593,36 @@ def test_a_worker_that_keeps_talking_past_the_request_deadline_times_out() -> No
     assert not error.idle and error.seconds == 0.8
     assert 0.6 < took < 3
     assert streamed == b"z" * 40 * 1024
+
+
+def test_connect_to_pins_the_address_and_keeps_the_name() -> None:
+    """A remote added through the admin API is reached at the address checked when it was
+    loaded (`connect_to`), not at whatever its name resolves to later (DNS rebinding): the
+    name, which resolves to nothing here, stays in the Host header."""
+    hosts: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hosts.append(request.headers["Host"])
+        return web.json_response({"ok": True})
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, _):
+            port = base.split(":")[2].split("/")[0]
+            named = f"http://remote.invalid:{port}/v1"
+            client = UpstreamClient()
+            try:
+                with pytest.raises(socket.gaierror):  # the name alone does not resolve
+                    await client.request(named, "GET", "/models", {})
+                # Tried in order: nothing listens on 127.0.0.2.
+                resp = await client.request(named, "GET", "/models", {},
+                                            connect_to=("127.0.0.2", "127.0.0.1"))
+                assert resp.status == 200 and json.loads(await resp.read()) == {"ok": True}
+                # Another checked address (where nothing listens): the pooled connection to
+                # the old one is not reused.
+                with pytest.raises(ConnectionRefusedError):
+                    await client.request(named, "GET", "/models", {}, connect_to=("127.0.0.2",))
+            finally:
+                client.close()
+
+    run(main())
+    assert len(hosts) == 1 and hosts[0].startswith("remote.invalid:")

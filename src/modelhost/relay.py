@@ -194,7 +194,8 @@ class Relay:
         for attempt in (1, 2):
             base = await runtime.ensure_ready(self.load_wait_timeout)
             try:
-                return await self.client.request(base, "POST", path, headers, body)
+                return await self.client.request(base, "POST", path, headers, body,
+                                                 connect_to=runtime.connect_to)
             except UpstreamTimeout as exc:
                 raise _timed_out(runtime, exc) from exc
             except OSError as exc:
@@ -460,7 +461,8 @@ async def _upstream_failure(runtime: ModelRuntime, resp: UpstreamResponse
 
 class _ClientError(InvalidRequest):
     def __init__(self, status: int, message: str, raw: bytes) -> None:
-        super().__init__(message, param=_error_param(raw))
+        super().__init__(message, param=_error_field(raw, "param"),
+                         code=_error_field(raw, "code"))
         self.status = status
 
 
@@ -486,11 +488,12 @@ def _error_message(raw: bytes) -> str:
     return raw.decode(errors="replace").strip()[:2000]
 
 
-def _error_param(raw: bytes) -> str | None:
+def _error_field(raw: bytes, name: str) -> str | None:
+    """The worker's `error.param` or `error.code`, passed on to the client."""
     data = _parse(raw)
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        param = data["error"].get("param")
-        return str(param) if param is not None else None
+        value = data["error"].get(name)
+        return str(value)[:200] if value is not None else None
     return None
 
 

@@ -485,6 +485,7 @@ class _Pool:
         self.origin = origin
         self.idle: list[_Connection] = []
         self.all: set[_Connection] = set()
+        self.connect_to: tuple[str, ...] | None = None
 
     def put(self, conn: _Connection) -> None:
         if len(self.idle) >= MAX_IDLE:
@@ -524,12 +525,19 @@ class UpstreamClient:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, base: str, method: str, path: str, headers: Mapping[str, str],
-                      body: Body = b"") -> UpstreamResponse:
+                      body: Body = b"", connect_to: tuple[str, ...] | None = None
+                      ) -> UpstreamResponse:
         """Send a request to `base` (a URL with an optional path prefix) + `path` and return
-        once the answer's status and headers are in."""
+        once the answer's status and headers are in. `connect_to`: the addresses new
+        connections go to (tried in order) instead of resolving the URL's host again
+        (addresses checked when the model was loaded, against DNS rebinding); Host and TLS
+        keep the name."""
         pool = self._pools.get(base)
         if pool is None:
             pool = self._pools[base] = _Pool(_origin(base))
+        if connect_to != pool.connect_to:
+            pool.close()  # connections to the address checked before are not reused
+            pool.connect_to = connect_to
         loop = asyncio.get_running_loop()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
@@ -651,15 +659,24 @@ def _origin(base: str) -> _Origin:
 
 async def _connect(pool: _Pool, loop: asyncio.AbstractEventLoop) -> _Connection:
     origin = pool.origin
-    try:
-        _, proto = await asyncio.wait_for(loop.create_connection(
-            lambda: _Connection(pool, loop), origin.host, origin.port, ssl=origin.ssl,
-            server_hostname=origin.host if origin.ssl else None), CONNECT_TIMEOUT)
-    except TimeoutError:
-        raise TimeoutError(f"connecting to {origin.host}:{origin.port} timed out after "
-                           f"{CONNECT_TIMEOUT:g} s") from None
-    pool.all.add(proto)
-    return proto
+    hosts = pool.connect_to or (origin.host,)
+    for index, host in enumerate(hosts):
+        try:
+            _, proto = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(pool, loop), host, origin.port, ssl=origin.ssl,
+                server_hostname=origin.host if origin.ssl else None), CONNECT_TIMEOUT)
+        except TimeoutError:
+            if index + 1 < len(hosts):
+                continue
+            raise TimeoutError(f"connecting to {origin.host}:{origin.port} timed out after "
+                               f"{CONNECT_TIMEOUT:g} s") from None
+        except OSError:
+            if index + 1 < len(hosts):
+                continue
+            raise
+        pool.all.add(proto)
+        return proto
+    raise AssertionError("unreachable")
 
 
 def _length(body: Body) -> int:

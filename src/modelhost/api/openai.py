@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from modelhost.api import requests as req
 from modelhost.asgi import Answer, ClientGone, error_answer, read_body, unexpected_answer
 from modelhost.config import ModelSpec, Task, UrlSource
-from modelhost.errors import InvalidRequest, ModelhostError
+from modelhost.errors import InvalidRequest, ModelhostError, ModelNotFound
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime
 from modelhost.relay import Relay, RelayStream, Reply
@@ -73,7 +73,13 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(self, request: Request) -> Response:
-        return JSONResponse(self.model_card(self.registry.runtime(request.path_params["model"])))
+        name = request.path_params["model"]
+        if request.scope["path"] != f"/v1/models/{name}":
+            # The route matches with `$`, which also matches before a final newline: the id
+            # asked for is not the one matched (`/v1/models/abc%0A` is not model `abc`).
+            raise ModelNotFound(f"The model '{request.scope['path'][11:]}' does not exist",
+                                param="model")
+        return JSONResponse(self.model_card(self.registry.runtime(name)))
 
 
 

@@ -89,6 +89,9 @@ class ModelRuntime:
         self.ctx = ctx
         self.state = State.cached
         self.last_error: str | None = None
+        # A remote added through the admin API: the address its URL was checked to resolve to
+        # at load, where the relay connects (None: resolve the name, e.g. a models-file one).
+        self.connect_to: tuple[str, ...] | None = None
         self.worker: WorkerProcess | None = None
         self.weights: Path | None = None
         self.upstream: str | None = None  # base URL ending in /v1 while ready
@@ -347,11 +350,15 @@ class ModelRuntime:
         if spec.backend is Backend.remote:
             assert isinstance(spec.source, UrlSource)
             policy = self.ctx.remote_policy(spec) if self.ctx.remote_policy else None
+            self.connect_to = None
             if policy is not None:
                 try:  # again at every load: the name may resolve elsewhere now
-                    await policy.check(spec.source.url)
+                    checked = await policy.check(spec.source.url)
                 except RemoteRefused as exc:
                     raise WorkerStartError(exc.message, permanent=True) from None
+                # The relay connects to the address checked here, not to whatever the name
+                # resolves to later (DNS rebinding); none when the name itself is allowed.
+                self.connect_to = tuple(checked) if checked else None
             await _probe_remote(spec.source, policy)
             return spec.source.url
         self.gpus = await (self.ctx.place or _default_place)(self)
