@@ -78,15 +78,18 @@ def main(argv: list[str]) -> int:
         return 2
     grace = float(argv[0])
     parent = int(os.environ.pop("MODELHOST_SHIM_PARENT", os.getppid()))
-    stopping = threading.Event()
+    # A plain flag: a signal handler that takes a lock (threading.Event.set) deadlocks when the
+    # signal lands while the main thread holds that lock inside Event.wait() - a shim stuck so
+    # outlived its dead gateway with its worker.
+    stopping: list[bool] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
+        stopping.append(True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _watch_parent(parent)
-    if stopping.is_set():
+    if stopping:
         return 128 + signal.SIGTERM
 
     try:
@@ -94,9 +97,9 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"modelhost shim: cannot execute {argv[2]}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
-    while child.poll() is None and not stopping.wait(0.2):
-        pass
-    if stopping.is_set() and child.poll() is None:
+    while child.poll() is None and not stopping:
+        time.sleep(0.1)  # the flag is seen within 0.1 s of a signal
+    if stopping and child.poll() is None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         pgid = os.getpgrp()
         os.killpg(pgid, signal.SIGTERM)
