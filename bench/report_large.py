@@ -32,10 +32,12 @@ def large_section(large: dict[str, Any]) -> str:
         f"another by {' or '.join(str(c) for c in plan['clients'])} client(s), "
         f"{plan['duration']:g} s per arm in {plan['rounds']} rounds of alternating order. "
         "Throughput is answer bytes received per second (MB = 10^6 bytes), median over the "
-        "rounds; `vs direct` is that against the upstream alone. modelhost collects a "
-        "non-streamed answer whole (up to `MODELHOST_MAX_ANSWER_BYTES`) and sends it on in one "
-        "write; the floor passes bytes through as they come. Gateway CPU is the gateway "
-        "process's (the upstream's for direct) per GB relayed."
+        "rounds; `vs direct` is that against the upstream alone. The upstream declares each "
+        "answer's length, so modelhost passes it on as it arrives, with back-pressure, holding "
+        "at most about 256 KiB of it (an answer of undeclared length is collected, up to "
+        "`MODELHOST_MAX_ANSWER_BYTES`, and sent in the pieces it came in); the floor passes "
+        "bytes through as they come. Gateway CPU is the gateway process's (the upstream's for "
+        "direct) per GB relayed."
         + (f" Measured in {mode} mode." if mode else "") + "\n\n")
     text += table(["size", "clients", "arm", "MB/s", "vs direct", "answers/s",
                    "CPU s / GB", "errors"], rows)
