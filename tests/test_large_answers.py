@@ -289,6 +289,32 @@ def test_a_client_that_leaves_releases_the_slot(gateway: Gateway,
     assert_answered(gateway)
 
 
+def test_clients_that_leave_while_awaited_or_queued_free_the_slot(
+        gateway: Gateway, upstream: tuple[str, Path], request: pytest.FixtureRequest) -> None:
+    """On the fast path, a request awaited in a task (its head not in, or queued behind
+    another for the model's only slot) whose client leaves frees the slot within a second,
+    and a queued one is never sent to the worker. (On the ASGI path the slot is freed when
+    the worker's answer is in, or at the deadline: docs/operations.md.)"""
+    if "asgi" in request.node.callspec.id:
+        pytest.skip("the ASGI path sees a client that left only when it answers")
+    events = upstream[1]
+
+    def requests() -> int:
+        return events.read_text().count("request") if events.exists() else 0
+
+    before = requests()
+    with raw_request(gateway, {"delay": 60, "size": 100}) as first:
+        assert wait_for(lambda: requests() > before, timeout=5)
+        sent = requests()
+        with raw_request(gateway, {"delay": 60, "size": 100}) as queued:
+            time.sleep(0.3)  # queued behind the first, for the only slot
+            queued.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert_answered(gateway, timeout=5)  # not 60 s behind either of them
+    # The queued request never reached the worker: only the check's own did.
+    assert requests() == sent + 1
+
+
 @contextmanager
 def raw_request(gw: Gateway, big: dict[str, Any], stream: bool = False
                 ) -> Iterator[socket.socket]:

@@ -260,7 +260,8 @@ class HotRelay:
         elif cycle.too_large:
             answer = error_answer(too_large(self.limit, cycle.declared))
         else:
-            answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0])
+            answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0],
+                                                lambda: cycle.disconnected)
         await _deliver(cycle, answer)
 
     async def finish(self, cycle: HotCycle, step: Callable[[], Awaitable[Answer | RelayStream]]

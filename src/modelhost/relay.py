@@ -101,13 +101,19 @@ class Relay:
         self.client.close()
 
     async def forward(self, runtime: ModelRuntime, admission: Admission, path: str,
-                      body: Body, headers: dict[str, str]) -> Answer | RelayStream:
+                      body: Body, headers: dict[str, str],
+                      gone: Callable[[], bool] | None = None) -> Answer | RelayStream:
         """Send `body` (bytes, or a spooled file streamed from disk) to the model's worker at
         `path` (below /v1) and relay the answer: an ASGI app to call with the client's
-        connection."""
+        connection. `gone` says whether the client has left (the hot path knows): then a
+        request that waited for its slot or its model is not sent, and one awaiting its
+        answer is given up within a second (the worker's connection aborted, so it stops),
+        freeing the slot either way."""
         await admission.acquire()
         try:
-            resp = await self._send(runtime, path, body, headers)
+            if gone is not None and gone():
+                raise ClientLeft(runtime)
+            resp = await self._send(runtime, path, body, headers, gone)
         except BaseException:
             _done(runtime, admission)
             raise
@@ -127,6 +133,7 @@ class Relay:
                 content_type, length = _content_type_and_usage(runtime, resp)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
+                resp.abandoned = None  # RelayStream watches the client itself
                 return RelayStream(runtime, admission, resp, content_type)
             if length > self.max_answer_bytes:
                 resp.close()
@@ -140,6 +147,7 @@ class Relay:
             if length > RELAY_AS_IT_COMES:
                 # Passed on as it arrives; or, collected, sent in the pieces it came in.
                 released = True
+                resp.abandoned = None
                 return RelayStream(runtime, admission, resp, content_type, length)
             data = resp.take_body()
             resp.release()
@@ -190,14 +198,20 @@ class Relay:
             admission.release()
 
     async def _send(self, runtime: ModelRuntime, path: str, body: Body,
-                    headers: Mapping[str, str]) -> UpstreamResponse:
+                    headers: Mapping[str, str], gone: Callable[[], bool] | None = None
+                    ) -> UpstreamResponse:
         for attempt in (1, 2):
             base = await runtime.ensure_ready(self.load_wait_timeout)
+            if gone is not None and gone():  # left while its model was loading
+                raise ClientLeft(runtime)
             try:
                 return await self.client.request(base, "POST", path, headers, body,
-                                                 connect_to=runtime.connect_to)
+                                                 connect_to=runtime.connect_to,
+                                                 abandoned=gone)
             except UpstreamTimeout as exc:
                 raise _timed_out(runtime, exc) from exc
+            except Abandoned as exc:
+                raise ClientLeft(runtime) from exc
             except OSError as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
@@ -294,6 +308,13 @@ class Exchange:
 def _done(runtime: ModelRuntime, admission: Admission) -> None:
     runtime.last_used = time.monotonic()
     admission.release()
+
+
+class ClientLeft(UpstreamError):
+    """The client left before its answer: nothing is sent to it (its connection is gone)."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        super().__init__(f"the client of a request to '{runtime.spec.id}' left")
 
 
 class GatewayTimeout(UpstreamError):

@@ -525,8 +525,8 @@ class UpstreamClient:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, base: str, method: str, path: str, headers: Mapping[str, str],
-                      body: Body = b"", connect_to: tuple[str, ...] | None = None
-                      ) -> UpstreamResponse:
+                      body: Body = b"", connect_to: tuple[str, ...] | None = None,
+                      abandoned: Callable[[], bool] | None = None) -> UpstreamResponse:
         """Send a request to `base` (a URL with an optional path prefix) + `path` and return
         once the answer's status and headers are in. `connect_to`: the addresses new
         connections go to (tried in order) instead of resolving the URL's host again
@@ -549,6 +549,7 @@ class UpstreamClient:
                 conn = await _connect(pool, loop)
             resp = UpstreamResponse(conn)
             resp.deadline = loop.time() + self.request_timeout
+            resp.abandoned = abandoned
             conn.start(resp)
             try:
                 await _send(conn, head, body)

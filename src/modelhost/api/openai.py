@@ -105,9 +105,11 @@ class RelayEndpoint:
             answer = await self.answer(body, scope)
         await answer(scope, receive, send)
 
-    async def answer(self, body: bytes, scope: Scope) -> Answer | RelayStream:
-        """The answer to a request whose body is `body`, errors included."""
-        return await self.settle(lambda: self.handle(body), scope)
+    async def answer(self, body: bytes, scope: Scope, gone: Callable[[], bool] | None = None
+                     ) -> Answer | RelayStream:
+        """The answer to a request whose body is `body`, errors included (`gone`: whether
+        the client has left, see `Relay.forward`)."""
+        return await self.settle(lambda: self.handle(body, gone), scope)
 
     async def settle(self, step: Callable[[], Awaitable[Answer | RelayStream]], scope: Scope
                      ) -> Answer | RelayStream:
@@ -119,11 +121,12 @@ class RelayEndpoint:
         except Exception:
             return unexpected_answer(scope)
 
-    async def handle(self, body: bytes) -> Answer | RelayStream:
+    async def handle(self, body: bytes, gone: Callable[[], bool] | None = None
+                     ) -> Answer | RelayStream:
         spec, body, headers = self._prepare(body)
         return await self.relay.forward(self.registry.runtimes[spec.id],
                                         self.registry.admissions[spec.id], self.path, body,
-                                        headers)
+                                        headers, gone)
 
     def start(self, body: bytes, reply: Reply) -> bool:
         """Serve the request without a task if nothing has to be waited for (`Relay.start`);
