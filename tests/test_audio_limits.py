@@ -123,9 +123,10 @@ def test_samples_are_scaled_like_faster_whisper(tmp_path: Path) -> None:
 def test_not_audio(tmp_path: Path) -> None:
     text = tmp_path / "a.txt"
     text.write_text("hello " * 100)
-    with pytest.raises(Exception) as caught:  # noqa: PT011 - FFmpeg's error, whichever it is
+    av = pytest.importorskip("av")
+    # FFmpeg's own error, or no audio stream found: not AudioTooLong.
+    with pytest.raises((av.FFmpegError, NoAudioStream)):
         decode_capped(text, 60)
-    assert not isinstance(caught.value, AudioTooLong)
 
 
 def test_cap_argument() -> None:

@@ -150,8 +150,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     registry.add_listener(publish_state)
     gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
-                  request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
-                  write_timeout=settings.write_timeout)
+                  request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
                         max_parts=settings.max_multipart_parts,

@@ -31,8 +31,7 @@ from modelhost.events import EventBus
 from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
-from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked
-from modelhost.redaction import spec_secrets as secret_values
+from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked, secret_texts
 from modelhost.registry.lifecycle import State
 from modelhost.registry.registry import Registry
 from modelhost.registry.runtime import ModelRuntime, Target
@@ -92,7 +91,7 @@ class Gateway:
 
     def _refresh_secrets(self) -> None:
         """The values the scrubber removes from text: every spec's secrets, the keys."""
-        values = [v for spec in self.catalog.models for v in secret_values(spec_dict(spec))]
+        values = [v for spec in self.catalog.models for v in secret_texts(spec_dict(spec))]
         values += self.settings.api_keys + self.settings.admin_api_keys
         with contextlib.suppress(Exception):
             token = resolve_token(self.settings.huggingface_token,

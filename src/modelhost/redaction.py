@@ -203,7 +203,7 @@ def restore_masked(spec: dict[str, Any], secrets: dict[str, str]) -> dict[str, A
     return spec
 
 
-def spec_secrets(spec: dict[str, Any]) -> list[str]:
+def secret_texts(spec: dict[str, Any]) -> list[str]:
     """The secret values of a spec, as they may appear in text."""
     values = []
     for place, value in _places(spec):

@@ -72,30 +72,11 @@ STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")
 
 class Relay:
     def __init__(self, load_wait_timeout: float, max_answer_bytes: int = 64 * 1024 * 1024,
-                 request_timeout: float = 900.0, idle_timeout: float = 600.0,
-                 write_timeout: float = 60.0) -> None:
+                 request_timeout: float = 900.0, idle_timeout: float = 600.0) -> None:
         self.load_wait_timeout = load_wait_timeout
         self.max_answer_bytes = max_answer_bytes
-        self.write_timeout = write_timeout
+        # The deadlines are the client's: its one sweeper checks every exchange.
         self.client = UpstreamClient(idle_timeout=idle_timeout, request_timeout=request_timeout)
-
-    @property
-    def request_timeout(self) -> float:
-        """Seconds a non-streamed request may take once sent to the worker."""
-        return self.client.request_timeout
-
-    @request_timeout.setter
-    def request_timeout(self, seconds: float) -> None:
-        self.client.request_timeout = seconds
-
-    @property
-    def idle_timeout(self) -> float:
-        """Seconds of silence from the worker after which an answer is given up on."""
-        return self.client.idle_timeout
-
-    @idle_timeout.setter
-    def idle_timeout(self, seconds: float) -> None:
-        self.client.idle_timeout = seconds
 
     async def close(self) -> None:
         self.client.close()

@@ -19,7 +19,6 @@ gateway's other requests. `extract_file` reads the whole spool: call it through
 from __future__ import annotations
 
 import asyncio
-import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,6 @@ BATCH_BYTES = 256 * 1024
 # Within a batch the parser is fed this much at a time, so that a limit is seen (and parsing
 # stops) within this many bytes of where it was crossed.
 SLICE_BYTES = 64 * 1024
-# python-multipart >= 0.0.2x bounds a single header line itself (4 KiB by default, a 400):
-# ours is the per-part total, so its line limit is raised to ours (and answered 413).
-_PARSER_HEADER_LIMITS = {"max_header_size", "max_header_count"} <= set(
-    inspect.signature(MultipartParser.__init__).parameters)
 
 
 @dataclass
@@ -136,11 +131,11 @@ def part_header_too_large(limit: int) -> RequestTooLarge:
 
 def new_parser(boundary: bytes, callbacks: dict[str, Any],
                max_part_header_bytes: int = MAX_PART_HEADER_BYTES) -> MultipartParser:
-    if _PARSER_HEADER_LIMITS:
-        return MultipartParser(boundary, callbacks,  # type: ignore[arg-type]
-                               max_header_size=max_part_header_bytes,
-                               max_header_count=max(8, max_part_header_bytes // 256))
-    return MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    # python-multipart bounds a single header line itself (4 KiB by default, a 400): ours is
+    # the per-part total, so its limits are raised to ours (and answered 413).
+    return MultipartParser(boundary, callbacks,  # type: ignore[arg-type]
+                           max_header_size=max_part_header_bytes,
+                           max_header_count=max(8, max_part_header_bytes // 256))
 
 
 async def extract_file_async(upload: Upload, name: str = "file") -> IO[bytes]:
