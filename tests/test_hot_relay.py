@@ -245,7 +245,7 @@ def chat(mode: str = "ok", **fields: Any) -> dict[str, Any]:
 def test_a_ready_model_is_answered_without_a_task(serve: Serve) -> None:
     async def test(app: Front, client: Client, state: ServerState) -> None:
         registry = app.hot_routes[b"/v1/chat/completions"].endpoint.registry
-        runtime = registry.runtimes["m"]
+        runtime = registry.models["m"]
         tokens = runtime.usage.get("input_tokens", 0)
         for mode in ("ok", "split"):
             client.send(chat(mode))
@@ -260,7 +260,7 @@ def test_a_ready_model_is_answered_without_a_task(serve: Serve) -> None:
         assert state.total_requests == 4
         # What the worker reported it consumed is counted, as on the awaited path.
         assert runtime.usage["input_tokens"] == tokens + 14
-        assert registry.admissions["m"].active == 0
+        assert registry.models["m"].admission.active == 0
 
     serve(test)
 
@@ -350,7 +350,7 @@ def test_a_busy_model_queues_requests_in_order(serve: Serve) -> None:
 def test_large_answers_arrive_whole_and_free_the_slot(serve: Serve) -> None:
     async def test(app: Front, client: Client, state: ServerState) -> None:
         registry = app.hot_routes[b"/v1/chat/completions"].endpoint.registry
-        admission = registry.admissions["m"]
+        admission = registry.models["m"].admission
         # Up to 256 KiB, collected and answered from callbacks: no task.
         client.send(chat("big", size=200 * 1024))
         assert not state.tasks
@@ -379,7 +379,7 @@ def test_large_answers_arrive_whole_and_free_the_slot(serve: Serve) -> None:
 def test_a_client_that_leaves_a_request_followed_from_callbacks_stops_the_worker(
         serve: Serve) -> None:
     async def test(app: Front, client: Client, state: ServerState) -> None:
-        admission = app.hot_routes[b"/v1/chat/completions"].endpoint.registry.admissions["m"]
+        admission = app.hot_routes[b"/v1/chat/completions"].endpoint.registry.models["m"].admission
         lost = Worker.lost
         client.send(chat("never"))
         assert not state.tasks and admission.active == 1

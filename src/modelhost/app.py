@@ -38,8 +38,8 @@ from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
 from modelhost.persistence import Persistence
 from modelhost.registry.lifecycle import State
+from modelhost.registry.model import Model, ModelContext
 from modelhost.registry.registry import Registry
-from modelhost.registry.runtime import ModelRuntime, RuntimeContext
 from modelhost.relay import Relay
 from modelhost.settings import Settings
 
@@ -136,14 +136,14 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         return resolve_token(settings.huggingface_token, settings.model_cache_dir)
 
     hub = HubService(Downloader(settings.model_cache_dir, hf_token), persistence, events)
-    ctx = RuntimeContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
+    ctx = ModelContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
                          stop_timeout=settings.stop_timeout, hf_token=hf_token,
                          download=hub.download, max_audio_seconds=settings.max_audio_seconds,
                          worker_log_bytes=settings.worker_log_bytes,
                          worker_log_backups=settings.worker_log_backups)
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
 
-    def publish_state(rt: ModelRuntime, previous: State) -> None:
+    def publish_state(rt: Model, previous: State) -> None:
         events.publish("state", model=rt.spec.id, state=rt.state.value,
                        previous=previous.value, error=rt.last_error, gpus=rt.gpus)
 

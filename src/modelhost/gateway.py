@@ -1,6 +1,6 @@
 """The gateway's operations on models, shared by the admin API (and through it the CLI).
 
-Every operation goes through a model's owner (`ModelRuntime.want`), so an admin load, an
+Every operation goes through a model's owner (`Model.want`), so an admin load, an
 idle unload and a request can never race each other.
 
 What the admin API may set is `admin_policy`'s (code on the host, remote URLs); secrets are
@@ -33,8 +33,8 @@ from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_in
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
 from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked, secret_texts
 from modelhost.registry.lifecycle import State
+from modelhost.registry.model import Model, Target
 from modelhost.registry.registry import Registry
-from modelhost.registry.runtime import ModelRuntime, Target
 from modelhost.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,12 @@ class Gateway:
         await self.registry.start()
         desired = await p.now(lambda store: store.desired_states())
         for model_id in await self.hub.interrupted():
-            rt = self.registry.runtimes.get(model_id)
+            rt = self.registry.models.get(model_id)
             if rt is not None and rt.state is State.absent:
                 log.info("resuming the interrupted download of model %s", model_id)
                 rt.want(Target.cached)
         for model_id, row in desired.items():
-            rt = self.registry.runtimes.get(model_id)
+            rt = self.registry.models.get(model_id)
             if rt is not None and row.desired == "loaded":
                 log.info("model %s was loaded before the restart: loading it again", model_id)
                 rt.gpu_override = list(row.gpu_device_ids) if row.gpu_device_ids else None
@@ -141,7 +141,7 @@ class Gateway:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
 
-    def _remember_desired(self, rt: ModelRuntime, previous: State) -> None:
+    def _remember_desired(self, rt: Model, previous: State) -> None:
         if self.persistence.store is None or self.closing:
             return
         model_id, gpus = rt.spec.id, rt.gpu_override
@@ -168,7 +168,7 @@ class Gateway:
     def gpus(self) -> dict[str, Any]:
         monitor = self.registry.gpus
         users: dict[int, list[str]] = {}
-        for rt in self.registry.runtimes.values():
+        for rt in self.registry.models.values():
             for index in rt.gpus:
                 users.setdefault(index, []).append(rt.spec.id)
         return {
@@ -187,12 +187,12 @@ class Gateway:
     def catalog(self) -> Catalog:
         return self.registry.catalog
 
-    def runtime(self, model_id: str) -> ModelRuntime:
-        return self.registry.runtime(model_id)
+    def model(self, model_id: str) -> Model:
+        return self.registry.model(model_id)
 
-    def card(self, rt: ModelRuntime) -> dict[str, Any]:
+    def card(self, rt: Model) -> dict[str, Any]:
         """Everything an operator wants to see about one model."""
-        admission = self.registry.admissions[rt.spec.id]
+        admission = rt.admission
         worker = rt.worker
         return {
             "id": rt.spec.id,
@@ -218,11 +218,11 @@ class Gateway:
         }
 
     def cards(self) -> list[dict[str, Any]]:
-        return [self.card(rt) for rt in self.registry.runtimes.values()]
+        return [self.card(rt) for rt in self.registry.models.values()]
 
     async def load(self, model_id: str, gpu_device_ids: list[int] | None,
                    wait: bool = True, reset_gpus: bool = False) -> dict[str, Any]:
-        rt = self.runtime(model_id)
+        rt = self.model(model_id)
         if reset_gpus and rt.gpu_override is not None:
             if rt.state is State.ready:
                 await self._until(rt, Target.stopped, {State.cached, State.failed})
@@ -243,7 +243,7 @@ class Gateway:
         return self.card(rt)
 
     async def unload(self, model_id: str, wait: bool = True) -> dict[str, Any]:
-        rt = self.runtime(model_id)
+        rt = self.model(model_id)
         if wait:
             await self._until(rt, Target.stopped,
                               {State.cached, State.absent, State.failed, State.downloading})
@@ -252,7 +252,7 @@ class Gateway:
         return self.card(rt)
 
     async def download(self, model_id: str) -> dict[str, Any]:
-        rt = self.runtime(model_id)
+        rt = self.model(model_id)
         if not isinstance(rt.spec.source, HubSource):
             raise InvalidRequest(f"model '{model_id}' has no Hugging Face source: nothing to "
                                  "download", param="model")
@@ -261,7 +261,7 @@ class Gateway:
         return self.card(rt)
 
     async def cancel_download(self, model_id: str) -> dict[str, Any]:
-        rt = self.runtime(model_id)
+        rt = self.model(model_id)
         current = self.hub.downloader.get(rt.spec.id)
         if current is None or not current.active:
             raise Conflict(f"model '{rt.spec.id}' has no download running")
@@ -270,7 +270,7 @@ class Gateway:
         return self.card(rt)
 
     async def delete_cache(self, model_id: str) -> dict[str, Any]:
-        rt = self.runtime(model_id)
+        rt = self.model(model_id)
         source = rt.spec.source
         if not isinstance(source, HubSource):
             raise InvalidRequest(f"model '{rt.spec.id}' is not in the model cache (its "
@@ -303,7 +303,7 @@ class Gateway:
         delete_token(self.settings.model_cache_dir)
         return self.token()
 
-    async def _until(self, rt: ModelRuntime, target: Target, states: set[State],
+    async def _until(self, rt: Model, target: Target, states: set[State],
                      failures: int | None = None) -> None:
         """Ask for `target` and wait until the model is in one of `states`."""
         if failures is None:
@@ -394,7 +394,7 @@ class Gateway:
     async def delete_model(self, model_id: str) -> None:
         """Remove a model added through the API, once the deletion is committed."""
         async with self._changes:
-            rt = self.runtime(model_id)
+            rt = self.model(model_id)
             if rt.spec.id != model_id:
                 raise NotFound(f"'{model_id}' is an alias; delete model '{rt.spec.id}'")
             if model_id not in self.api_models:

@@ -12,7 +12,7 @@ from modelhost.db.store import Store
 from modelhost.downloads import Downloader, DownloadJob, JobState
 from modelhost.events import EventBus
 from modelhost.persistence import Persistence
-from modelhost.registry.runtime import DownloadCancelled, ModelRuntime
+from modelhost.registry.model import DownloadCancelled, Model
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ class HubService:
         self.downloader = downloader
         self.persistence = persistence
         self.events = events
-        self.runtimes: dict[str, ModelRuntime] = {}
+        self.runtimes: dict[str, Model] = {}
         self._records: dict[str, int] = {}  # model id -> its running download's record
         downloader.subscribe(self._progress)
 
-    async def download(self, rt: ModelRuntime) -> Path:
-        """The lifecycle's download step (RuntimeContext.download)."""
+    async def download(self, rt: Model) -> Path:
+        """The lifecycle's download step (ModelContext.download)."""
         source = rt.spec.source
         assert isinstance(source, HubSource)
         self.runtimes[rt.spec.id] = rt

@@ -34,14 +34,12 @@ import asyncio
 import json
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from starlette.types import Receive, Scope, Send
 
-from modelhost.admission import Admission
 from modelhost.asgi import Answer, error_answer
 from modelhost.errors import (
     InvalidRequest,
@@ -49,7 +47,7 @@ from modelhost.errors import (
     UpstreamError,
     sse_error_event,
 )
-from modelhost.registry.runtime import ModelRuntime
+from modelhost.registry.model import Model
 from modelhost.upstream import (
     Abandoned,
     AnswerTooLarge,
@@ -81,7 +79,7 @@ class Relay:
     async def close(self) -> None:
         self.client.close()
 
-    async def forward(self, runtime: ModelRuntime, admission: Admission, path: str,
+    async def forward(self, model: Model, path: str,
                       body: Body, headers: dict[str, str],
                       gone: Callable[[], bool] | None = None) -> Answer | RelayStream:
         """Send `body` (bytes, or a spooled file streamed from disk) to the model's worker at
@@ -90,17 +88,17 @@ class Relay:
         request that waited for its slot or its model is not sent, and one awaiting its
         answer is given up within a second (the worker's connection aborted, so it stops),
         freeing the slot either way."""
-        await admission.acquire()
+        await model.admission.acquire()
         try:
             if gone is not None and gone():
-                raise ClientLeft(runtime)
-            resp = await self._send(runtime, path, body, headers, gone)
+                raise ClientLeft(model)
+            resp = await self._send(model, path, body, headers, gone)
         except BaseException:
-            _done(runtime, admission)
+            model.release()
             raise
-        return await self.finish(runtime, admission, resp)
+        return await self.finish(model, resp)
 
-    async def finish(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
+    async def finish(self, model: Model, resp: UpstreamResponse,
                      content_type: str | None = None, length: int = -1
                      ) -> Answer | RelayStream:
         """Relay an answer whose head is in (`content_type` and its declared `length`, -1 for
@@ -109,101 +107,100 @@ class Relay:
         released = False
         try:
             if resp.status >= 400:
-                raise await _upstream_failure(runtime, resp)
+                raise await _upstream_failure(model, resp)
             if content_type is None:
-                content_type, length = _content_type_and_usage(runtime, resp)
+                content_type, length = _content_type_and_usage(model, resp)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 resp.abandoned = None  # RelayStream watches the client itself
-                return RelayStream(runtime, admission, resp, content_type)
+                return RelayStream(model, resp, content_type)
             if length > self.max_answer_bytes:
                 resp.close()
-                raise _failed_while_answering(runtime, AnswerTooLarge(self.max_answer_bytes))
+                raise _failed_while_answering(model, AnswerTooLarge(self.max_answer_bytes))
             if length <= RELAY_AS_IT_COMES:
                 try:
                     length = await resp.complete(self.max_answer_bytes)
                 except OSError as exc:
                     resp.close()
-                    raise _failed_while_answering(runtime, exc) from exc
+                    raise _failed_while_answering(model, exc) from exc
             if length > RELAY_AS_IT_COMES:
                 # Passed on as it arrives; or, collected, sent in the pieces it came in.
                 released = True
                 resp.abandoned = None
-                return RelayStream(runtime, admission, resp, content_type, length)
+                return RelayStream(model, resp, content_type, length)
             data = resp.take_body()
             resp.release()
             return Answer(data, resp.status, content_type.encode("latin-1"))
         finally:
             if not released:
-                _done(runtime, admission)
+                model.release()
 
-    def start(self, runtime: ModelRuntime, admission: Admission, path: str, body: bytes,
+    def start(self, model: Model, path: str, body: bytes,
               headers: Mapping[str, str], reply: Reply) -> bool:
         """`forward` without a task, for when nothing has to be waited for: the model is
         ready, a slot is free and an idle connection to its worker is pooled. The request is
         sent now and a complete answer goes to `reply.send` from the connection's callbacks
         (`Exchange`). False, with nothing sent, when something is missing: then the caller
         goes the async way (`forward`)."""
-        base = runtime.ready_upstream()
-        if base is None or not admission.try_acquire():
+        base = model.ready_upstream()
+        if base is None or not model.admission.try_acquire():
             return False
-        exchange = Exchange(self, runtime, admission, reply)
+        exchange = Exchange(self, model, reply)
         resp = self.client.start(base, "POST", path, headers, body, exchange,
                                  self.max_answer_bytes)
         if resp is None:
-            admission.release()
+            model.admission.release()
             return False
         resp.abandoned = reply.gone  # a client that leaves frees the slot within a second
         return True
 
-    async def fetch_json(self, runtime: ModelRuntime, admission: Admission, path: str,
+    async def fetch_json(self, model: Model, path: str,
                          form: Multipart) -> Any:
         """Post a form the gateway built to the model's worker and return its JSON answer
         (for requests the gateway composes, such as diarized transcripts)."""
-        await admission.acquire()
+        await model.admission.acquire()
         try:
-            resp = await self._send(runtime, path, form, {"Content-Type": form.content_type})
+            resp = await self._send(model, path, form, {"Content-Type": form.content_type})
             if resp.status >= 400:
-                raise await _upstream_failure(runtime, resp)
+                raise await _upstream_failure(model, resp)
             try:
                 data = json.loads(await resp.read(self.max_answer_bytes))
             except OSError as exc:
-                raise _failed_while_answering(runtime, exc) from exc
+                raise _failed_while_answering(model, exc) from exc
             except ValueError as exc:
-                raise UpstreamError(f"worker of '{runtime.spec.id}' gave no JSON answer: "
+                raise UpstreamError(f"worker of '{model.spec.id}' gave no JSON answer: "
                                     f"{_describe(exc)}") from exc
-            _content_type_and_usage(runtime, resp)
+            _content_type_and_usage(model, resp)
             return data
         finally:
-            runtime.last_used = time.monotonic()
-            admission.release()
+            model.release()
 
-    async def _send(self, runtime: ModelRuntime, path: str, body: Body,
+    async def _send(self, model: Model, path: str, body: Body,
                     headers: Mapping[str, str], gone: Callable[[], bool] | None = None
                     ) -> UpstreamResponse:
         for attempt in (1, 2):
-            base = await runtime.ensure_ready(self.load_wait_timeout)
+            base = await model.ensure_ready(self.load_wait_timeout)
             if gone is not None and gone():  # left while its model was loading
-                raise ClientLeft(runtime)
+                raise ClientLeft(model)
             try:
                 return await self.client.request(base, "POST", path, headers, body,
-                                                 connect_to=runtime.connect_to,
+                                                 connect_to=model.connect_to,
                                                  abandoned=gone)
             except UpstreamTimeout as exc:
-                raise _timed_out(runtime, exc) from exc
+                raise _timed_out(model, exc) from exc
             except Abandoned as exc:
-                raise ClientLeft(runtime) from exc
+                raise ClientLeft(model) from exc
             except OSError as exc:
                 # A worker killed between requests refuses the connection (or drops a pooled
                 # one). Nothing was generated, so once its restart is under way, retry once.
-                if attempt == 1 and await runtime.worker_lost(base):
+                if attempt == 1 and await model.worker_lost(base):
                     log.warning("model %s: worker gone (%s); retrying after its restart",
-                                runtime.spec.id, _describe(exc))
+                                model.spec.id, _describe(exc))
                     continue
                 # The detail (an address, a system error) is the operator's, not the client's.
-                log.warning("model %s: worker at %s unreachable: %s", runtime.spec.id,
+                log.warning("model %s: worker at %s unreachable: %s", model.spec.id,
                             _address(base), _describe(exc))
-                raise UpstreamError(f"worker of '{runtime.spec.id}' unreachable") from exc
+                raise UpstreamError(f"worker of '{model.spec.id}' unreachable") from exc
         raise AssertionError("unreachable")
 
 
@@ -242,13 +239,12 @@ class Exchange:
     it came in.
     """
 
-    __slots__ = ("admission", "content_type", "relay", "reply", "runtime")
+    __slots__ = ("content_type", "model", "relay", "reply")
 
-    def __init__(self, relay: Relay, runtime: ModelRuntime, admission: Admission,
+    def __init__(self, relay: Relay, model: Model,
                  reply: Reply) -> None:
         self.relay = relay
-        self.runtime = runtime
-        self.admission = admission
+        self.model = model
         self.reply = reply
         self.content_type = ""
 
@@ -256,7 +252,7 @@ class Exchange:
         if resp.status >= 400:
             self._resume(resp, None, -1)
             return
-        self.content_type, length = _content_type_and_usage(self.runtime, resp)
+        self.content_type, length = _content_type_and_usage(self.model, resp)
         if length > RELAY_AS_IT_COMES or self.content_type.startswith("text/event-stream"):
             self._resume(resp, self.content_type, length)
 
@@ -267,35 +263,30 @@ class Exchange:
         resp.listener = None
         data = resp.take_body()
         resp.release()
-        _done(self.runtime, self.admission)
+        self.model.release()
         self.reply.send(Answer(data, resp.status, self.content_type.encode("latin-1")))
 
     def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
         resp.listener = None
         resp.close()
-        _done(self.runtime, self.admission)
+        self.model.release()
         if not resp.head_received and not isinstance(exc, UpstreamTimeout | Abandoned):
             self.reply.resume(None)
         else:
-            self.reply.send(error_answer(_failed_while_answering(self.runtime, exc)))
+            self.reply.send(error_answer(_failed_while_answering(self.model, exc)))
 
     def _resume(self, resp: UpstreamResponse, content_type: str | None, length: int) -> None:
         resp.listener = None
         resp.abandoned = None  # from here on, the awaited path sees a client that leaves
-        relay, runtime, admission = self.relay, self.runtime, self.admission
-        self.reply.resume(lambda: relay.finish(runtime, admission, resp, content_type, length))
-
-
-def _done(runtime: ModelRuntime, admission: Admission) -> None:
-    runtime.last_used = time.monotonic()
-    admission.release()
+        relay, model = self.relay, self.model
+        self.reply.resume(lambda: relay.finish(model, resp, content_type, length))
 
 
 class ClientLeft(UpstreamError):
     """The client left before its answer: nothing is sent to it (its connection is gone)."""
 
-    def __init__(self, runtime: ModelRuntime) -> None:
-        super().__init__(f"the client of a request to '{runtime.spec.id}' left")
+    def __init__(self, model: Model) -> None:
+        super().__init__(f"the client of a request to '{model.spec.id}' left")
 
 
 class GatewayTimeout(UpstreamError):
@@ -311,32 +302,32 @@ class AnswerTooLargeError(UpstreamError):
     code = "answer_too_large"
 
 
-def _failed_while_answering(runtime: ModelRuntime, exc: BaseException) -> UpstreamError:
+def _failed_while_answering(model: Model, exc: BaseException) -> UpstreamError:
     """What the client is told of an exchange that failed once sent: 504 for a timeout, 502
     naming the limit for an answer too large, a generic 502 otherwise (the detail, which may
     name an internal address, is logged)."""
-    model = runtime.spec.id
+    name = model.spec.id
     if isinstance(exc, UpstreamTimeout):
-        return _timed_out(runtime, exc)
+        return _timed_out(model, exc)
     if isinstance(exc, Abandoned):  # nobody will read this answer
-        log.info("model %s: the client went away; the worker was told to stop", model)
-        return UpstreamError(f"worker of '{model}' failed while answering")
+        log.info("model %s: the client went away; the worker was told to stop", name)
+        return UpstreamError(f"worker of '{name}' failed while answering")
     if isinstance(exc, AnswerTooLarge):
-        log.warning("model %s: answer cut off past max_answer_bytes (%d)", model, exc.limit)
+        log.warning("model %s: answer cut off past max_answer_bytes (%d)", name, exc.limit)
         return AnswerTooLargeError(
-            f"the answer of '{model}' exceeds the gateway's limit of {exc.limit} bytes for a "
+            f"the answer of '{name}' exceeds the gateway's limit of {exc.limit} bytes for a "
             f"non-streamed answer (max_answer_bytes); ask for a stream, or a smaller answer")
-    log.warning("model %s: worker failed while answering: %s", model, _describe(exc))
-    return UpstreamError(f"worker of '{model}' failed while answering")
+    log.warning("model %s: worker failed while answering: %s", name, _describe(exc))
+    return UpstreamError(f"worker of '{name}' failed while answering")
 
 
-def _timed_out(runtime: ModelRuntime, exc: UpstreamTimeout) -> GatewayTimeout:
-    model = runtime.spec.id
-    log.warning("model %s: %s", model, exc)
+def _timed_out(model: Model, exc: UpstreamTimeout) -> GatewayTimeout:
+    name = model.spec.id
+    log.warning("model %s: %s", name, exc)
     if exc.idle:
-        return GatewayTimeout(f"worker of '{model}' sent nothing for {exc.seconds:g} s "
+        return GatewayTimeout(f"worker of '{name}' sent nothing for {exc.seconds:g} s "
                               f"(idle_timeout)")
-    return GatewayTimeout(f"worker of '{model}' did not answer within {exc.seconds:g} s "
+    return GatewayTimeout(f"worker of '{name}' did not answer within {exc.seconds:g} s "
                           f"(request_timeout)")
 
 
@@ -344,7 +335,7 @@ def _timed_out(runtime: ModelRuntime, exc: UpstreamTimeout) -> GatewayTimeout:
 USAGE_HEADERS = {b"x-audio-seconds": "audio_seconds", b"x-input-tokens": "input_tokens"}
 
 
-def _content_type_and_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> tuple[str, int]:
+def _content_type_and_usage(model: Model, resp: UpstreamResponse) -> tuple[str, int]:
     """The answer's content type and declared length (-1: none); what the request consumed
     is added to the model's usage. (One pass over the headers: this runs for every
     request.)"""
@@ -359,7 +350,7 @@ def _content_type_and_usage(runtime: ModelRuntime, resp: UpstreamResponse) -> tu
         elif name in USAGE_HEADERS:
             key = USAGE_HEADERS[name]
             try:
-                runtime.usage[key] = runtime.usage.get(key, 0.0) + float(value)
+                model.count(key, float(value))
             except ValueError:
                 continue
     return content_type, length
@@ -378,10 +369,9 @@ class RelayStream:
     to the client closed.
     """
 
-    def __init__(self, runtime: ModelRuntime, admission: Admission, resp: UpstreamResponse,
+    def __init__(self, model: Model, resp: UpstreamResponse,
                  content_type: str, length: int = -1) -> None:
-        self._runtime = runtime
-        self._admission = admission
+        self._model = model
         self._resp = resp
         self._length = length
         if length < 0:
@@ -409,11 +399,11 @@ class RelayStream:
             except OSError as exc:
                 if self._gone:
                     return
-                model = self._runtime.spec.id
+                model = self._model.spec.id
                 log.warning("model %s: stream broken: %s", model, _describe(exc))
                 if self._length >= 0:
                     return  # incomplete: the server closes the connection
-                error = _timed_out(self._runtime, exc) if isinstance(exc, UpstreamTimeout) \
+                error = _timed_out(self._model, exc) if isinstance(exc, UpstreamTimeout) \
                     else UpstreamError(f"worker of '{model}' failed mid-stream")
                 await send({"type": "http.response.body", "more_body": True,
                             "body": sse_error_event(error)})
@@ -438,8 +428,7 @@ class RelayStream:
             self._resp.release()
         else:
             self._resp.close()
-        self._runtime.last_used = time.monotonic()
-        self._admission.release()
+        self._model.release()
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -447,7 +436,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _upstream_failure(runtime: ModelRuntime, resp: UpstreamResponse
+async def _upstream_failure(model: Model, resp: UpstreamResponse
                             ) -> ModelhostError:
     try:
         raw = await resp.read(ERROR_BODY_LIMIT)
@@ -458,7 +447,7 @@ async def _upstream_failure(runtime: ModelRuntime, resp: UpstreamResponse
         # The worker judged the request itself (context too long, bad parameter): the
         # client's fault, so the client sees the worker's status and message.
         return _ClientError(resp.status, message, raw)
-    return UpstreamError(f"worker of '{runtime.spec.id}' answered {resp.status}: {message}")
+    return UpstreamError(f"worker of '{model.spec.id}' answered {resp.status}: {message}")
 
 
 class _ClientError(InvalidRequest):

@@ -79,7 +79,7 @@ def admin_router(gateway: Gateway) -> APIRouter:
 
     @router.get("/models/{model_id:path}", tags=["models"], summary="One model")
     async def get_model(model_id: str) -> dict[str, Any]:
-        return gateway.card(gateway.runtime(model_id))
+        return gateway.card(gateway.model(model_id))
 
     @router.put("/models/{model_id:path}", tags=["models"],
                 summary="Add or change a model (validated, persisted, versioned)")

@@ -63,7 +63,7 @@ class AudioRoutes:
             # The body goes to the worker exactly as it came; its `model` field may be an
             # alias, which our worker apps ignore (each serves one model).
             return await self.relay.forward(
-                self.registry.runtimes[spec.id], self.registry.admissions[spec.id], path,
+                self.registry.models[spec.id], path,
                 upload.body, {"Content-Type": upload.content_type})
         finally:
             upload.close()
@@ -91,10 +91,10 @@ class AudioRoutes:
                                                          "max_speakers"))
             turns_form.add("model", diarizer.id)
             transcript = await self.relay.fetch_json(
-                self.registry.runtimes[speech.id], self.registry.admissions[speech.id], path,
+                self.registry.models[speech.id], path,
                 transcript_form)
             diarized = await self.relay.fetch_json(
-                self.registry.runtimes[diarizer.id], self.registry.admissions[diarizer.id],
+                self.registry.models[diarizer.id],
                 "/audio/diarization", turns_form)
         finally:
             audio.close()

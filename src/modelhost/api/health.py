@@ -25,7 +25,7 @@ def health_routes(registry: Registry, draining: Callable[[], bool] = lambda: Fal
             return JSONResponse({"status": "draining"}, status_code=503,
                                 headers={"Retry-After": "5"})
         waiting = registry.not_ready_required()
-        models = {rt.spec.id: rt.state.value for rt in registry.runtimes.values()}
+        models = {rt.spec.id: rt.state.value for rt in registry.models.values()}
         if waiting:
             return JSONResponse({"status": "not_ready", "waiting_for": waiting,
                                  "models": models}, status_code=503)

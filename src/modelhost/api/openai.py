@@ -23,8 +23,8 @@ from modelhost.api import requests as req
 from modelhost.asgi import Answer, ClientGone, error_answer, read_body, unexpected_answer
 from modelhost.config import ModelSpec, Task, UrlSource
 from modelhost.errors import InvalidRequest, ModelhostError, ModelNotFound
+from modelhost.registry.model import Model
 from modelhost.registry.registry import Registry
-from modelhost.registry.runtime import ModelRuntime
 from modelhost.relay import Relay, RelayStream, Reply
 
 Check = Callable[[dict[str, Any]], None]
@@ -57,7 +57,7 @@ class OpenAIRoutes:
               for path, endpoint in self.relay_endpoints.items()),
         ]
 
-    def model_card(self, rt: ModelRuntime) -> dict[str, Any]:
+    def model_card(self, rt: Model) -> dict[str, Any]:
         """A model as inference clients see it. The reason of a failure (worker output,
         addresses, paths) is for operators: only the admin API shows it."""
         spec = rt.spec
@@ -69,7 +69,7 @@ class OpenAIRoutes:
         }
 
     async def list_models(self, request: Request) -> Response:
-        cards = [self.model_card(rt) for rt in self.registry.runtimes.values()]
+        cards = [self.model_card(rt) for rt in self.registry.models.values()]
         return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(self, request: Request) -> Response:
@@ -79,7 +79,7 @@ class OpenAIRoutes:
             # asked for is not the one matched (`/v1/models/abc%0A` is not model `abc`).
             raise ModelNotFound(f"The model '{request.scope['path'][11:]}' does not exist",
                                 param="model")
-        return JSONResponse(self.model_card(self.registry.runtime(name)))
+        return JSONResponse(self.model_card(self.registry.model(name)))
 
 
 
@@ -124,8 +124,7 @@ class RelayEndpoint:
     async def handle(self, body: bytes, gone: Callable[[], bool] | None = None
                      ) -> Answer | RelayStream:
         spec, body, headers = self._prepare(body)
-        return await self.relay.forward(self.registry.runtimes[spec.id],
-                                        self.registry.admissions[spec.id], self.path, body,
+        return await self.relay.forward(self.registry.models[spec.id], self.path, body,
                                         headers, gone)
 
     def start(self, body: bytes, reply: Reply) -> bool:
@@ -139,8 +138,7 @@ class RelayEndpoint:
             return True
         except Exception:
             return False  # `answer` meets it again, and logs it
-        return self.relay.start(self.registry.runtimes[spec.id],
-                                self.registry.admissions[spec.id], self.path, body, headers,
+        return self.relay.start(self.registry.models[spec.id], self.path, body, headers,
                                 reply)
 
     def _prepare(self, body: bytes) -> tuple[ModelSpec, bytes, dict[str, str]]:

@@ -1,7 +1,7 @@
 """The lifecycle state machine of a model (DESIGN §3).
 
 `TRANSITIONS` is the whole table; `docs/lifecycle.md` renders it and a test keeps the two equal.
-Only a model's owner task (`ModelRuntime`) moves a model between states.
+Only a model's owner task (`Model`) moves a model between states.
 """
 
 from __future__ import annotations

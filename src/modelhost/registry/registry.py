@@ -1,4 +1,4 @@
-"""The registry: every model's runtime and admission, the idle reaper, start and shutdown."""
+"""The registry: every model (its owner, `model.Model`), the idle reaper, start and shutdown."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ import os
 import time
 from pathlib import Path
 
-from modelhost.admission import Admission
 from modelhost.catalog import Catalog
 from modelhost.config import ModelSpec
 from modelhost.errors import ModelNotFound
 from modelhost.gpu.inventory import GpuMonitor, gpu_states
 from modelhost.gpu.placement import Demand, Resident, estimate_bytes_per_gpu, place
 from modelhost.registry.lifecycle import State
-from modelhost.registry.runtime import Listener, ModelRuntime, RuntimeContext, Target
+from modelhost.registry.model import Listener, Model, ModelContext, Target
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, catalog: Catalog, ctx: RuntimeContext, *, lazy: bool = True,
+    def __init__(self, catalog: Catalog, ctx: ModelContext, *, lazy: bool = True,
                  reap_interval: float = 1.0, gpus: GpuMonitor | None = None) -> None:
         self.gpus = gpus if gpus is not None else GpuMonitor()
         ctx = dataclasses.replace(ctx, place=self.place)
@@ -32,8 +31,7 @@ class Registry:
         self.reap_interval = reap_interval
         self.ctx = ctx
         self.listeners: list[Listener] = []
-        self.runtimes: dict[str, ModelRuntime] = {}
-        self.admissions: dict[str, Admission] = {}
+        self.models: dict[str, Model] = {}
         self.rebuild()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -43,23 +41,21 @@ class Registry:
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         return spec
 
-    def runtime(self, name: str) -> ModelRuntime:
-        return self.runtimes[self.resolve(name).id]
+    def model(self, name: str) -> Model:
+        return self.models[self.resolve(name).id]
 
     def rebuild(self) -> None:
-        """Make a runtime for every model of the catalog (before `start`)."""
-        self.runtimes = {s.id: ModelRuntime(s, self.ctx) for s in self.catalog.models}
-        self.admissions = {s.id: Admission(s.id, s.max_concurrency, s.max_queue)
-                           for s in self.catalog.models}
-        for rt in self.runtimes.values():
+        """Make a `Model` for every model of the catalog (before `start`)."""
+        self.models = {s.id: Model(s, self.ctx) for s in self.catalog.models}
+        for rt in self.models.values():
             rt.listeners.extend(self.listeners)
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
-        for rt in self.runtimes.values():
+        for rt in self.models.values():
             rt.listeners.append(listener)
 
-    async def place(self, rt: ModelRuntime) -> list[int]:
+    async def place(self, rt: Model) -> list[int]:
         """Choose the GPUs of a worker about to start: the pinned ones (a load request's
         `gpu_device_ids`, else the spec's `gpus`) or `gpu_count` GPUs with enough measured
         free memory, evicting idle models (least recently used first) to make room."""
@@ -77,23 +73,22 @@ class Registry:
                                  count, need),
                           states, self._residents(exclude=rt), self.gpus.unavailable_reason)
         for model_id in placement.evict:
-            victim = self.runtimes[model_id]
+            victim = self.models[model_id]
             log.info("evicting idle model %s to make room for %s", model_id, spec.id)
             victim.unload()
             await victim.wait_for({State.cached, State.failed, State.absent})
         return list(placement.gpus)
 
-    def _residents(self, exclude: ModelRuntime) -> list[Resident]:
+    def _residents(self, exclude: Model) -> list[Resident]:
         residents = []
-        for rt in self.runtimes.values():
+        for rt in self.models.values():
             if rt is exclude or not rt.gpus or rt.state not in (State.ready, State.starting):
                 continue
             used: dict[int, int] = {}
             if rt.worker is not None and rt.worker.pid is not None:
                 used = self.gpus.memory_used_by(_group_pids(rt.worker.pid))
-            admission = self.admissions[rt.spec.id]
             # A required model is never evicted either: /ready depends on it.
-            busy = bool(admission.active or admission.waiting) or \
+            busy = rt.busy or \
                 rt.state is State.starting or rt.spec.required
             per_gpu = max(used.values(), default=0) or estimate_bytes_per_gpu(
                 rt.spec.backend.value, _weights_bytes(rt.weights), rt.spec.engine_args,
@@ -105,32 +100,30 @@ class Registry:
     async def start(self) -> None:
         self.gpus.start()
         self.gpus.start_sampling()
-        await asyncio.gather(*(rt.start() for rt in self.runtimes.values()))
-        for rt in self.runtimes.values():
+        await asyncio.gather(*(rt.start() for rt in self.models.values()))
+        for rt in self.models.values():
             if rt.spec.required or not self.lazy:
                 rt.want_ready()
         self._reaper = asyncio.create_task(self._reap(), name="idle-reaper")
 
-    async def put(self, spec: ModelSpec) -> ModelRuntime:
+    async def put(self, spec: ModelSpec) -> Model:
         """Add a model, or replace one (its worker, if any, is stopped; a model that was
         wanted ready loads again with the new spec)."""
         self.catalog.put(spec)  # raises ValueError when a name clashes
-        old = self.runtimes.get(spec.id)
+        old = self.models.get(spec.id)
         reload = old is not None and old.target is Target.ready
         if old is not None:
             await old.close()
-        rt = ModelRuntime(spec, self.ctx)
+        rt = Model(spec, self.ctx)
         rt.listeners.extend(self.listeners)
-        self.runtimes[spec.id] = rt
-        self.admissions[spec.id] = Admission(spec.id, spec.max_concurrency, spec.max_queue)
+        self.models[spec.id] = rt
         await rt.start()
         if reload or spec.required:
             rt.want(Target.ready)
         return rt
 
     async def remove(self, model_id: str) -> None:
-        rt = self.runtimes.pop(model_id)
-        self.admissions.pop(model_id)
+        rt = self.models.pop(model_id)
         self.catalog.remove(model_id)
         await rt.close()
 
@@ -139,11 +132,11 @@ class Registry:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(rt.close() for rt in self.runtimes.values()))
+        await asyncio.gather(*(rt.close() for rt in self.models.values()))
         await self.gpus.stop()
 
     def not_ready_required(self) -> list[str]:
-        return [rt.spec.id for rt in self.runtimes.values()
+        return [rt.spec.id for rt in self.models.values()
                 if rt.spec.required and rt.state is not State.ready]
 
     async def _reap(self) -> None:
@@ -151,12 +144,11 @@ class Registry:
         while True:
             await asyncio.sleep(self.reap_interval)
             now = time.monotonic()
-            for rt in self.runtimes.values():
+            for rt in self.models.values():
                 ttl = rt.spec.idle_ttl
                 if ttl <= 0 or rt.spec.required or rt.state is not State.ready:
                     continue
-                busy = self.admissions[rt.spec.id]
-                if busy.active or busy.waiting:
+                if rt.busy:
                     continue
                 if now - rt.last_used > ttl:
                     log.info("model %s idle for %.0f s: unloading", rt.spec.id, now - rt.last_used)

@@ -20,6 +20,7 @@ import aiohttp
 import yarl
 
 from modelhost.admin_policy import GuardedResolver, RemotePolicy, RemoteRefused
+from modelhost.admission import Admission
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
 from modelhost.errors import ModelNotReady, UpstreamError
@@ -56,12 +57,12 @@ class DownloadCancelled(Exception):
     """The download was cancelled; the model goes back to `absent`."""
 
 
-DownloadFn = Callable[["ModelRuntime"], Awaitable[Path]]
-PlaceFn = Callable[["ModelRuntime"], Awaitable[list[int]]]
+DownloadFn = Callable[["Model"], Awaitable[Path]]
+PlaceFn = Callable[["Model"], Awaitable[list[int]]]
 
 
 @dataclass(frozen=True)
-class RuntimeContext:
+class ModelContext:
     cache_dir: Path
     log_dir: Path
     stop_timeout: float
@@ -80,13 +81,15 @@ class RuntimeContext:
     remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
 
 
-Listener = Callable[["ModelRuntime", State], None]
+Listener = Callable[["Model", State], None]
 
 
-class ModelRuntime:
-    def __init__(self, spec: ModelSpec, ctx: RuntimeContext) -> None:
+class Model:
+    def __init__(self, spec: ModelSpec, ctx: ModelContext) -> None:
         self.spec = spec
         self.ctx = ctx
+        # At most `max_concurrency` requests at the worker, a bounded queue (429 past it).
+        self.admission = Admission(spec.id, spec.max_concurrency, spec.max_queue)
         self.state = State.cached
         self.last_error: str | None = None
         # A remote added through the admin API: the address its URL was checked to resolve to
@@ -172,6 +175,20 @@ class ModelRuntime:
         if self.state is State.ready:
             return self.upstream
         return None
+
+    def release(self) -> None:
+        """A request is done with the worker: its admission slot goes to the next one."""
+        self.last_used = time.monotonic()
+        self.admission.release()
+
+    def count(self, key: str, amount: float) -> None:
+        """Add what a request consumed (`audio_seconds`, `input_tokens`) to the usage."""
+        self.usage[key] = self.usage.get(key, 0.0) + amount
+
+    @property
+    def busy(self) -> bool:
+        """Requests at the worker or queued for it."""
+        return bool(self.admission.active or self.admission.waiting)
 
     def _see_admin(self) -> str:
         # The reason (worker output, addresses, paths) is for operators: admin routes only.
@@ -442,7 +459,7 @@ class ModelRuntime:
         self.gpus = []
 
 
-async def _default_place(runtime: ModelRuntime) -> list[int]:
+async def _default_place(runtime: Model) -> list[int]:
     spec = runtime.spec
     if runtime.gpu_override is not None:
         return list(runtime.gpu_override)
