@@ -32,18 +32,16 @@ from huggingface_hub import HfApi, constants
 
 from modelhost import hubtoken
 from modelhost.config import HubSource
-from modelhost.downloads import (
-    Downloader,
-    DownloadJob,
-    ErrorKind,
-    JobState,
+from modelhost.downloads import Downloader, DownloadJob, JobState
+from modelhost.downloads.cache import (
     delete_from_cache,
-    gib,
     is_complete,
     read_listing,
     repo_folder,
     scan_cache,
 )
+from modelhost.downloads.errors import ErrorKind
+from modelhost.downloads.fetch import gib
 from tests.fake_hub import FakeHub, git_blob_sha1
 
 T = TypeVar("T")
