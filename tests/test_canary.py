@@ -31,7 +31,9 @@ from openai.types.audio import TranscriptionVerbose, TranslationVerbose
 from starlette.testclient import TestClient
 
 from modelhost.errors import InvalidRequest
-from modelhost.workers.apps.canary import (
+from modelhost.workers.apps.audio_input import decode_capped
+from modelhost.workers.apps.speech.app import build_app, choose_engine, decode_audio_file
+from modelhost.workers.apps.speech.canary import (
     FRAME_SECONDS,
     NEMO_MISSING,
     CanaryEngine,
@@ -52,24 +54,17 @@ from modelhost.workers.apps.canary import (
     to_transcript,
     write_wav,
 )
-from modelhost.workers.apps.speech import (
+from modelhost.workers.apps.speech.engine import (
     SAMPLE_RATE,
     Audio,
     LanguageLimited,
     Segment,
     SpeechRequest,
     Transcript,
-    build_app,
-    check_supported,
-    choose_engine,
-    decode_audio_file,
-    decode_with_pyav,
     engine_languages,
-    render,
-    to_srt,
-    to_vtt,
-    verbose_json,
 )
+from modelhost.workers.apps.speech.formats import render, to_srt, to_vtt, verbose_json
+from modelhost.workers.apps.speech.requests import check_supported
 from modelhost.workers.process import free_port
 from tests.audio import concat_wavs, have_espeak, speak, wav_duration, word_error_rate
 
@@ -402,7 +397,7 @@ def test_written_chunks_decode_back(tmp_path: Path) -> None:
     with wave.open(str(path)) as wav:
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()) \
             == (1, 2, SAMPLE_RATE, len(audio))
-    back = decode_with_pyav(path)  # the worker's decoder where faster-whisper is absent
+    back = decode_capped(path)  # PyAV alone, as faster-whisper's decoder
     assert back.shape == audio.shape and np.abs(back - audio).max() < 1e-3
     assert np.abs(decode_audio_file(path) - audio).max() < 1e-3
 

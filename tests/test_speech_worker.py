@@ -37,24 +37,23 @@ from openai.types.audio import (
 from starlette.testclient import TestClient
 
 from modelhost.errors import InvalidRequest
-from modelhost.workers.apps.speech import (
+from modelhost.workers.apps.speech.app import build_app, transcribe_file
+from modelhost.workers.apps.speech.engine import (
     Audio,
     Segment,
     SpeechRequest,
     Transcript,
     Word,
-    build_app,
-    check_supported,
-    embedded_model_path,
+)
+from modelhost.workers.apps.speech.formats import (
     format_timestamp,
-    parse_request,
     render,
-    temperature_schedule,
     to_srt,
     to_vtt,
-    transcribe_file,
     verbose_json,
 )
+from modelhost.workers.apps.speech.requests import check_supported, parse_request
+from modelhost.workers.apps.speech.whisper import embedded_model_path, temperature_schedule
 from modelhost.workers.process import free_port
 from tests.audio import (
     VOICES,

@@ -20,7 +20,7 @@ What Canary does differently from Whisper, and how the worker maps it:
 
 * It does not detect the language: `source_lang` is the request's `language`, else
   `--default-language` (en). Only `--languages` (Canary Flash: en, de, es, fr) are accepted;
-  others are a 400 on `language` (`check_supported` in speech.py, through `languages`).
+  others are a 400 on `language` (`requests.check_supported`, through `languages`).
 * A transcription is `target_lang == source_lang`; a translation (the OpenAI route's contract is
   English text) is `target_lang = "en"`. Punctuation and capitals are always asked for.
 * `prompt` and `temperature` have no Canary equivalent and are ignored (decoding is the model's
@@ -33,7 +33,7 @@ What Canary does differently from Whisper, and how the worker maps it:
 * Canary Flash is trained on utterances of up to 40 s: longer audio is cut into chunks of at
   most `--chunk-seconds` (30), each at its quietest 100 ms in the last 5 s (`split_points`),
   and the chunks' timestamps are shifted to where each chunk starts.
-* Uploads are decoded by the speech worker (`speech.decode_audio_file`), under its
+* Uploads are decoded by the speech worker (`app.decode_audio_file`), under its
   `--max-audio-seconds` cap (the gateway passes settings.max_audio_seconds): longer audio is a
   413 before it is decoded, so NeMo never sees more than the cap (audio_input.py).
 """
@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from modelhost.workers.apps.speech import (
+from modelhost.workers.apps.speech.engine import (
     LANGUAGES,
     SAMPLE_RATE,
     Audio,
@@ -95,11 +95,6 @@ class NemoMissing(RuntimeError):
 
 def nemo_installed() -> bool:
     return importlib.util.find_spec("nemo") is not None
-
-
-def require_nemo() -> None:
-    if not nemo_installed():
-        raise NemoMissing()
 
 
 def is_canary_model(model: str | None) -> bool:
