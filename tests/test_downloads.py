@@ -417,18 +417,35 @@ def test_not_enough_disk_space_is_refused_before_any_byte(hub: FakeHub, cache: P
 # --------------------------------------------------------------------------- errors
 
 
-def test_gated_repo(hub: FakeHub, cache: Path) -> None:
-    hub.set_access("acme/gated", gated=True, tokens=[GOOD_TOKEN])
-    source = HubSource(hf="acme/gated")
-    job = run(fetch(hub, cache, source))
-    assert job.state is JobState.failed and job.error_kind is ErrorKind.gated
+GATED, PRIVATE = {"gated": True}, {"private": True}
+
+
+@pytest.mark.parametrize(("repo", "access", "token", "kind", "says"), [
+    ("acme/gated", GATED, None, ErrorKind.gated,
+     ["accept the model's terms at {url}/acme/gated", "modelhost token set", "HUGGINGFACE_TOKEN"]),
+    ("acme/gated", GATED, BAD_TOKEN, ErrorKind.gated, ["has no access"]),
+    ("acme/private", PRIVATE, None, ErrorKind.not_found,
+     ["if it is private, set a token with `modelhost token set`"]),
+    ("acme/private", PRIVATE, BAD_TOKEN, ErrorKind.unauthorized, ["token was rejected"]),
+], ids=["gated-no-token", "gated-bad-token", "private-no-token", "private-bad-token"])
+def test_access_refused_says_what_to_do(hub: FakeHub, cache: Path, repo: str,
+                                        access: dict[str, bool], token: str | None,
+                                        kind: ErrorKind, says: list[str]) -> None:
+    hub.set_access(repo, tokens=[GOOD_TOKEN], **access)
+    job = run(fetch(hub, cache, HubSource(hf=repo), token=token))
+    assert job.state is JobState.failed and job.error_kind is kind
     error = job.error or ""
-    assert f"accept the model's terms at {hub.url}/acme/gated" in error
-    assert "modelhost token set" in error and "HUGGINGFACE_TOKEN" in error
-    job = run(fetch(hub, cache, source, token=BAD_TOKEN))
-    assert job.error_kind is ErrorKind.gated and "has no access" in (job.error or "")
-    hub.reset_stats()
-    job = run(fetch(hub, cache, source, token=GOOD_TOKEN))
+    for text in says:
+        assert text.format(url=hub.url) in error
+    assert token is None or token not in error
+
+
+@pytest.mark.parametrize(("repo", "access"), [("acme/gated", GATED), ("acme/private", PRIVATE)],
+                         ids=["gated", "private"])
+def test_access_granted_to_the_right_token(hub: FakeHub, cache: Path, repo: str,
+                                           access: dict[str, bool]) -> None:
+    hub.set_access(repo, tokens=[GOOD_TOKEN], **access)
+    job = run(fetch(hub, cache, HubSource(hf=repo), token=GOOD_TOKEN))
     assert job.state is JobState.completed, job.error
     # The token went to the hub, never to the CDN (another origin).
     assert all(r.authorized for r in hub.requests if r.server == "hub")
@@ -436,30 +453,21 @@ def test_gated_repo(hub: FakeHub, cache: Path) -> None:
     assert any(r.server == "cdn" for r in hub.requests)
 
 
-def test_token_required(hub: FakeHub, cache: Path) -> None:
-    hub.set_access("acme/private", private=True, tokens=[GOOD_TOKEN])
-    source = HubSource(hf="acme/private")
-    job = run(fetch(hub, cache, source))
-    assert job.error_kind is ErrorKind.not_found
-    assert "if it is private, set a token with `modelhost token set`" in (job.error or "")
-    job = run(fetch(hub, cache, source, token=BAD_TOKEN))
-    assert job.error_kind is ErrorKind.unauthorized
-    assert "token was rejected" in (job.error or "") and BAD_TOKEN not in (job.error or "")
-    job = run(fetch(hub, cache, source, token=GOOD_TOKEN))
-    assert job.state is JobState.completed, job.error
-
-
-def test_missing_repo_revision_and_files(hub: FakeHub, cache: Path) -> None:
-    job = run(fetch(hub, cache, HubSource(hf="acme/nope")))
-    assert job.state is JobState.failed and job.error_kind is ErrorKind.not_found
-    assert "repository acme/nope was not found: check `hf: acme/nope`" in (job.error or "")
-    job = run(fetch(hub, cache, HubSource(hf="acme/tiny", revision="nope")))
-    assert job.error_kind is ErrorKind.revision_not_found
-    assert "revision 'nope' does not exist in acme/tiny" in (job.error or "")
-    job = run(fetch(hub, cache, HubSource(hf="acme/tiny", files=["*.onnx"])))
-    assert job.error_kind is ErrorKind.no_files and "*.onnx" in (job.error or "")
-    job = run(fetch(hub, cache, HubSource(hf="acme/tiny"), endpoint="http://127.0.0.1:9"))
-    assert job.error_kind is ErrorKind.network
+@pytest.mark.parametrize(("source", "endpoint", "kind", "says"), [
+    (HubSource(hf="acme/nope"), None, ErrorKind.not_found,
+     "repository acme/nope was not found: check `hf: acme/nope`"),
+    (HubSource(hf="acme/tiny", revision="nope"), None, ErrorKind.revision_not_found,
+     "revision 'nope' does not exist in acme/tiny"),
+    (HubSource(hf="acme/tiny", files=["*.onnx"]), None, ErrorKind.no_files, "*.onnx"),
+    (HubSource(hf="acme/tiny"), "http://127.0.0.1:9", ErrorKind.network,
+     "network error while downloading acme/tiny from http://127.0.0.1:9"),
+], ids=["repo", "revision", "files", "no-hub"])
+def test_missing_repo_revision_files_or_hub(hub: FakeHub, cache: Path, source: HubSource,
+                                            endpoint: str | None, kind: ErrorKind,
+                                            says: str) -> None:
+    job = run(fetch(hub, cache, source, endpoint=endpoint or hub.url))
+    assert job.state is JobState.failed and job.error_kind is kind
+    assert says in (job.error or "")
 
 
 def test_checksum_mismatch_discards_the_partial_file(hub: FakeHub, hub_root: Path,
@@ -515,11 +523,18 @@ def test_token_file_is_0600_from_the_start(tmp_path: Path) -> None:
         hubtoken.write_token(folder, "has space")
 
 
-def test_mask_and_precedence(tmp_path: Path) -> None:
-    assert hubtoken.mask("hf_AbCdEfGhIjKlMnOpQrStUvWx") == "hf_…UvWx"
-    assert hubtoken.mask("hf_short") == "hf_…"
-    assert hubtoken.mask("custom-token-12345") == "…2345"
-    assert hubtoken.mask(None) is None and hubtoken.mask("") is None
+@pytest.mark.parametrize(("token", "masked"), [
+    ("hf_AbCdEfGhIjKlMnOpQrStUvWx", "hf_…UvWx"),
+    ("hf_short", "hf_…"),
+    ("custom-token-12345", "…2345"),
+    (None, None),
+    ("", None),
+])
+def test_mask(token: str | None, masked: str | None) -> None:
+    assert hubtoken.mask(token) == masked
+
+
+def test_token_precedence(tmp_path: Path) -> None:
     hubtoken.write_token(tmp_path, "hf_FromTheFileAbcdefgh")
     # The environment (settings) wins; the file is used only without it.
     assert hubtoken.resolve_token("hf_FromTheEnvironment1234", tmp_path) == \
