@@ -60,103 +60,84 @@ def test_log_dir_overrides_logs_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert Settings().logs_path == tmp_path / "elsewhere"
 
 
-def test_seed_legacy_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("API_HOST", "0.0.0.0")
-    monkeypatch.setenv("API_PORT", "9000")
-    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_legacy")
-    monkeypatch.setenv("OPENAI_API_KEYS", "k1,k2")
-    monkeypatch.setenv("LAZY_LOAD_MODELS", "false")
-    monkeypatch.setenv("LOG_LEVEL", "DEBUG")
-    monkeypatch.setenv("LOG_DIR", str(tmp_path / "logs"))
+# Paths are only named here, never created: Settings reads them and touches nothing.
+SRV = Path("/srv/modelhost-test")
+
+SEED_NAMES = {
+    "API_HOST": "0.0.0.0",
+    "API_PORT": "9000",
+    "MODEL_CACHE_DIR": str(SRV / "cache"),
+    "HUGGINGFACE_TOKEN": "hf_legacy",
+    "OPENAI_API_KEYS": "k1,k2",
+    "LAZY_LOAD_MODELS": "false",
+    "LOG_LEVEL": "DEBUG",
+    "LOG_DIR": str(SRV / "logs"),
+}
+PREFIXED_NAMES = {
+    "MODELHOST_API_HOST": "10.1.2.3",
+    "MODELHOST_API_PORT": "8123",
+    "MODELHOST_DATA_DIR": str(SRV / "data"),
+    "MODELHOST_MODEL_CACHE_DIR": str(SRV / "cache"),
+    "MODELHOST_HUGGINGFACE_TOKEN": "hf_new",
+    "MODELHOST_OPENAI_API_KEYS": "x",
+    "MODELHOST_LAZY_LOAD_MODELS": "0",
+    "MODELHOST_LOG_LEVEL": "warning",
+    "MODELHOST_LOG_DIR": str(SRV / "logs"),
+    "MODELHOST_CONFIG": str(SRV / "models.yaml"),
+    "MODELHOST_LOAD_WAIT_TIMEOUT": "12.5",
+    "MODELHOST_MAX_REQUEST_BYTES": "1024",
+    "MODELHOST_STOP_TIMEOUT": "3",
+}
+# Each seed name (and HF_TOKEN) set, and its MODELHOST_ name to something else.
+BOTH_NAMES = {
+    "API_HOST": "0.0.0.0", "MODELHOST_API_HOST": "10.0.0.1",
+    "API_PORT": "9000", "MODELHOST_API_PORT": "9001",
+    "MODEL_CACHE_DIR": str(SRV / "old"), "MODELHOST_MODEL_CACHE_DIR": str(SRV / "new"),
+    "HUGGINGFACE_TOKEN": "hf_old", "MODELHOST_HUGGINGFACE_TOKEN": "hf_new",
+    "HF_TOKEN": "hf_standard",
+    "OPENAI_API_KEYS": "old", "MODELHOST_OPENAI_API_KEYS": "new",
+    "LAZY_LOAD_MODELS": "true", "MODELHOST_LAZY_LOAD_MODELS": "false",
+    "LOG_LEVEL": "error", "MODELHOST_LOG_LEVEL": "debug",
+    "LOG_DIR": str(SRV / "oldlogs"), "MODELHOST_LOG_DIR": str(SRV / "newlogs"),
+}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    pytest.param(SEED_NAMES, {
+        "api_host": "0.0.0.0", "api_port": 9000, "model_cache_dir": SRV / "cache",
+        "huggingface_token": "hf_legacy", "api_keys": ["k1", "k2"],
+        "lazy_load_models": False, "log_level": "debug", "log_dir": SRV / "logs",
+        "logs_path": SRV / "logs"}, id="the-seeds-names"),
+    pytest.param(PREFIXED_NAMES, {
+        "api_host": "10.1.2.3", "api_port": 8123, "data_dir": SRV / "data",
+        "model_cache_dir": SRV / "cache", "huggingface_token": "hf_new", "api_keys": ["x"],
+        "lazy_load_models": False, "log_level": "warning", "logs_path": SRV / "logs",
+        "config_file": SRV / "models.yaml", "load_wait_timeout": 12.5,
+        "max_request_bytes": 1024, "stop_timeout": 3.0}, id="the-modelhost-prefixed-names"),
+    pytest.param(BOTH_NAMES, {
+        "api_host": "10.0.0.1", "api_port": 9001, "model_cache_dir": SRV / "new",
+        "huggingface_token": "hf_new", "api_keys": ["new"], "lazy_load_models": False,
+        "log_level": "debug", "log_dir": SRV / "newlogs"},
+        id="prefixed-names-win-over-the-seeds-and-hf-token"),
+    pytest.param({"HF_TOKEN": "hf_standard"}, {"huggingface_token": "hf_standard"},
+                 id="hf-token-is-accepted-too"),
+    pytest.param({"HF_TOKEN": "hf_standard", "HUGGINGFACE_TOKEN": "hf_seed"},
+                 {"huggingface_token": "hf_seed"}, id="huggingface-token-wins-over-hf-token"),
+    pytest.param({"OPENAI_API_KEYS": "a, b,,c"}, {"api_keys": ["a", "b", "c"]},
+                 id="api-keys-are-split-blanks-dropped"),
+    pytest.param({"OPENAI_API_KEYS": " , ,"}, {"api_keys": []}, id="api-keys-only-blanks"),
+    pytest.param({"OPENAI_API_KEYS": "  sk-one  "}, {"api_keys": ["sk-one"]},
+                 id="api-keys-are-trimmed"),
+])
+def test_environment_names(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                           expected: dict[str, object]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     settings = Settings()
-    assert settings.api_host == "0.0.0.0"
-    assert settings.api_port == 9000
-    assert settings.model_cache_dir == tmp_path / "cache"
-    assert settings.huggingface_token == "hf_legacy"
-    assert settings.api_keys == ["k1", "k2"]
-    assert settings.lazy_load_models is False
-    assert settings.log_level == "debug"
-    assert settings.log_dir == tmp_path / "logs"
-    assert settings.logs_path == tmp_path / "logs"
-
-
-def test_hf_token_is_accepted_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "hf_standard")
-    assert Settings().huggingface_token == "hf_standard"
-
-
-def test_prefixed_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELHOST_API_HOST", "10.1.2.3")
-    monkeypatch.setenv("MODELHOST_API_PORT", "8123")
-    monkeypatch.setenv("MODELHOST_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MODELHOST_MODEL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("MODELHOST_HUGGINGFACE_TOKEN", "hf_new")
-    monkeypatch.setenv("MODELHOST_OPENAI_API_KEYS", "x")
-    monkeypatch.setenv("MODELHOST_LAZY_LOAD_MODELS", "0")
-    monkeypatch.setenv("MODELHOST_LOG_LEVEL", "warning")
-    monkeypatch.setenv("MODELHOST_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.setenv("MODELHOST_CONFIG", str(tmp_path / "models.yaml"))
-    monkeypatch.setenv("MODELHOST_LOAD_WAIT_TIMEOUT", "12.5")
-    monkeypatch.setenv("MODELHOST_MAX_REQUEST_BYTES", "1024")
-    monkeypatch.setenv("MODELHOST_STOP_TIMEOUT", "3")
-    settings = Settings()
-    assert settings.api_host == "10.1.2.3"
-    assert settings.api_port == 8123
-    assert settings.data_dir == tmp_path / "data"
-    assert settings.model_cache_dir == tmp_path / "cache"
-    assert settings.huggingface_token == "hf_new"
-    assert settings.api_keys == ["x"]
-    assert settings.lazy_load_models is False
-    assert settings.log_level == "warning"
-    assert settings.logs_path == tmp_path / "logs"
-    assert settings.config_file == tmp_path / "models.yaml"
-    assert settings.load_wait_timeout == 12.5
-    assert settings.max_request_bytes == 1024
-    assert settings.stop_timeout == 3.0
-
-
-def test_prefixed_names_win_over_legacy(tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    pairs = {
-        "API_HOST": ("0.0.0.0", "10.0.0.1"),
-        "API_PORT": ("9000", "9001"),
-        "MODEL_CACHE_DIR": (str(tmp_path / "old"), str(tmp_path / "new")),
-        "HUGGINGFACE_TOKEN": ("hf_old", "hf_new"),
-        "OPENAI_API_KEYS": ("old", "new"),
-        "LAZY_LOAD_MODELS": ("true", "false"),
-        "LOG_LEVEL": ("error", "debug"),
-        "LOG_DIR": (str(tmp_path / "oldlogs"), str(tmp_path / "newlogs")),
-    }
-    for name, (legacy, prefixed) in pairs.items():
-        monkeypatch.setenv(name, legacy)
-        monkeypatch.setenv(f"MODELHOST_{name}", prefixed)
-    # HF_TOKEN loses as well.
-    monkeypatch.setenv("HF_TOKEN", "hf_standard")
-    settings = Settings()
-    assert settings.api_host == "10.0.0.1"
-    assert settings.api_port == 9001
-    assert settings.model_cache_dir == tmp_path / "new"
-    assert settings.huggingface_token == "hf_new"
-    assert settings.api_keys == ["new"]
-    assert settings.lazy_load_models is False
-    assert settings.log_level == "debug"
-    assert settings.log_dir == tmp_path / "newlogs"
-
-
-def test_huggingface_token_wins_over_hf_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "hf_standard")
-    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_seed")
-    assert Settings().huggingface_token == "hf_seed"
-
-
-def test_api_keys_are_split_and_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEYS", "a, b,,c")
-    assert Settings().api_keys == ["a", "b", "c"]
-    monkeypatch.setenv("OPENAI_API_KEYS", " , ,")
-    assert Settings().api_keys == []
-    monkeypatch.setenv("OPENAI_API_KEYS", "  sk-one  ")
-    assert Settings().api_keys == ["sk-one"]
+    for field, want in expected.items():
+        got = getattr(settings, field)
+        # The type too: False, not 0; a Path, not a str.
+        assert (type(got), got) == (type(want), want), field
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -174,22 +155,16 @@ def test_valid_log_levels(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
     assert Settings().log_level == level
 
 
-def test_invalid_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LOG_LEVEL", "verbose")
-    with pytest.raises(ValidationError, match="must be one of"):
-        Settings()
-
-
-@pytest.mark.parametrize("port", ["http", "70000", "-1", "80.5"])
-def test_invalid_api_port(monkeypatch: pytest.MonkeyPatch, port: str) -> None:
-    monkeypatch.setenv("API_PORT", port)
-    with pytest.raises(ValidationError):
-        Settings()
-
-
-def test_invalid_lazy_load_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LAZY_LOAD_MODELS", "sometimes")
-    with pytest.raises(ValidationError):
+@pytest.mark.parametrize(("name", "value", "match"), [
+    pytest.param("LOG_LEVEL", "verbose", "must be one of", id="log-level-verbose"),
+    *(pytest.param("API_PORT", port, None, id=f"api-port-{port}")
+      for port in ("http", "70000", "-1", "80.5")),
+    pytest.param("LAZY_LOAD_MODELS", "sometimes", None, id="lazy-load-models-sometimes"),
+])
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                    match: str | None) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=match):
         Settings()
 
 
