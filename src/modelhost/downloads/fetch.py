@@ -91,6 +91,8 @@ class Control:
 
 @dataclass
 class FileTask:
+    """One file of a plan: how much of it is on disk (read by the progress monitor)."""
+
     remote: RemoteFile
     have: int = 0  # bytes of this file on disk, partial or complete
     fetched: int = 0  # bytes received by this job
@@ -99,6 +101,8 @@ class FileTask:
 
 @dataclass
 class Plan:
+    """What one job fetches: the commit its revision resolved to, and the files selected."""
+
     repo: str
     revision: str
     commit: str
