@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from modelhost.config import Backend, HubSource, ModelSpec, PathSource, UrlSource
+from modelhost.config import Backend, ModelSpec, PathSource, UrlSource
 from modelhost.workers import llamacpp, vllm
 from modelhost.workers.flags import kebab_flags, snake_flags
 from modelhost.workers.plans import launch_plan
@@ -29,8 +30,8 @@ def flag_value(argv: list[str], flag: str, count: int = 1) -> list[str]:
 # --------------------------------------------------------------------------- flags
 
 
-def test_kebab_flags() -> None:
-    assert kebab_flags({
+@pytest.mark.parametrize(("spell", "args", "expected"), [
+    pytest.param(kebab_flags, {
         "max_model_len": 8192,
         "gpu_memory_utilization": 0.9,
         "enforce_eager": True,
@@ -40,7 +41,7 @@ def test_kebab_flags() -> None:
         "override_generation_config": {"temperature": 0.5},
         "lora_modules": [{"name": "x", "path": "/l"}],
         "already-kebab": "v",
-    }) == [
+    }, [
         "--max-model-len", "8192",
         "--gpu-memory-utilization", "0.9",
         "--enforce-eager",
@@ -48,15 +49,9 @@ def test_kebab_flags() -> None:
         "--override-generation-config", '{"temperature": 0.5}',
         "--lora-modules", '[{"name": "x", "path": "/l"}]',
         "--already-kebab", "v",
-    ]
-
-
-def test_kebab_flags_empty() -> None:
-    assert kebab_flags({}) == []
-
-
-def test_snake_flags() -> None:
-    assert snake_flags({
+    ], id="kebab-every-kind-of-value"),
+    pytest.param(kebab_flags, {}, [], id="kebab-empty"),
+    pytest.param(snake_flags, {
         "n_ctx": 2048,
         "verbose": False,
         "flash_attn": True,
@@ -65,7 +60,7 @@ def test_snake_flags() -> None:
         "tensor_split": [0.5, 0.5],
         "n-threads": 4,
         "chat_format": "chatml",
-    }) == [
+    }, [
         "--n_ctx", "2048",
         "--verbose", "false",
         "--flash_attn", "true",
@@ -73,11 +68,13 @@ def test_snake_flags() -> None:
         "--tensor_split", "0.5", "0.5",
         "--n_threads", "4",
         "--chat_format", "chatml",
-    ]
-
-
-def test_snake_flags_nested_list_is_json() -> None:
-    assert snake_flags({"x": [[1, 2], [3]]}) == ["--x", "[[1, 2], [3]]"]
+    ], id="snake-every-kind-of-value"),
+    pytest.param(snake_flags, {"x": [[1, 2], [3]]}, ["--x", "[[1, 2], [3]]"],
+                 id="snake-nested-list-is-json"),
+])
+def test_flags(spell: Callable[[dict[str, Any]], list[str]], args: dict[str, Any],
+               expected: list[str]) -> None:
+    assert spell(args) == expected
 
 
 # --------------------------------------------------------------------------- llama.cpp
@@ -137,53 +134,47 @@ def test_llamacpp_uses_the_specs_python(gguf: Path) -> None:
     assert plan.argv[:3] == ["/opt/llama/bin/python", "-m", "llama_cpp.server"]
 
 
-def test_llamacpp_directory_with_one_gguf(tmp_path: Path) -> None:
-    (tmp_path / "README.md").write_text("hi")
-    (tmp_path / "model.Q8_0.gguf").write_bytes(b"GGUF")
-    plan = launch_plan(gguf_spec(tmp_path), tmp_path, HOST, PORT, [])
-    assert flag_value(plan.argv, "--model") == [str(tmp_path / "model.Q8_0.gguf")]
+def folder_of(folder: Path, names: list[str]) -> Path:
+    for name in names:
+        (folder / name).write_bytes(b"GGUF" if name.endswith(".gguf") else b"x")
+    return folder
 
 
-def test_llamacpp_directory_with_two_ggufs_asks_to_choose(tmp_path: Path) -> None:
-    for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    spec = ModelSpec(id="two", backend=Backend.llamacpp,
-                     source=HubSource(hf="org/model-GGUF"))
+# A source of None: `source.path` is the folder itself.
+@pytest.mark.parametrize(("names", "source", "loaded"), [
+    pytest.param(["README.md", "model.Q8_0.gguf"], None, "model.Q8_0.gguf",
+                 id="the-folders-one-gguf"),
+    pytest.param(["model.Q4_K_M.gguf", "model.Q8_0.gguf"],
+                 {"hf": "org/model-GGUF", "files": ["*Q8_0*"]}, "model.Q8_0.gguf",
+                 id="source-files-choose-among-several"),
+    pytest.param([f"big-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)], None,
+                 "big-Q4_K_M-00001-of-00003.gguf", id="a-split-gguf-loads-its-first-part"),
+])
+def test_llamacpp_gguf_in_a_folder(tmp_path: Path, names: list[str],
+                                   source: dict[str, Any] | None, loaded: str) -> None:
+    folder = folder_of(tmp_path, names)
+    spec = gguf_spec(folder) if source is None else gguf_spec(folder, source=source)
+    plan = launch_plan(spec, folder, HOST, PORT, [])
+    assert flag_value(plan.argv, "--model") == [str(folder / loaded)]
+
+
+@pytest.mark.parametrize(("names", "source", "fragments"), [
+    pytest.param(["model.Q4_K_M.gguf", "model.Q8_0.gguf"], {"hf": "org/model-GGUF"},
+                 ["model 'tiny'", "several .gguf files", "`source.files`",
+                  "model.Q4_K_M.gguf", "model.Q8_0.gguf"],
+                 id="two-ggufs-from-the-hub-ask-to-choose-with-source-files"),
+    pytest.param(["a.gguf", "b.gguf"], None, ["`source.path` pointing at the file"],
+                 id="two-ggufs-in-a-path-folder-ask-for-the-file"),
+    pytest.param(["model.safetensors"], None, ["no .gguf file"], id="a-folder-without-gguf"),
+])
+def test_llamacpp_folder_refused(tmp_path: Path, names: list[str],
+                                 source: dict[str, Any] | None, fragments: list[str]) -> None:
+    folder = folder_of(tmp_path, names)
+    spec = gguf_spec(folder) if source is None else gguf_spec(folder, source=source)
     with pytest.raises(BackendConfigError) as info:
-        launch_plan(spec, tmp_path, HOST, PORT, [])
-    message = str(info.value)
-    assert "model 'two'" in message and "several .gguf files" in message
-    assert "`source.files`" in message
-    assert "model.Q4_K_M.gguf" in message and "model.Q8_0.gguf" in message
-
-
-def test_llamacpp_path_directory_with_two_ggufs_asks_for_the_file(tmp_path: Path) -> None:
-    for name in ("a.gguf", "b.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    with pytest.raises(BackendConfigError, match=r"`source.path` pointing at the file"):
-        launch_plan(gguf_spec(tmp_path), tmp_path, HOST, PORT, [])
-
-
-def test_llamacpp_source_files_choose_among_several(tmp_path: Path) -> None:
-    for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    spec = ModelSpec(id="one", backend=Backend.llamacpp,
-                     source=HubSource(hf="org/model-GGUF", files=["*Q8_0*"]))
-    plan = launch_plan(spec, tmp_path, HOST, PORT, [])
-    assert flag_value(plan.argv, "--model") == [str(tmp_path / "model.Q8_0.gguf")]
-
-
-def test_llamacpp_split_gguf_loads_the_first_part(tmp_path: Path) -> None:
-    for i in (1, 2, 3):
-        (tmp_path / f"big-Q4_K_M-0000{i}-of-00003.gguf").write_bytes(b"GGUF")
-    plan = launch_plan(gguf_spec(tmp_path), tmp_path, HOST, PORT, [])
-    assert flag_value(plan.argv, "--model") == [str(tmp_path / "big-Q4_K_M-00001-of-00003.gguf")]
-
-
-def test_llamacpp_directory_without_gguf(tmp_path: Path) -> None:
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(BackendConfigError, match=r"no \.gguf file"):
-        launch_plan(gguf_spec(tmp_path), tmp_path, HOST, PORT, [])
+        launch_plan(spec, folder, HOST, PORT, [])
+    for fragment in fragments:
+        assert fragment in str(info.value), fragment
 
 
 @pytest.mark.parametrize("key", ["model", "host", "port", "model_alias", "model-alias"])
@@ -292,50 +283,45 @@ def test_vllm_executable_beside_the_gateway_python(tmp_path: Path) -> None:
     assert vllm.vllm_executable("/envs/v/bin/python3") == "/envs/v/bin/vllm"
 
 
-def test_vllm_tensor_parallel_defaults_to_the_gpu_count(tmp_path: Path) -> None:
-    spec = seed_spec(gpus=None, gpu_count=4, engine_args={})
-    plan = launch_plan(spec, tmp_path, HOST, PORT, [4, 5, 6, 7])
-    assert flag_value(plan.argv, "--tensor-parallel-size") == ["4"]
-    assert flag_value(plan.argv, "--distributed-executor-backend") == ["mp"]
-    assert plan.env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+@pytest.mark.parametrize(("changes", "gpus", "flags", "absent"), [
+    pytest.param({"gpus": None, "gpu_count": 4, "engine_args": {}}, [4, 5, 6, 7],
+                 {"--tensor-parallel-size": ["4"], "--distributed-executor-backend": ["mp"]},
+                 [], id="tensor-parallel-defaults-to-the-gpu-count"),
+    pytest.param({"engine_args": {"distributed-executor-backend": "ray"}}, [0, 1],
+                 {"--distributed-executor-backend": ["ray"]}, [],
+                 id="the-executor-can-be-chosen"),
+    pytest.param({"gpus": [3], "engine_args": {"max_model_len": 8192}}, [3],
+                 {"--tensor-parallel-size": ["1"]}, ["--distributed-executor-backend"],
+                 id="one-gpu-has-no-executor-flag"),
+    pytest.param({"engine_args": {"tensor_parallel_size": 2}}, [0, 1],
+                 {"--tensor-parallel-size": ["2"]}, [],
+                 id="an-explicit-matching-tensor-parallel-size"),
+])
+def test_vllm_parallelism(tmp_path: Path, changes: dict[str, Any], gpus: list[int],
+                          flags: dict[str, list[str]], absent: list[str]) -> None:
+    plan = launch_plan(seed_spec(**changes), tmp_path, HOST, PORT, gpus)
+    for flag, values in flags.items():
+        assert flag_value(plan.argv, flag) == values
+    for flag in absent:
+        assert flag not in plan.argv
+    assert plan.env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, gpus))
 
 
-def test_vllm_executor_can_be_chosen(tmp_path: Path) -> None:
-    spec = seed_spec(engine_args={"distributed-executor-backend": "ray"})
-    plan = launch_plan(spec, tmp_path, HOST, PORT, [0, 1])
-    assert flag_value(plan.argv, "--distributed-executor-backend") == ["ray"]
-
-
-def test_vllm_single_gpu_has_no_executor_flag(tmp_path: Path) -> None:
-    spec = seed_spec(gpus=[3], engine_args={"max_model_len": 8192})
-    plan = launch_plan(spec, tmp_path, HOST, PORT, [3])
-    assert flag_value(plan.argv, "--tensor-parallel-size") == ["1"]
-    assert "--distributed-executor-backend" not in plan.argv
-    assert plan.env["CUDA_VISIBLE_DEVICES"] == "3"
-
-
-def test_vllm_explicit_matching_tensor_parallel(tmp_path: Path) -> None:
-    spec = seed_spec(engine_args={"tensor_parallel_size": 2})
-    plan = launch_plan(spec, tmp_path, HOST, PORT, [0, 1])
-    assert flag_value(plan.argv, "--tensor-parallel-size") == ["2"]
-
-
-def test_vllm_without_gpu(tmp_path: Path) -> None:
-    # The models file demands GPUs; the plan still refuses when placement found none.
-    spec = seed_spec(gpus=None, gpu_count=1)
+# The models file demands GPUs; the plan still refuses when the GPUs actually placed
+# (none, or fewer than the models file's agreeing 2 and 2) do not fit.
+@pytest.mark.parametrize(("changes", "gpus", "fragments"), [
+    pytest.param({"gpus": None, "gpu_count": 1}, [],
+                 ["model 'qwen3-32b'", "needs an NVIDIA GPU"], id="no-gpu-placed"),
+    pytest.param({"gpus": None, "gpu_count": 2, "engine_args": {"tensor_parallel_size": 2}},
+                 [0], ["tensor_parallel_size=2 but 1 GPU(s)"],
+                 id="tensor-parallel-size-above-the-placed-gpus"),
+])
+def test_vllm_refused_placements(tmp_path: Path, changes: dict[str, Any], gpus: list[int],
+                                 fragments: list[str]) -> None:
     with pytest.raises(BackendConfigError) as info:
-        launch_plan(spec, tmp_path, HOST, PORT, [])
-    message = str(info.value)
-    assert "model 'qwen3-32b'" in message
-    assert "needs an NVIDIA GPU" in message
-
-
-def test_vllm_tensor_parallel_mismatch(tmp_path: Path) -> None:
-    # The models file agrees (2 and 2); the GPUs actually placed (1) do not, and the plan
-    # catches it.
-    spec = seed_spec(gpus=None, gpu_count=2, engine_args={"tensor_parallel_size": 2})
-    with pytest.raises(BackendConfigError, match=r"tensor_parallel_size=2 but 1 GPU\(s\)"):
-        launch_plan(spec, tmp_path, HOST, PORT, [0])
+        launch_plan(seed_spec(**changes), tmp_path, HOST, PORT, gpus)
+    for fragment in fragments:
+        assert fragment in str(info.value), fragment
 
 
 @pytest.mark.parametrize("key", ["host", "port", "served_model_name", "served-model-name",
