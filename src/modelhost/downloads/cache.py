@@ -230,7 +230,6 @@ class CachedRepo:
     downloads included; `incomplete_bytes` is the part held by partial downloads."""
 
     repo: str
-    path: Path
     size_bytes: int
     revisions: tuple[CachedRevision, ...]
     complete: bool
@@ -274,7 +273,7 @@ def _scan_repo(storage: Path) -> CachedRepo:
                                       partial_etags)
         revisions.append(CachedRevision(commit, tuple(sorted(refs.get(commit, []))),
                                         sum(file_size(t) for t in targets), len(files), complete))
-    return CachedRepo(repo, storage, complete_bytes + partial_bytes, tuple(revisions),
+    return CachedRepo(repo, complete_bytes + partial_bytes, tuple(revisions),
                       bool(revisions) and all(r.complete for r in revisions)
                       and partial_bytes == 0, partial_bytes)
 
