@@ -27,8 +27,8 @@ import numpy.typing as npt
 import openai
 import pytest
 
+from modelhost.errors import InvalidRequest
 from modelhost.workers.apps.embeddings import (
-    ApiError,
     EmbeddingRequest,
     encode_base64,
     parse_request,
@@ -86,7 +86,7 @@ def test_parse_accepts_a_string_or_a_list_of_strings() -> None:
     ({"input": "a", "truncate": "yes"}, "truncate", None),
 ])
 def test_parse_rejects(payload: object, param: str | None, code: str | None) -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(InvalidRequest) as caught:
         parse(payload)
     assert caught.value.status == 400
     assert caught.value.param == param

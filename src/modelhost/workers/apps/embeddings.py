@@ -29,8 +29,10 @@ What a request gets, and why:
   `X-Input-Tokens` response header, so the gateway can count without parsing the body.
 
 One encode runs at a time, in a dedicated thread: concurrent requests queue rather than fight
-for the same cores (a request whose client went away before its turn is dropped). Errors have
-OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
+for the same cores (a request whose client went away before its turn is dropped). A body over
+64 MiB is a 413. The command line, `/v1/models`, `/health`, the error envelope (OpenAI's:
+`{"error": {"message", "type", "param", "code"}}`) and the graceful stop on SIGTERM are the
+worker apps' skeleton (skeleton.py).
 """
 
 from __future__ import annotations
@@ -39,13 +41,10 @@ import argparse
 import asyncio
 import base64
 import concurrent.futures
-import contextlib
 import json
 import logging
 import os
-import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -53,10 +52,19 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from modelhost.errors import InvalidRequest
+from modelhost.workers.apps.skeleton import (
+    add_common_arguments,
+    build_worker_app,
+    load_or_exit,
+    read_body,
+    serve,
+    setup_logging,
+)
 
 log = logging.getLogger("modelhost.workers.embeddings")
 
@@ -68,28 +76,6 @@ TOKENS_HEADER = "X-Input-Tokens"
 
 Vectors = npt.NDArray[np.float32]
 EncodingFormat = Literal["float", "base64"]
-
-
-class ApiError(Exception):
-    """An error a client sees, in OpenAI's envelope."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, param=self.param, code=self.code)
-
-
-def error_response(status: int, message: str, *, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status)
 
 
 # --- the request ----------------------------------------------------------------------------
@@ -109,58 +95,58 @@ def _is_int(value: object) -> bool:
 
 def _texts(value: object, max_inputs: int) -> list[str]:
     if value is None:
-        raise ApiError(400, "'input' is required: a string or a list of strings",
-                       param="input")
+        raise InvalidRequest("'input' is required: a string or a list of strings",
+                             param="input")
     if isinstance(value, str):
         if not value:
-            raise ApiError(400, "'input' cannot be an empty string", param="input")
+            raise InvalidRequest("'input' cannot be an empty string", param="input")
         return [value]
     if not isinstance(value, list):
-        raise ApiError(400, f"'input' must be a string or a list of strings, not "
-                       f"{type(value).__name__}", param="input")
+        raise InvalidRequest(f"'input' must be a string or a list of strings, not "
+                             f"{type(value).__name__}", param="input")
     if not value:
-        raise ApiError(400, "'input' cannot be an empty list", param="input")
+        raise InvalidRequest("'input' cannot be an empty list", param="input")
     if all(_is_int(v) for v in value) or all(
             isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
-        raise ApiError(
-            400, "token-id input is not supported by this model: send text. (Token ids "
+        raise InvalidRequest(
+            "token-id input is not supported by this model: send text. (Token ids "
             "from an OpenAI tokenizer mean nothing in this model's vocabulary; LangChain's "
             "OpenAIEmbeddings sends them unless check_embedding_ctx_length=False.)",
             param="input", code="unsupported_input")
     if len(value) > max_inputs:
-        raise ApiError(400, f"'input' has {len(value)} items; at most {max_inputs} are "
-                       "allowed in one request", param="input", code="too_many_inputs")
+        raise InvalidRequest(f"'input' has {len(value)} items; at most {max_inputs} are "
+                             "allowed in one request", param="input", code="too_many_inputs")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise ApiError(400, f"'input[{i}]' must be a string, not {type(item).__name__}",
-                           param=f"input[{i}]")
+            raise InvalidRequest(f"'input[{i}]' must be a string, not {type(item).__name__}",
+                                 param=f"input[{i}]")
         if not item:
-            raise ApiError(400, f"'input[{i}]' cannot be an empty string",
-                           param=f"input[{i}]")
+            raise InvalidRequest(f"'input[{i}]' cannot be an empty string",
+                                 param=f"input[{i}]")
     return value  # every item was checked to be a str
 
 
 def parse_request(payload: object, *, max_inputs: int, dimension: int) -> EmbeddingRequest:
-    """Validate an `/v1/embeddings` body (already decoded JSON); ApiError(400) if invalid."""
+    """Validate an `/v1/embeddings` body (already decoded JSON); InvalidRequest if invalid."""
     if not isinstance(payload, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise InvalidRequest("the request body must be a JSON object")
     texts = _texts(payload.get("input"), max_inputs)
     fmt = payload.get("encoding_format")
     if fmt is None:
         fmt = "float"
     if fmt not in ("float", "base64"):
-        raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', not {fmt!r}",
-                       param="encoding_format")
+        raise InvalidRequest(f"'encoding_format' must be 'float' or 'base64', not {fmt!r}",
+                             param="encoding_format")
     dims = payload.get("dimensions")
     if dims is not None:
         if not _is_int(dims) or dims < 1:
-            raise ApiError(400, "'dimensions' must be a positive integer", param="dimensions")
+            raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
         if dims > dimension:
-            raise ApiError(400, f"'dimensions' is {dims}, but this model's embeddings have "
-                           f"{dimension}", param="dimensions")
+            raise InvalidRequest(f"'dimensions' is {dims}, but this model's embeddings have "
+                                 f"{dimension}", param="dimensions")
     truncate = payload.get("truncate")
     if truncate is not None and not isinstance(truncate, bool):
-        raise ApiError(400, "'truncate' must be true or false", param="truncate")
+        raise InvalidRequest("'truncate' must be true or false", param="truncate")
     return EmbeddingRequest(texts=texts, encoding_format="base64" if fmt == "base64" else "float",
                             dimensions=dims, truncate=truncate)
 
@@ -256,7 +242,6 @@ class EmbeddingService:
         self.served_name = served_name
         self.max_inputs = max_inputs
         self.truncate = truncate
-        self.created = int(time.time())
         # One thread: encodes run one after the other. A queued job whose request was
         # cancelled never starts; a running one finishes before the next starts.
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -271,8 +256,8 @@ class EmbeddingService:
             if over and not truncate:
                 i = over[0]
                 where = "'input'" if len(counts) == 1 else f"'input[{i}]'"
-                raise ApiError(
-                    400, f"{where} is longer than this model's maximum of {limit} tokens "
+                raise InvalidRequest(
+                    f"{where} is longer than this model's maximum of {limit} tokens "
                     f"(special tokens included); shorten it, or ask for truncation with "
                     f"\"truncate\": true", param="input" if len(counts) == 1 else f"input[{i}]",
                     code="context_length_exceeded")
@@ -286,7 +271,7 @@ class EmbeddingService:
         try:
             payload = json.loads(await read_body(http, MAX_BODY_BYTES))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
         request = parse_request(payload, max_inputs=self.max_inputs,
                                 dimension=self.encoder.dimension)
         loop = asyncio.get_running_loop()
@@ -294,60 +279,14 @@ class EmbeddingService:
         body = response_body(vectors, request.encoding_format, self.served_name, tokens)
         return JSONResponse(body, headers={TOKENS_HEADER: str(tokens)})
 
-    async def models(self, http: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.served_name, "object": "model", "created": self.created,
-            "owned_by": "modelhost", "dimensions": self.encoder.dimension,
-            "max_input_tokens": self.encoder.max_tokens}]})
-
-    async def health(self, http: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return exc.response()
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = "unknown_url" if exc.status_code == 404 else None
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(exc.status_code, message, code=code)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    # Starlette re-raises the exception after this answer, and uvicorn logs its traceback.
-    return error_response(500, f"the embeddings worker failed: {type(exc).__name__}: {exc}")
-
 
 def build_app(service: EmbeddingService) -> Starlette:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        service.executor.shutdown(wait=False, cancel_futures=True)
-
-    return Starlette(
-        routes=[Route("/v1/embeddings", service.embeddings, methods=["POST"]),
-                Route("/v1/models", service.models, methods=["GET"]),
-                Route("/health", service.health, methods=["GET"])],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error,
-                            Exception: _server_error},
-        lifespan=lifespan)
+    return build_worker_app(
+        name="embeddings", served_name=service.served_name,
+        card={"dimensions": service.encoder.dimension,
+              "max_input_tokens": service.encoder.max_tokens},
+        routes=[Route("/v1/embeddings", service.embeddings, methods=["POST"])],
+        on_shutdown=[lambda: service.executor.shutdown(wait=False, cancel_futures=True)])
 
 
 # --- the process ----------------------------------------------------------------------------
@@ -366,10 +305,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="OpenAI-compatible /v1/embeddings over a sentence-transformers model.")
     parser.add_argument("--model", required=True,
                         help="a local model folder, or a Hugging Face id already in the cache")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--served-name", required=True, help="the model id in responses")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_common_arguments(parser, device_help="cpu, cuda, cuda:N or auto",
+                         served_name_required=True)
     parser.add_argument("--batch-size", type=_positive, default=32)
     parser.add_argument("--max-inputs", type=_positive, default=MAX_INPUTS,
                         help="most inputs in one request")
@@ -378,40 +315,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--truncate", action="store_true",
                         help="truncate over-long inputs by default instead of refusing them")
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     if Path(args.model).exists():
         # A local model: nothing is to be fetched, not even a config file.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    started = time.monotonic()
-    try:
-        encoder = SentenceEncoder(args.model, device=args.device, batch_size=args.batch_size,
-                                  max_seq_length=args.max_seq_length,
-                                  trust_remote_code=args.trust_remote_code)
-    except Exception as exc:
-        log.error("cannot load embedding model %s: %s: %s", args.model, type(exc).__name__, exc)
-        sys.exit(1)
-    log.info("loaded %s as '%s' on %s in %.1f s: %d dimensions, at most %s tokens per input",
-             args.model, args.served_name, encoder.device, time.monotonic() - started,
-             encoder.dimension, encoder.max_tokens or "unlimited")
-
-    import uvicorn
-
+    encoder = load_or_exit(
+        f"the embedding model {args.model}",
+        lambda: SentenceEncoder(args.model, device=args.device, batch_size=args.batch_size,
+                                max_seq_length=args.max_seq_length,
+                                trust_remote_code=args.trust_remote_code))
+    log.info("serving %s as '%s' on %s: %d dimensions, at most %s tokens per input",
+             args.model, args.served_name, encoder.device, encoder.dimension,
+             encoder.max_tokens or "unlimited")
     service = EmbeddingService(encoder, args.served_name, max_inputs=args.max_inputs,
                                truncate=args.truncate)
-    config = uvicorn.Config(build_app(service), host=args.host, port=args.port,
-                            log_level=args.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    serve(build_app(service), args)
 
 
 if __name__ == "__main__":

@@ -38,22 +38,18 @@ import argparse
 import asyncio
 import logging
 import math
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from modelhost.errors import InvalidRequest, ModelhostError, RequestTooLarge, error_body
+from modelhost.errors import InvalidRequest, RequestTooLarge
 from modelhost.workers.apps.audio_input import (
     DEFAULT_MAX_SECONDS,
     AudioTooLong,
@@ -61,7 +57,21 @@ from modelhost.workers.apps.audio_input import (
     cap_argument,
     decode_capped,
 )
-from modelhost.workers.apps.speech.canary import NEMO_MISSING, is_canary_model, nemo_installed
+from modelhost.workers.apps.skeleton import (
+    add_common_arguments,
+    build_worker_app,
+    load_or_exit,
+    read_form,
+    serve,
+    setup_logging,
+    spool_upload,
+)
+from modelhost.workers.apps.speech.canary import (
+    NEMO_MISSING,
+    CanaryEngine,
+    is_canary_model,
+    nemo_installed,
+)
 from modelhost.workers.apps.speech.engine import (
     SAMPLE_RATE,
     Audio,
@@ -81,8 +91,6 @@ from modelhost.workers.apps.speech.whisper import (
 )
 
 log = logging.getLogger("modelhost.speech")
-
-SPOOL_CHUNK = 1 << 20
 
 EngineKind = Literal["whisper", "canary"]
 ENGINES = ("auto", "whisper", "canary")
@@ -132,38 +140,16 @@ def transcribe_file(engine: SpeechEngine, path: Path, request: SpeechRequest,
 # --------------------------------------------------------------------------- HTTP
 
 
-def _spool(source: IO[bytes], spool_dir: Path | None, suffix: str) -> Path:
-    with tempfile.NamedTemporaryFile("wb", dir=spool_dir, suffix=suffix, delete=False) as out:
-        source.seek(0)
-        shutil.copyfileobj(source, out, SPOOL_CHUNK)
-    return Path(out.name)
-
-
-def _suffix(filename: str | None) -> str:
-    suffix = Path(filename or "").suffix.lower()
-    return suffix if suffix[1:].isalnum() and len(suffix) <= 8 else ""
-
-
 def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
               spool_dir: Path | None = None, info: Mapping[str, Any] | None = None,
               max_audio_seconds: float | None = DEFAULT_MAX_SECONDS) -> Starlette:
     """The worker's HTTP face over a loaded engine. Audio longer than `max_audio_seconds`
     (None: no cap) is refused with a 413 before it is decoded."""
-    created = int(time.time())
     slots = asyncio.Semaphore(max(1, concurrency))  # CTranslate2 runs one job per worker
-    details = dict(info or {})
     languages = engine_languages(engine)
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": served_name, "object": "model", "created": created, "owned_by": "modelhost",
-            "multilingual": engine.multilingual, **details}]})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": served_name})
-
     async def handle(request: Request, task: Task) -> Response:
-        async with request.form(max_files=8, max_fields=64) as form:
+        async with read_form(request, max_files=8, max_fields=64) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 message = ("Missing required parameter: 'file'." if upload is None
@@ -173,8 +159,7 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
                       for key in form}  # each name once
             speech = parse_request(task, fields)
             check_supported(speech, engine.multilingual, served_name, languages)
-            path = await asyncio.to_thread(_spool, upload.file, spool_dir,
-                                           _suffix(upload.filename))
+            path = await asyncio.to_thread(spool_upload, upload, spool_dir)
         try:
             audio = await asyncio.to_thread(decode_audio_file, path, max_audio_seconds)
         finally:
@@ -196,32 +181,12 @@ def build_app(engine: SpeechEngine, served_name: str, concurrency: int = 1,
     async def translations(request: Request) -> Response:
         return await handle(request, "translate")
 
-    async def modelhost_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ModelhostError)
-        if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code,
-                            headers=exc.headers)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        # Starlette re-raises after this answer, so that uvicorn logs the traceback.
-        return JSONResponse(error_body(f"The speech worker failed: {exc}", "server_error"),
-                            status_code=500)
-
-    return Starlette(
-        routes=[
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-            Route("/v1/audio/translations", translations, methods=["POST"]),
-        ],
-        exception_handlers={ModelhostError: modelhost_error, HTTPException: http_error,
-                            Exception: server_error})
+    return build_worker_app(
+        name="speech", served_name=served_name,
+        card={"multilingual": engine.multilingual, **(info or {})},
+        health={"model": served_name},
+        routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+                Route("/v1/audio/translations", translations, methods=["POST"])])
 
 
 # --------------------------------------------------------------------------- main
@@ -239,11 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="auto: canary for a .nemo model, a folder with one or a name "
                              "containing 'canary'; whisper otherwise")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--served-name", default=None,
-                        help="the model id /v1/models answers (default: from --model)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_common_arguments(parser, device_choices=("auto", "cpu", "cuda"))
     parser.add_argument("--compute-type", default="auto",
                         help="CTranslate2 compute type; auto: int8 on CPU, float16 on GPU. "
                              "Canary: float32 (auto), or bfloat16 / float16 autocast on a GPU")
@@ -269,7 +230,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "4 hours; 0 or none: no cap)")
     parser.add_argument("--spool-dir", type=Path, default=None,
                         help="where uploads are written while decoded (default: the temp dir)")
-    parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
@@ -286,8 +246,6 @@ def choose_engine(engine: str, model: str | None) -> EngineKind:
 
 def load_engine(kind: EngineKind, args: argparse.Namespace) -> LoadedEngine:
     if kind == "canary":
-        from modelhost.workers.apps.speech.canary import CanaryEngine
-
         if not args.model:
             raise ValueError("--engine canary needs --model (a .nemo file, a folder with one, "
                              "or a Hub name such as nvidia/canary-1b-flash)")
@@ -304,39 +262,24 @@ def load_engine(kind: EngineKind, args: argparse.Namespace) -> LoadedEngine:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     kind = choose_engine(args.engine, args.model)
     if kind == "canary" and not nemo_installed():
         log.error("%s", NEMO_MISSING)
         raise SystemExit(1)
-    import uvicorn
-
-    began = time.monotonic()
-    # Loaded before the port opens: the gateway's probe of /v1/models succeeds only after.
-    try:
-        engine = load_engine(kind, args)
-    except Exception as exc:
-        log.debug("model load failed", exc_info=True)
-        log.error("cannot load the speech model %s: %s", args.model or EMBEDDED_NAME, exc)
-        raise SystemExit(1) from None
+    engine = load_or_exit(f"the speech model {args.model or EMBEDDED_NAME}",
+                          lambda: load_engine(kind, args))
     served = args.served_name or (EMBEDDED_NAME if args.model in (None, *EMBEDDED_ALIASES)
                                   else Path(args.model).name)
     languages = engine_languages(engine)
-    log.info("loaded %s (%s) from %s on %s (%s, %s) in %.1f s", served, kind, engine.path,
+    log.info("serving %s (%s) from %s on %s (%s, %s)", served, kind, engine.path,
              engine.device, engine.compute_type,
              ", ".join(languages) if languages is not None
-             else "multilingual" if engine.multilingual else "English-only",
-             time.monotonic() - began)
+             else "multilingual" if engine.multilingual else "English-only")
     app = build_app(engine, served, concurrency=args.concurrency, spool_dir=args.spool_dir,
                     info={"engine": kind, "device": engine.device,
                           "compute_type": engine.compute_type,
                           "max_audio_seconds": args.max_audio_seconds
                           if math.isfinite(args.max_audio_seconds) else None},
                     max_audio_seconds=args.max_audio_seconds)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None,
-                log_level=args.log_level.lower())
-
-
-if __name__ == "__main__":
-    main()
+    serve(app, args)
