@@ -3,8 +3,12 @@ the two roles (inference keys call /v1, admin keys the admin API and /v1)."""
 
 from __future__ import annotations
 
+import pytest
+
 from modelhost.auth import ADMIN, INFERENCE, MISSING, WRONG, KeyGuard, route_role
 from modelhost.errors import Forbidden, ModelhostError, Unauthorized
+
+ROLE_NAMES = {INFERENCE: "inference", ADMIN: "admin", MISSING: "anyone"}
 
 
 def check(guard: KeyGuard, *values: bytes) -> ModelhostError | None:
@@ -12,21 +16,31 @@ def check(guard: KeyGuard, *values: bytes) -> ModelhostError | None:
                         *((b"authorization", v) for v in values)])
 
 
-def test_accepted_and_refused_headers() -> None:
-    guard = KeyGuard(["sk-one", "sk-twö"])
-    for value in (b"Bearer sk-one", b"bearer sk-one", b"Bearer   sk-one  ",
-                  "Bearer sk-twö".encode(), "bearer  sk-twö".encode()):
-        assert check(guard, value) is None, value
-    for value, message in ((b"Bearer sk-two", "Incorrect API key"),
-                           (b"Bearer sk-on", "Incorrect API key"),
-                           (b"Basic sk-one", "Missing API key"),
-                           (b"Bearer ", "Missing API key")):
-        error = check(guard, value)
-        assert isinstance(error, Unauthorized) and message in error.message, value
-    missing = check(guard)
-    assert isinstance(missing, Unauthorized) and "Missing API key" in missing.message
-    # The first Authorization header is the one that counts.
-    assert check(guard, b"Bearer sk-one", b"Bearer wrong") is None
+GUARD = KeyGuard(["sk-one", "sk-twö"])
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param((b"Bearer sk-one",), id="bearer"),
+    pytest.param((b"bearer sk-one",), id="scheme-in-lower-case"),
+    pytest.param((b"Bearer   sk-one  ",), id="spaces-around-the-key"),
+    pytest.param(("Bearer sk-twö".encode(),), id="utf8-key"),
+    pytest.param(("bearer  sk-twö".encode(),), id="utf8-key-lower-case-two-spaces"),
+    pytest.param((b"Bearer sk-one", b"Bearer wrong"), id="the-first-header-is-the-one-that-counts"),
+])
+def test_accepted_headers(values: tuple[bytes, ...]) -> None:
+    assert check(GUARD, *values) is None
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    pytest.param((b"Bearer sk-two",), "Incorrect API key", id="another-key"),
+    pytest.param((b"Bearer sk-on",), "Incorrect API key", id="a-prefix-of-a-key"),
+    pytest.param((b"Basic sk-one",), "Missing API key", id="not-bearer"),
+    pytest.param((b"Bearer ",), "Missing API key", id="bearer-without-a-key"),
+    pytest.param((), "Missing API key", id="no-header"),
+])
+def test_refused_headers(values: tuple[bytes, ...], message: str) -> None:
+    error = check(GUARD, *values)
+    assert isinstance(error, Unauthorized) and message in error.message
 
 
 def test_no_keys_configured_means_open() -> None:
@@ -80,15 +94,15 @@ def test_a_key_in_both_lists_has_both_roles() -> None:
     assert guard.judge(b"Bearer same", ADMIN) is None
 
 
-def test_route_roles() -> None:
-    assert route_role("/v1/chat/completions") == INFERENCE
-    assert route_role("/v1/models") == INFERENCE
-    assert route_role("/v1x") == INFERENCE  # prefixes err on the side of a key
-    assert route_role("/api/admin/models") == ADMIN
-    assert route_role("/api/adminx") == ADMIN
-    assert route_role("/metrics") == ADMIN
-    for path in ("/health", "/ready", "/docs", "/openapi.json", "/", "/api/other"):
-        assert route_role(path) == MISSING, path
+# Prefixes err on the side of a key: /v1x and /api/adminx ask for one too.
+@pytest.mark.parametrize(("path", "role"), [
+    *((path, INFERENCE) for path in ("/v1/chat/completions", "/v1/models", "/v1x")),
+    *((path, ADMIN) for path in ("/api/admin/models", "/api/adminx", "/metrics")),
+    *((path, MISSING) for path in ("/health", "/ready", "/docs", "/openapi.json", "/",
+                                   "/api/other")),
+], ids=lambda value: value if isinstance(value, str) else ROLE_NAMES.get(value, str(value)))
+def test_route_roles(path: str, role: int) -> None:
+    assert route_role(path) == role
 
 
 def test_many_keys() -> None:

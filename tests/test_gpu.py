@@ -253,13 +253,14 @@ def test_a_driver_that_appears_later_is_found_by_a_retry() -> None:
     assert len(monitor.latest()) == 2
 
 
-def test_describe_real_pynvml_errors() -> None:
-    assert describe_nvml_error(pynvml, pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)) \
-        == "no NVIDIA driver (NVML library not found)"
-    assert describe_nvml_error(pynvml, pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)) \
-        == "no permission to query the NVIDIA driver (NVML)"
-    assert describe_nvml_error(pynvml, pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)) \
-        == "NVML error: Timeout"
+@pytest.mark.parametrize(("code", "reason"), [
+    ("NVML_ERROR_LIBRARY_NOT_FOUND", "no NVIDIA driver (NVML library not found)"),
+    ("NVML_ERROR_NO_PERMISSION", "no permission to query the NVIDIA driver (NVML)"),
+    ("NVML_ERROR_TIMEOUT", "NVML error: Timeout"),
+], ids=["library-not-found", "no-permission", "other"])
+def test_describe_real_pynvml_errors(code: str, reason: str) -> None:
+    error = pynvml.NVMLError(getattr(pynvml, code))
+    assert describe_nvml_error(pynvml, error) == reason
 
 
 # -- readings ------------------------------------------------------------------------------
