@@ -10,7 +10,7 @@ profile put 40 % of the gateway's CPU in aiohttp's client, 30 % in uvicorn, 10 %
 Starlette/FastAPI and 6 % in JSON; modelhost's own code was under 6 %. What was done about it,
 in the order of that list:
 
-1. **The client to the workers** (`src/modelhost/upstream.py`) is modelhost's own: pooled
+1. **The client to the workers** (`src/modelhost/upstream/`) is modelhost's own: pooled
    keep-alive HTTP/1.1 connections on asyncio's protocol layer, a request written with one
    `write`, answers parsed by httptools (the parser uvicorn uses) and handed on as they arrive,
    one timer for every connection's silence timeout instead of one per request, flow control

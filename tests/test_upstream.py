@@ -7,19 +7,23 @@ import asyncio
 import hashlib
 import json
 import math
+import shutil
 import socket
+import ssl
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import uvloop
 from aiohttp import web
 
-from modelhost.server import CoalescingWriter
+from modelhost.serving.wire import CoalescingWriter
 from modelhost.upstream import (
     AnswerTooLarge,
     Multipart,
@@ -29,6 +33,7 @@ from modelhost.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from modelhost.upstream.client import PROBE_BODY
 
 JSON = {"Content-Type": "application/json"}
 
@@ -626,3 +631,113 @@ def test_connect_to_pins_the_address_and_keeps_the_name() -> None:
 
     run(main())
     assert len(hosts) == 1 and hosts[0].startswith("remote.invalid:")
+
+
+
+def test_each_origin_gets_its_own_host_and_prefix() -> None:
+    # The same request to two origins: each hears its own Host and path prefix (the request
+    # head is cached per origin, not per method, path and headers alone).
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"path": request.path, "host": request.host})
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (first, _), \
+                aiohttp_server(handler) as (second, _):
+            second = second.removesuffix("/v1") + "/other"
+            client = UpstreamClient()
+            for base in (first, second, first, second):
+                resp = await client.request(base, "GET", "/models", JSON)
+                answer = json.loads(await resp.read())
+                parts = urlsplit(base)
+                assert answer == {"host": parts.netloc, "path": parts.path + "/models"}
+            client.close()
+
+    run(main())
+
+
+def test_get_status_is_a_probe() -> None:
+    # The status, whatever it is; a redirect not followed; the connection reused; a body
+    # past what a probe reads does not hide the status.
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        if request.path == "/v1/moved":
+            raise web.HTTPFound("/v1/health")
+        if request.path == "/v1/big":
+            return web.Response(body=b"x" * (PROBE_BODY + 1))
+        if request.path == "/v1/starting":
+            return web.Response(status=503, text="loading")
+        return web.json_response({"data": []})
+
+    async def main() -> None:
+        async with aiohttp_server(handler) as (base, peers):
+            client = UpstreamClient()
+            assert await client.get_status(base, "/health") == 200
+            assert await client.get_status(base, "/starting") == 503
+            assert await client.get_status(base, "/moved") == 302
+            assert len(peers) == 1  # each answer read: the connection went back to the pool
+            assert await client.get_status(base, "/big", {"Authorization": "Bearer k"}) == 200
+            assert seen == ["/v1/health", "/v1/starting", "/v1/moved", "/v1/big"]
+            client.close()
+
+    run(main())
+
+
+def test_get_status_times_out_in_all() -> None:
+    # A server that takes the request and never answers: TimeoutError (an OSError) once the
+    # probe's whole timeout has passed, and no connection left open.
+    async def main() -> None:
+        async with raw_server(lambda transport, n: None) as base:
+            client = UpstreamClient()
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await client.get_status(base, "/health", timeout=0.3)
+            assert 0.25 < time.monotonic() - started < 2
+            assert all(conn.closed for pool in client._pools.values() for conn in pool.all)
+            client.close()
+
+    run(main())
+
+
+def test_get_status_speaks_tls_to_an_https_base(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A remote server may be https: the name is checked against its certificate (here a
+    # self-signed one the test trusts), also when the address is given (`connect_to`).
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True,
+                   capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"host": request.host, "secure": request.secure})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/models", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        port = runner.addresses[0][1]
+        client = UpstreamClient()
+        try:
+            base = f"https://localhost:{port}/v1"
+            assert await client.get_status(base, "/models", connect_to=("127.0.0.1",)) == 200
+            resp = await client.request(base, "GET", "/models", {}, connect_to=("127.0.0.1",))
+            assert json.loads(await resp.read()) == {"host": f"localhost:{port}",
+                                                     "secure": True}
+            with pytest.raises(ssl.SSLError):  # the name is checked: not 127.0.0.1's
+                await client.get_status(f"https://127.0.0.1:{port}", "/v1/models")
+        finally:
+            client.close()
+            await runner.cleanup()
+
+    run(main())
