@@ -24,8 +24,8 @@ from uvicorn.lifespan.on import LifespanOn
 from uvicorn.server import ServerState
 
 from modelhost.app import build_app
-from modelhost.front import Front
-from modelhost.server import GatewayProtocol
+from modelhost.serving.front import Front
+from modelhost.serving.protocol import GatewayProtocol
 from modelhost.settings import Settings
 
 KEY = "sk-test-hot-relay"

@@ -17,7 +17,7 @@ import pytest
 from fastapi.routing import iter_route_contexts
 
 from modelhost.app import build_app
-from modelhost.front import Front
+from modelhost.serving.front import Front
 from modelhost.settings import Settings
 from tests.conftest import GatewayFactory
 

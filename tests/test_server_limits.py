@@ -22,9 +22,10 @@ import httpx
 import psutil
 import pytest
 
-from modelhost.asgi import Answer, json_answer
 from modelhost.errors import error_body
-from modelhost.server import MAX_HEAD_BYTES, HotCycle
+from modelhost.serving.answers import Answer, json_answer
+from modelhost.serving.limits import MAX_HEAD_BYTES
+from modelhost.serving.wire import HotCycle
 from modelhost.settings import Settings
 from tests.conftest import GatewayFactory, fake_model, wait_for
 from tests.test_server import LIMIT, App, Served, closed, post, read_answer

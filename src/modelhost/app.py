@@ -26,13 +26,11 @@ from modelhost.api.admin import admin_router
 from modelhost.api.audio import AudioRoutes
 from modelhost.api.health import health_routes
 from modelhost.api.openai import OpenAIRoutes
-from modelhost.asgi import ClientGone, error_answer, read_body
 from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
 from modelhost.downloads import Downloader
 from modelhost.errors import ModelhostError, RequestTooLarge, error_body
 from modelhost.events import EventBus
-from modelhost.front import Front
 from modelhost.gateway import Gateway
 from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
@@ -40,7 +38,9 @@ from modelhost.persistence import Persistence
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, ModelContext
 from modelhost.registry.registry import Registry
-from modelhost.relay import Relay
+from modelhost.serving.answers import ClientGone, error_answer, last_resort, read_body
+from modelhost.serving.call import Relay
+from modelhost.serving.front import Front
 from modelhost.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ async def _invalid_body(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("The gateway failed to process the request.",
-                                   "server_error"), status_code=500)
+    answer = last_resort()
+    return Response(answer.body, answer.status, media_type="application/json")
 
 
 class AdminBodyLimit:

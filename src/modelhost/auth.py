@@ -19,8 +19,8 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from modelhost.asgi import Answer, error_answer
 from modelhost.errors import Forbidden, ModelhostError, Unauthorized
+from modelhost.serving.answers import Answer, error_answer
 
 # What a request's Authorization header proves (`KeyGuard.role`): bit flags, a key listed in
 # both settings has both.

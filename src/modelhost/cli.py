@@ -62,7 +62,8 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
     from modelhost.app import build_app
     from modelhost.catalog import Catalog
     from modelhost.logs import setup_logging
-    from modelhost.server import GatewayProtocol, GatewayServer
+    from modelhost.serving.protocol import GatewayProtocol
+    from modelhost.serving.server import GatewayServer
 
     settings = _settings(api_host=host, api_port=port, config_file=config_file,
                          log_level=log_level, insecure_no_auth=insecure_no_auth or None)

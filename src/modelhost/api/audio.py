@@ -20,7 +20,7 @@ from modelhost.config import ModelSpec, Task
 from modelhost.diarize import assign_speakers
 from modelhost.errors import InvalidRequest
 from modelhost.registry.registry import Registry
-from modelhost.relay import Relay
+from modelhost.serving.call import Relay
 from modelhost.upstream import Multipart
 
 RESPONSE_FORMATS = {"json", "text", "srt", "vtt", "verbose_json"}
@@ -62,9 +62,9 @@ class AudioRoutes:
                 return await self._diarized(upload, spec, path)
             # The body goes to the worker exactly as it came; its `model` field may be an
             # alias, which our worker apps ignore (each serves one model).
-            return await self.relay.forward(
-                self.registry.models[spec.id], path,
-                upload.body, {"Content-Type": upload.content_type})
+            call = self.relay.call(self.registry.models[spec.id], path, upload.body,
+                                   {"Content-Type": upload.content_type})
+            return await call.answer()
         finally:
             upload.close()
 
@@ -90,12 +90,10 @@ class AudioRoutes:
             turns_form = _form(audio, filename, upload, ("num_speakers", "min_speakers",
                                                          "max_speakers"))
             turns_form.add("model", diarizer.id)
-            transcript = await self.relay.fetch_json(
-                self.registry.models[speech.id], path,
-                transcript_form)
-            diarized = await self.relay.fetch_json(
-                self.registry.models[diarizer.id],
-                "/audio/diarization", turns_form)
+            transcript = await self.relay.fetch_json(self.registry.models[speech.id], path,
+                                                     transcript_form)
+            diarized = await self.relay.fetch_json(self.registry.models[diarizer.id],
+                                                   "/audio/diarization", turns_form)
         finally:
             audio.close()
         return JSONResponse(assign_speakers(transcript, diarized.get("segments", [])))

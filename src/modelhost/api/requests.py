@@ -1,5 +1,5 @@
 """Checking a /v1 request body: only what the gateway needs, the worker does the rest. (Bodies
-are read, bounded, by `modelhost.asgi.read_body`.)"""
+are read, bounded, by `modelhost.serving.answers.read_body`.)"""
 
 from __future__ import annotations
 

@@ -1,44 +1,43 @@
-"""The gateway's ASGI app: every request judged on its head first (`Front.gate`), then the hot
-/v1 routes, then everything else through FastAPI.
+"""The gateway's ASGI app: every request judged on its head first (`Front.gate`), then the
+relayed /v1 routes, then everything else through FastAPI.
 
 **The gate** (docs/security.md) refuses, from a request's method, path and headers alone: a
 `Host` that is not an allowed name (421: DNS rebinding), a browser's state-changing request from
 a foreign `Origin` (403: CSRF), a missing or wrong key for the route's role (401, 403), and any
-request but `GET /health` while the server drains (503 with Retry-After). The HTTP server calls
-it when a request's headers are complete, before it reads or asks for the body
-(`server.GatewayProtocol`, which then sets `server_gates`); otherwise (another server, a test
-client) `Front.__call__` and the hot routes call it themselves, so both paths refuse the same
-requests the same way. It is on the path of every request: one pass over the headers, and
-nothing allocated when the Host is one seen before and no key is configured.
+request but `GET /health` while the server drains (503 with Retry-After). It runs once per
+request, at the headers: the HTTP server calls it when a request's headers are complete, before
+it reads or asks for the body, on the wire path and the ASGI path alike
+(`protocol.GatewayProtocol`, which then sets `server_gates`); under another server (a test
+client, say) `Front.__call__` calls it, and the relayed routes are then served through ASGI
+only. It is on the path of every request: one pass over the headers, and nothing allocated
+when the Host is one seen before and no key is configured.
 
-**Hot routes.** A chat, completion or embeddings request is matched by its exact path and its
-route (`api/openai.py`'s `RelayEndpoint`) called straight from the server. FastAPI's middleware
-stack, router and request objects took about 10 % of the gateway's CPU per request before this
-path existed (docs/benchmarks.md), and none of them does anything for these routes. Every other
-request (admin API, audio, models, health, a method or path the fast table does not hold) goes
-to the FastAPI app. With CORS origins configured there are no hot routes for the server, and a
-request with an `Origin` goes through FastAPI, whose CORS middleware answers preflights and adds
-the `Access-Control-*` headers.
-
-The same routes are also offered to the HTTP server as `hot_routes` (`server.py`), which calls
-them without going through ASGI at all; `Front.__call__` serves them when the server does not
-(another server, a test client, or uvicorn with its access log on).
+**Relayed routes.** A chat, completion or embeddings request is matched by its exact path and
+its `endpoint.RelayEndpoint` called without FastAPI. FastAPI's middleware stack, router and
+request objects took about 10 % of the gateway's CPU per request before this path existed
+(docs/benchmarks.md), and none of them does anything for these routes. The same endpoints are
+offered to the HTTP server as `hot_routes` (`wire.HotRelay`), which calls them without going
+through ASGI at all; `Front.__call__` serves them when the server does not (another server, a
+test client, or uvicorn with its access log on). Every other request (admin API, audio,
+models, health, a method or path the table does not hold) goes to the FastAPI app. With CORS
+origins configured there are no hot routes for the server, and a request with an `Origin` goes
+through FastAPI, whose CORS middleware answers preflights and adds the `Access-Control-*`
+headers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import unquote
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelhost.api.openai import RelayEndpoint
-from modelhost.asgi import Answer, error_answer, too_large
 from modelhost.auth import MISSING, KeyGuard, route_role
 from modelhost.errors import Forbidden, MisdirectedRequest, ModelhostError, ServiceUnavailable
-from modelhost.relay import RelayStream
-from modelhost.server import HotCycle, raise_in_step
+from modelhost.serving.answers import Answer
+from modelhost.serving.endpoint import RelayEndpoint
+from modelhost.serving.wire import HotRelay
 from modelhost.settings import Settings
 
 # Methods that change nothing: a foreign Origin may send them (it cannot read the answer
@@ -128,7 +127,7 @@ class Front:
         # With CORS on, /v1 requests go through `__call__`, where those of a browser are sent
         # to FastAPI's CORS middleware; the server's hot path would skip it.
         self.hot_routes = {} if self.cors else {
-            path.encode("ascii"): HotRelay(self, path, endpoint)
+            path.encode("ascii"): HotRelay(endpoint)
             for path, endpoint in routes.items()}
 
     def gate(self, method: bytes, path: str, headers: Iterable[tuple[bytes, bytes]]
@@ -226,77 +225,3 @@ class Front:
 
 def _has_origin(scope: Scope) -> bool:
     return any(name == b"origin" for name, _ in scope["headers"])
-
-
-class HotRelay:
-    """A relayed route as the server's hot path calls it (`server.HotRoute`)."""
-
-    def __init__(self, front: Front, path: str, endpoint: RelayEndpoint) -> None:
-        self.front = front
-        self.path = path
-        self.endpoint = endpoint
-        self.limit = endpoint.max_request_bytes
-
-    def refusal(self, cycle: HotCycle) -> Answer | None:
-        """The gate's refusal, when the server did not ask the gate itself."""
-        front = self.front
-        return None if front.server_gates else front.gate(b"POST", self.path, cycle.headers)
-
-    def start(self, cycle: HotCycle) -> bool:
-        """Serve the request from callbacks if nothing has to be waited for
-        (`RelayEndpoint.start`); False to be awaited instead."""
-        if cycle.too_large:
-            return False
-        refusal = self.refusal(cycle)
-        if refusal is not None:
-            _CycleReply(self, cycle).send(refusal)
-            return True
-        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle))
-
-    async def __call__(self, cycle: HotCycle) -> None:
-        refusal = self.refusal(cycle)
-        if refusal is not None:
-            answer: Answer | ASGIApp = refusal
-        elif cycle.too_large:
-            answer = error_answer(too_large(self.limit, cycle.declared))
-        else:
-            answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0],
-                                                lambda: cycle.disconnected)
-        await _deliver(cycle, answer)
-
-    async def finish(self, cycle: HotCycle, step: Callable[[], Awaitable[Answer | RelayStream]]
-                     ) -> None:
-        await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0]))
-
-
-async def _deliver(cycle: HotCycle, answer: Answer | ASGIApp) -> None:
-    if isinstance(answer, Answer):
-        cycle.answer(answer.status, answer.headers, answer.body)
-    else:
-        await answer(*cycle.asgi())
-
-
-class _CycleReply:
-    """`relay.Reply` on a hot cycle."""
-
-    __slots__ = ("cycle", "route")
-
-    def __init__(self, route: HotRelay, cycle: HotCycle) -> None:
-        self.route = route
-        self.cycle = cycle
-
-    def send(self, answer: Answer) -> None:
-        try:
-            self.cycle.answer(answer.status, answer.headers, answer.body)
-        except Exception as exc:  # called from a callback, which must not raise
-            self.cycle.go_on(raise_in_step(exc))
-
-    def gone(self) -> bool:
-        return self.cycle.disconnected
-
-    def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]] | None) -> None:
-        route = self.route
-        if step is None:
-            self.cycle.go_on(route)
-        else:
-            self.cycle.go_on(lambda cycle: route.finish(cycle, step))

@@ -1,9 +1,10 @@
-"""Raw ASGI pieces for the request path: answers sent with two messages, bodies read with a
-bound, headers looked up without building Starlette objects.
+"""Answers and bodies on the request path, without Starlette objects: a complete answer
+(sent with two ASGI messages, or as one buffer by the wire path), the error answer of the one
+exception tree (`modelhost.errors`), the last-resort 500, and a request body read with a bound.
 
-The /v1 hot routes run on these alone (see `api/openai.py` and `front.py`); the relay's
-answers are these too, so that Starlette routes (audio) can return them unchanged: Starlette
-calls whatever a route returns as an ASGI app.
+The /v1 relayed routes run on these alone (`endpoint.py`); a call's answers are these too, so
+that Starlette routes (audio) can return them unchanged: Starlette calls whatever a route
+returns as an ASGI app.
 """
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ def error_answer(exc: ModelhostError, headers: Mapping[str, str] | None = None) 
     return json_answer(exc.body(), exc.status, {**exc.headers(), **(headers or {})})
 
 
-def unexpected_answer(scope: Scope) -> Answer:
-    log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+def last_resort() -> Answer:
+    """The answer to a request that failed in a way nothing else handled: a 500 in the OpenAI
+    shape, the same on every path (the exception is logged by whoever caught it)."""
     return json_answer(error_body("The gateway failed to process the request.",
                                   "server_error"), 500)
+
+
+def unexpected_answer(scope: Scope) -> Answer:
+    """Log the exception being handled and give the last-resort answer."""
+    log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+    return last_resort()
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

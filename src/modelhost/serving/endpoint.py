@@ -1,0 +1,122 @@
+"""A relayed JSON route (chat, completions, embeddings): the request checked, its model
+resolved, and one `call.Call` to answer it.
+
+`RelayEndpoint` is what both ways of serving drive (docs/architecture.md):
+
+- the ASGI path calls it as an ASGI app (`__call__`): the body is read with a bound, then
+  `answer()` gives an ASGI app (a complete answer or a stream) that is called with the
+  client's connection;
+- the wire path (`wire.HotRelay`) has the body already: it tries `start()` (a call followed
+  from callbacks, no task) and otherwise awaits `answer()` too.
+
+Every error is answered here, in the OpenAI shape (`settle`): the gateway's own
+(`ModelhostError`), a model's lifecycle (`LifecycleError`, mapped by the API layer), and the
+last resort for anything unexpected (a 500, logged), the same on both paths.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from modelhost.api import requests as req
+from modelhost.config import ModelSpec, Task, UrlSource
+from modelhost.errors import InvalidRequest, ModelhostError
+from modelhost.registry.registry import Registry
+from modelhost.serving.answers import (
+    Answer,
+    ClientGone,
+    error_answer,
+    read_body,
+    unexpected_answer,
+)
+from modelhost.serving.call import Call, Gone, Relay, Reply
+from modelhost.serving.stream import RelayStream
+
+Check = Callable[[dict[str, Any]], None]
+
+
+class RelayEndpoint:
+    """One relayed JSON route: POST `route` (under /v1) relayed to `path` on the worker of a
+    model whose task is one of `tasks`, after `check` (api/requests.py) accepted the body."""
+
+    def __init__(self, registry: Registry, relay: Relay, max_request_bytes: int, path: str,
+                 check: Check, tasks: set[Task]) -> None:
+        self.registry = registry
+        self.relay = relay
+        self.max_request_bytes = max_request_bytes
+        self.path = path
+        self.check = check
+        self.tasks = tasks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self.max_request_bytes)
+        except ModelhostError as exc:
+            answer: Answer | RelayStream = error_answer(exc)
+        except ClientGone:
+            return
+        else:
+            answer = await self.answer(body, scope)
+        await answer(scope, receive, send)
+
+    async def answer(self, body: bytes, scope: Scope, gone: Gone | None = None
+                     ) -> Answer | RelayStream:
+        """The answer to a request whose body is `body`, errors included (`gone`: whether
+        the client has left, see `Call.answer`)."""
+        return await self.settle(lambda: self.call(body).answer(gone), scope)
+
+    def start(self, body: bytes, reply: Reply) -> bool:
+        """Serve the request from callbacks if nothing has to be waited for (`Call.start`);
+        False, with nothing sent, when it must be awaited (`answer`). An invalid request is
+        answered here."""
+        try:
+            call = self.call(body)
+        except ModelhostError as exc:
+            reply.send(error_answer(exc))
+            return True
+        except Exception:
+            return False  # `answer` meets it again, and logs it
+        return call.start(reply)
+
+    @staticmethod
+    async def settle(step: Callable[[], Awaitable[Answer | RelayStream]], scope: Scope
+                     ) -> Answer | RelayStream:
+        """What `step` answers, or the error answer for what it raised."""
+        try:
+            return await step()
+        except ModelhostError as exc:
+            return error_answer(exc)
+        except Exception:
+            return unexpected_answer(scope)
+
+    def call(self, body: bytes) -> Call:
+        """Check the request and resolve its model: the call that relays it."""
+        payload = req.parse_json(body)
+        name = req.require_model(payload)
+        spec = self.registry.resolve(name)
+        if spec.task not in self.tasks:
+            raise InvalidRequest(
+                f"model '{spec.id}' is a {spec.task.value} model and does not serve "
+                f"{self.path}", param="model", code="model_not_supported")
+        self.check(payload)
+        body, headers = _for_worker(spec, name, payload, body)
+        return self.relay.call(self.registry.models[spec.id], self.path, body, headers)
+
+
+def _for_worker(spec: ModelSpec, name: str, payload: dict[str, Any], body: bytes
+                ) -> tuple[bytes, dict[str, str]]:
+    """The body and headers the worker gets: the worker knows the model by its id (or its
+    remote name), not an alias; a remote server gets its key."""
+    source = spec.source if isinstance(spec.source, UrlSource) else None
+    upstream_name = source.model if source is not None and source.model else spec.id
+    if name != upstream_name:
+        payload["model"] = upstream_name
+        body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if source is not None and source.api_key:
+        headers["Authorization"] = f"Bearer {source.api_key}"
+    return body, headers
