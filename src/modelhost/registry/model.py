@@ -21,11 +21,19 @@ import yarl
 
 from modelhost.admin_policy import GuardedResolver, RemotePolicy, RemoteRefused
 from modelhost.admission import Admission
+from modelhost.api.lifecycle import http_error
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
-from modelhost.errors import ModelNotReady, UpstreamError
 from modelhost.gpu.placement import PlacementError
 from modelhost.redaction import redact_url
+from modelhost.registry.errors import (
+    Downloading,
+    LifecycleError,
+    ModelFailed,
+    NotDownloaded,
+    NotReadyYet,
+    UnloadedWhileLoading,
+)
 from modelhost.registry.lifecycle import State, check_transition
 from modelhost.workers.plans import launch_plan
 from modelhost.workers.process import (
@@ -130,17 +138,25 @@ class Model:
         """Return the worker's base URL, loading the model first if needed.
 
         Idempotent and safe to call from many requests at once: they all wait for the same
-        load. Waits at most `timeout` seconds (ModelNotReady, 503 with Retry-After); a load
-        that fails raises UpstreamError (502) with the reason.
+        load. Waits at most `timeout` seconds (NotReadyYet); a load that fails raises
+        ModelFailed; a model not downloaded (requests never download) NotDownloaded or
+        Downloading: the `LifecycleError`s of `registry.errors`.
         """
+        try:
+            return await self._ensure_ready(timeout)
+        except LifecycleError as exc:
+            # Until the serving layer maps lifecycle errors itself (issue 14): the HTTP error.
+            raise http_error(exc) from None
+
+    async def _ensure_ready(self, timeout: float) -> str:
         upstream = self.ready_upstream()
         if upstream is not None:
             return upstream
+        name = self.spec.id
         if self.state is State.failed:
             wait = FAILED_RETRY_AFTER - (time.monotonic() - self._failed_at)
             if wait > 0:
-                raise UpstreamError(f"model '{self.spec.id}' failed{self._see_admin()}",
-                                    code="model_failed", retry_after=wait)
+                raise ModelFailed(name, retry_after=wait)
         if self.state in (State.absent, State.downloading) or (
                 self.state is State.failed and self.weights is None
                 and isinstance(self.spec.source, HubSource)):
@@ -153,17 +169,12 @@ class Model:
             if self.state is State.ready and self.upstream is not None:
                 return self.upstream
             if self.state is State.failed and self.failures != failures:
-                raise UpstreamError(f"model '{self.spec.id}' failed to load"
-                                    f"{self._see_admin()}", code="model_failed",
-                                    retry_after=FAILED_RETRY_AFTER)
+                raise ModelFailed(name, retry_after=FAILED_RETRY_AFTER, while_loading=True)
             if self._target is not Target.ready:
-                raise ModelNotReady(f"model '{self.spec.id}' was unloaded while loading",
-                                    retry_after=1)
+                raise UnloadedWhileLoading(name, retry_after=1)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ModelNotReady(
-                    f"model '{self.spec.id}' is not ready yet (state: {self.state}); "
-                    "retry later", retry_after=5)
+                raise NotReadyYet(name, retry_after=5, state=self.state.value)
             changed = self._changed
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
@@ -190,25 +201,15 @@ class Model:
         """Requests at the worker or queued for it."""
         return bool(self.admission.active or self.admission.waiting)
 
-    def _see_admin(self) -> str:
-        # The reason (worker output, addresses, paths) is for operators: admin routes only.
-        return f" (the reason is in GET /api/admin/models/{self.spec.id})"
-
-    def _not_downloaded(self) -> ModelNotReady:
+    def _not_downloaded(self) -> LifecycleError:
         if self.state is State.downloading:
             progress = self.download_progress or {}
             done, total = progress.get("bytes_done"), progress.get("bytes_total")
-            pct = f" ({100 * int(done) / int(total):.0f}%)" \
-                if isinstance(done, int) and isinstance(total, int) and total else ""
-            return ModelNotReady(f"model '{self.spec.id}' is downloading{pct}; retry when it "
-                                 "is done", code="model_downloading", retry_after=30)
-        failed = " (the last download failed; the reason is in GET "\
-            f"/api/admin/models/{self.spec.id})" if self.state is State.failed else ""
-        return ModelNotReady(
-            f"model '{self.spec.id}' is not downloaded{failed}: download it first "
-            f"(`modelhost models download {self.spec.id}` or "
-            f"POST /api/admin/models/{self.spec.id}/download)", code="model_not_downloaded",
-            retry_after=60)
+            percent = 100 * done / total \
+                if isinstance(done, int) and isinstance(total, int) and total else None
+            return Downloading(self.spec.id, retry_after=30, percent=percent)
+        return NotDownloaded(self.spec.id, retry_after=60,
+                             download_failed=self.state is State.failed)
 
     async def changed(self) -> None:
         """Return at the next state change."""
