@@ -24,17 +24,16 @@ import numpy as np
 import pytest
 
 from modelhost.diarize import assign_speakers, speaker_for
-from modelhost.workers.apps.diarization import (
-    PYANNOTE_MISSING,
-    RequestError,
+from modelhost.errors import InvalidRequest
+from modelhost.workers.apps.diarization.app import speaker_bounds
+from modelhost.workers.apps.diarization.engines import PYANNOTE_MISSING, choose_engine
+from modelhost.workers.apps.diarization.steps import (
     SpeakerBounds,
     Turn,
     absorb_short_runs,
-    choose_engine,
     cluster_embeddings,
     finalize_turns,
     majority_filter,
-    speaker_bounds,
     to_rttm,
     window_starts,
 )
@@ -481,7 +480,7 @@ def test_speaker_bounds_parsing() -> None:
         SpeakerBounds(None, 1, 2)
     for fields in ({"num_speakers": "0"}, {"min_speakers": "x"}, {"max_speakers": "nan"},
                    {"min_speakers": "4", "max_speakers": "3"}):
-        with pytest.raises(RequestError):
+        with pytest.raises(InvalidRequest):
             speaker_bounds(fields)
 
 
