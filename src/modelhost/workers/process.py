@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import aiohttp
+from modelhost.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LINES = 400
 LOG_FILE_BYTES = 10 * 1024 * 1024
+PROBE_TIMEOUT = 5.0  # seconds one readiness probe may take in all
 
 
 @dataclass
@@ -200,12 +201,14 @@ class WorkerProcess:
             os.replace(base, f"{base}.1")
 
     async def wait_ready(self, timeout: float) -> None:
-        """Poll the worker's probe until it answers 200, it exits, or `timeout` passes."""
+        """Poll the worker's probe until it answers 200, it exits, or `timeout` passes. Each
+        probe may take `PROBE_TIMEOUT` seconds; a redirect is not followed (the worker's own
+        path must answer)."""
         assert self._proc is not None
-        url = self.base_url + self.plan.probe_path
         deadline = time.monotonic() + timeout
         delay = 0.05
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        client = UpstreamClient()  # one for the whole wait: a probe reuses its connection
+        try:
             while True:
                 if self._proc.returncode is not None:
                     await self._drain()
@@ -213,16 +216,18 @@ class WorkerProcess:
                     raise WorkerStartError(
                         f"worker exited with status {code} while starting" + self._tail_note(),
                         permanent=code in CANNOT_EXECUTE)
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(url) as resp:
-                        if resp.status == 200:
-                            return
+                with contextlib.suppress(OSError):  # not listening yet, or too slow
+                    if await client.get_status(self.base_url, self.plan.probe_path,
+                                               timeout=PROBE_TIMEOUT) == 200:
+                        return
                 if time.monotonic() > deadline:
                     raise WorkerStartError(
                         f"worker did not answer {self.plan.probe_path} within {timeout:g} s"
                         + self._tail_note())
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
+        finally:
+            client.close()
 
     def _tail_note(self) -> str:
         tail = self.tail(8)
