@@ -2,6 +2,16 @@
 
 Like vLLM's RemoteOpenAIServer: tests drive the gateway over real HTTP, with the official
 `openai` client where it applies, and the workers are real processes.
+
+What a test module reaches for:
+- `gateway_factory` (one test) and `module_gateway_factory` (a module's shared gateway):
+  `Gateway`s started on demand, all stopped at the end of the test or the module. A module
+  that serves every test from one gateway writes
+  `def gateway(module_gateway_factory): return module_gateway_factory(...)` with its scope.
+- `openai_client(gateway_or_url)`: the official client on its /v1, without retries.
+  (A worker app tested on its own, without a gateway: tests/workerapp.py.)
+- `fake_model(...)`: a models-file entry for the fake worker (tests/fake_worker.py).
+- process helpers: `pid_alive`, `wait_gone`, `describe_process`, `started_pids`, `wait_for`.
 """
 
 from __future__ import annotations
@@ -12,10 +22,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -57,7 +69,11 @@ class Gateway:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(args, env=full_env, stdout=out,
                                          stderr=subprocess.STDOUT)
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:  # not handed to a factory yet: nobody else would stop it
+            self.stop()
+            raise
 
     def _wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -82,6 +98,15 @@ class Gateway:
         data: dict[str, Any] = resp.json()
         return data
 
+    def admin_card(self, model_id: str, key: str | None = None) -> dict[str, Any]:
+        """The admin API's card of a model (usage, worker pid...)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        resp = httpx.get(f"{self.url}/api/admin/models/{model_id}", headers=headers,
+                         timeout=10)
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
     def wait_state(self, model_id: str, state: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         card = self.model(model_id)
@@ -102,16 +127,30 @@ class Gateway:
                 self.proc.wait()
 
 
+def openai_client(target: Gateway | str, api_key: str = "x",
+                  timeout: float | openai.Timeout = openai.DEFAULT_TIMEOUT) -> openai.OpenAI:
+    """The official client on a gateway's (or a worker's URL's) /v1, without retries: a
+    failure shows at once. Use it as a context manager so its connections are closed."""
+    url = target.url if isinstance(target, Gateway) else target
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=timeout)
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` still runs: not absent, not a zombie waiting to be reaped, not a pid
+    already reused by another user's process (PermissionError)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        # Gone between the two looks, or no /proc on this system (then it runs).
+        return not Path("/proc/self").exists()
     except (OSError, IndexError):
         return True
-    return state != "Z"
+    return state not in ("Z", "X", "x")
 
 
 def describe_process(pid: int, parents: int = 1) -> str:
@@ -128,12 +167,8 @@ def describe_process(pid: int, parents: int = 1) -> str:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    """Whether `pid` stops running within `timeout` seconds."""
+    return wait_for(lambda: not pid_alive(pid), timeout, interval=0.02)
 
 
 def started_pids(events: Path) -> list[int]:
@@ -143,7 +178,10 @@ def started_pids(events: Path) -> list[int]:
             if line.startswith("started ")]
 
 
-def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> bool:
+def wait_for(predicate: Callable[..., object], timeout: float = 10,
+             interval: float = 0.05) -> bool:
+    """Whether `predicate()` becomes true within `timeout` seconds (asked once more at the
+    end)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -153,19 +191,40 @@ def wait_for(predicate: Any, timeout: float = 10, interval: float = 0.05) -> boo
 
 
 GatewayFactory = Callable[..., Gateway]
+"""`factory(models=None, include_builtin=False, env=None)`: a started `Gateway`."""
 
 
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+@contextmanager
+def gateways(folder: Path) -> Iterator[GatewayFactory]:
+    """A factory of gateways, each in its own subfolder of `folder`; every gateway it
+    started is stopped on leaving."""
     started: list[Gateway] = []
 
     def make(models: list[dict[str, Any]] | None = None, **kwargs: Any) -> Gateway:
-        sub = tmp_path / f"gw{len(started)}"
+        sub = folder / f"gw{len(started)}"
         sub.mkdir()
         gw = Gateway(sub, models, **kwargs)
         started.append(gw)
         return gw
 
-    yield make
-    for gw in started:
-        gw.stop()
+    try:
+        yield make
+    finally:
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Gateways for one test, stopped when it ends."""
+    with gateways(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_gateway_factory(tmp_path_factory: pytest.TempPathFactory
+                           ) -> Iterator[GatewayFactory]:
+    """Gateways shared by a module's tests (through its own module-scoped fixture), stopped
+    when the module is done."""
+    with gateways(tmp_path_factory.mktemp("gateways")) as make:
+        yield make

@@ -10,7 +10,6 @@ its process is found under the admin API card's `worker.pid` (the shim that supe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +128,18 @@ def test_not_audio(tmp_path: Path) -> None:
         decode_capped(text, 60)
 
 
-def test_cap_argument() -> None:
-    assert cap_argument("14400") == 14400.0
-    assert cap_argument("0.5") == 0.5
-    for none in ("0", "none", "inf", "INF"):
-        assert cap_argument(none) == math.inf
-    for bad in ("-3", "nan"):
-        with pytest.raises(ValueError, match="must be positive"):
-            cap_argument(bad)
+@pytest.mark.parametrize(("text", "cap"), [
+    ("14400", 14400.0), ("0.5", 0.5),
+    *((none, math.inf) for none in ("0", "none", "inf", "INF")),
+], ids=["seconds", "fraction", "0-is-none", "none", "inf", "INF"])
+def test_cap_argument(text: str, cap: float) -> None:
+    assert cap_argument(text) == cap
+
+
+@pytest.mark.parametrize("text", ["-3", "nan"])
+def test_cap_argument_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        cap_argument(text)
 
 
 def test_header_seconds_prefers_the_stream() -> None:
@@ -169,8 +172,7 @@ def test_a_file_without_audio(tmp_path: Path) -> None:
 def worker_app_pid(gw: Gateway, model: str) -> int:
     """The pid of the model's worker app: the admin card's `worker.pid` is the supervising
     shim (modelhost.workers.shim), the app runs under it."""
-    card = httpx.get(f"{gw.url}/api/admin/models/{model}", timeout=10).json()
-    shim = psutil.Process(card["worker"]["pid"])
+    shim = psutil.Process(gw.admin_card(model)["worker"]["pid"])
     for proc in shim.children(recursive=True):
         argv = proc.cmdline()
         if "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("modelhost.workers.apps."):
@@ -213,11 +215,9 @@ def speech_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(module_gateway_factory: GatewayFactory) -> Gateway:
     """The built-in models, the default cap (4 hours)."""
-    gw = Gateway(tmp_path_factory.mktemp("gw"), include_builtin=True)
-    yield gw
-    gw.stop()
+    return module_gateway_factory(include_builtin=True)
 
 
 ROUTES = [("transcriptions", "whisper-tiny.en"), ("diarization", "resemblyzer")]

@@ -16,20 +16,17 @@ import pytest
 from openai.types.audio import TranscriptionVerbose
 
 from tests.audio import concat_wavs, speak, word_error_rate
-from tests.conftest import Gateway
+from tests.conftest import Gateway, GatewayFactory, openai_client
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("gw"), include_builtin=True)
-    yield gw
-    gw.stop()
+def gateway(module_gateway_factory: GatewayFactory) -> Gateway:
+    return module_gateway_factory(include_builtin=True)
 
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0,
-                       timeout=180) as client:
+    with openai_client(gateway, timeout=180) as client:
         yield client
 
 
@@ -48,7 +45,7 @@ def test_audio_seconds_are_counted(gateway: Gateway, client: openai.OpenAI,
     wav = speak("Counting the seconds.", tmp_path / "short.wav")
     with wav.open("rb") as f:
         client.audio.transcriptions.create(model="whisper-tiny.en", file=f)
-    card = httpx.get(gateway.url + "/api/admin/models/whisper-tiny.en").json()
+    card = gateway.admin_card("whisper-tiny.en")
     assert card["usage"]["audio_seconds"] > 0.5
 
 

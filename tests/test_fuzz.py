@@ -12,7 +12,6 @@ minute.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,7 +24,7 @@ from schemathesis import Case
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
-from tests.conftest import Gateway, fake_model
+from tests.conftest import Gateway, GatewayFactory, fake_model
 
 ADMIN_KEY = "sk-admin-fuzz"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -35,15 +34,12 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("fuzz"), [fake_model("fake")],
-                 env={"MODELHOST_ADMIN_KEYS": ADMIN_KEY, "OPENAI_API_KEYS": "sk-inf"})
-    try:
-        resp = httpx.post(gw.url + "/api/admin/models/fake/load", headers=AUTH, timeout=30)
-        assert resp.status_code == 200, resp.text
-        yield gw
-    finally:
-        gw.stop()
+def gateway(module_gateway_factory: GatewayFactory) -> Gateway:
+    gw = module_gateway_factory([fake_model("fake")], env={
+        "MODELHOST_ADMIN_KEYS": ADMIN_KEY, "OPENAI_API_KEYS": "sk-inf"})
+    resp = httpx.post(gw.url + "/api/admin/models/fake/load", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return gw
 
 
 def send(client: httpx.Client, kwargs: dict[str, Any]) -> tuple[int, bytes]:

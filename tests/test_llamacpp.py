@@ -13,7 +13,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
-from tests.conftest import Gateway, wait_gone
+from tests.conftest import Gateway, GatewayFactory, openai_client, wait_gone
 
 # A 135M model's greedy answer depends on the CPU's arithmetic (llama.cpp picks AVX2 or AVX-512
 # kernels at build time): bare, this question got "Paris" on one machine and "L'Étoile, la
@@ -24,16 +24,13 @@ QUESTION: list[ChatCompletionMessageParam] = [
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("gw"), include_builtin=True)
-    yield gw
-    gw.stop()
+def gateway(module_gateway_factory: GatewayFactory) -> Gateway:
+    return module_gateway_factory(include_builtin=True)
 
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0,
-                       timeout=120) as client:
+    with openai_client(gateway, api_key="none", timeout=120) as client:
         yield client
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from modelhost.workers import shim
+from tests.conftest import pid_alive, wait_gone
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
 
@@ -22,34 +23,6 @@ SHIM = [sys.executable, "-m", "modelhost.workers.shim"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def gone(pid: int) -> bool:
-    """True when `pid` no longer runs: absent, or a zombie nobody has reaped yet."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # reused by another user's process
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        # Gone between the two checks, or no /proc on this system (then it runs).
-        return Path("/proc/self").exists()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state in ("Z", "X", "x")
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gone(pid):
-            return True
-        time.sleep(0.02)
-    return gone(pid)
 
 
 def read_pids(path: Path, count: int, timeout: float = 15.0) -> list[int]:
@@ -71,7 +44,7 @@ def shim_env() -> dict[str, str]:
 
 
 def kill_if_running(pid: int) -> None:
-    if not gone(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
 
@@ -113,25 +86,18 @@ def test_usage_error() -> None:
     assert shim.main(["5", "--"]) == 2
 
 
-def test_exits_with_the_commands_status() -> None:
-    result = subprocess.run(
-        [*SHIM, "5", "--", sys.executable, "-c", "import sys; print('hello'); sys.exit(3)"],
-        env=shim_env(), capture_output=True, timeout=30, check=False)
-    assert result.returncode == 3
-    assert result.stdout.decode().strip() == "hello"
-
-
-def test_exit_status_zero() -> None:
-    result = subprocess.run([*SHIM, "5", "--", sys.executable, "-c", "pass"],
-                            env=shim_env(), timeout=30, check=False)
-    assert result.returncode == 0
-
-
-def test_command_killed_by_a_signal_gives_128_plus_signal() -> None:
-    code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+@pytest.mark.parametrize(("code", "status", "output"), [
+    ("import sys; print('hello'); sys.exit(3)", 3, "hello"),
+    ("pass", 0, None),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + signal.SIGKILL, None),
+], ids=["the-commands-status-and-output", "zero", "killed-by-a-signal-is-128-plus-signal"])
+def test_exits_with_the_commands_status(code: str, status: int, output: str | None) -> None:
     result = subprocess.run([*SHIM, "5", "--", sys.executable, "-c", code],
-                            env=shim_env(), timeout=30, check=False)
-    assert result.returncode == 128 + signal.SIGKILL
+                            env=shim_env(), capture_output=output is not None, timeout=30,
+                            check=False)
+    assert result.returncode == status
+    if output is not None:
+        assert result.stdout.decode().strip() == output
 
 
 def test_the_command_does_not_see_the_parent_variable(tmp_path: Path) -> None:
@@ -159,7 +125,7 @@ def test_sigterm_stops_the_child_and_its_children(
     cleanup.append(proc)
     child, grandchild = read_pids(pidfile, 2)
     cleanup += [child, grandchild]
-    assert not gone(child) and not gone(grandchild)
+    assert pid_alive(child) and pid_alive(grandchild)
     # Both run in the shim's process group.
     assert os.getpgid(child) == proc.pid and os.getpgid(grandchild) == proc.pid
 
@@ -235,7 +201,7 @@ def test_no_orphan_when_the_shims_parent_is_killed(
     cleanup.append(shim_pid)
     (sleep_pid,) = read_pids(pidfile, 1)
     cleanup.append(sleep_pid)
-    assert not gone(sleep_pid) and not gone(shim_pid)
+    assert pid_alive(sleep_pid) and pid_alive(shim_pid)
     assert os.getpgid(sleep_pid) == shim_pid
 
     intermediate.kill()
