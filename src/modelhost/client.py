@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
+import httpx2
 
 from modelhost.settings import Settings
 
@@ -41,12 +41,12 @@ class GatewayClient:
         self.url = (url or f"http://{host}:{settings.api_port}").rstrip("/")
         key = key or admin_key(settings)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx2.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise GatewayError(f"cannot reach the gateway at {self.url}: {exc}") from None
         if resp.status_code >= 400:
             try:
@@ -65,5 +65,5 @@ class GatewayClient:
                 for line in resp.iter_lines():
                     if line.startswith("data: "):
                         yield json.loads(line[6:])
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise GatewayError(f"event stream from {self.url} broke: {exc}") from None
