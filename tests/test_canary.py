@@ -14,10 +14,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import signal
 import subprocess
-import sys
-import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,6 +64,7 @@ from modelhost.workers.apps.speech.formats import render, to_srt, to_vtt, verbos
 from modelhost.workers.apps.speech.requests import check_supported
 from modelhost.workers.process import free_port
 from tests.audio import concat_wavs, have_espeak, speak, wav_duration, word_error_rate
+from tests.workerapp import worker_app, worker_argv
 
 # --------------------------------------------------------------------------- NeMo stand-ins
 
@@ -135,8 +133,7 @@ def test_a_folder_holding_a_nemo_file_is_canary(tmp_path: Path) -> None:
 
 
 def run_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "modelhost.workers.apps.speech", "--host", "127.0.0.1",
-            "--port", str(free_port()), "--served-name", "canary", *args]
+    argv = worker_argv("speech", free_port(), "--served-name", "canary", *args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -560,36 +557,13 @@ def real_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(NEMO_MISSING)
     if not have_espeak():
         pytest.skip("needs espeak-ng")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("canary-worker") / "worker.log"
-    argv = [sys.executable, "-m", "modelhost.workers.apps.speech", "--model", REAL_MODEL,
-            "--host", "127.0.0.1", "--port", str(port), "--served-name", "canary",
-            "--device", os.environ.get("MODELHOST_CANARY_DEVICE", "cuda"),
-            *os.environ.get("MODELHOST_CANARY_ARGS", "").split()]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 900  # a first run downloads the model
-        while True:
-            assert proc.poll() is None, f"worker exited:\n{log.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{log.read_text()[-5000:]}"
-            try:
-                resp = httpx.get(url + "/v1/models", timeout=2)
-            except httpx.HTTPError:
-                time.sleep(0.5)
-                continue
-            assert resp.status_code == 200, resp.text
-            break
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(log.read_text()[-5000:])
+    with worker_app("speech", "--model", REAL_MODEL, "--served-name", "canary",
+                    "--device", os.environ.get("MODELHOST_CANARY_DEVICE", "cuda"),
+                    *os.environ.get("MODELHOST_CANARY_ARGS", "").split(), log=log,
+                    ready_seconds=900,  # a first run downloads the model
+                    stop_seconds=30) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")

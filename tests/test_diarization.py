@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import time
 import wave
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from modelhost.workers.apps.diarization.steps import (
     window_starts,
 )
 from modelhost.workers.process import free_port
+from tests.workerapp import worker_app, worker_argv
 
 RATE = 16000
 VOICES = (("en-us+m3", "20"), ("en-us+f3", "80"))
@@ -119,10 +119,8 @@ def _packaged_weights() -> Path:
     return Path(spec.submodule_search_locations[0]) / "pretrained.pt"
 
 
-def _worker_argv(model: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "modelhost.workers.apps.diarization", "--model", model,
-            "--host", "127.0.0.1", "--port", str(port), "--served-name", "resemblyzer",
-            "--device", "cpu"]
+def _worker_args(model: str) -> tuple[str, ...]:
+    return ("--model", model, "--served-name", "resemblyzer", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -130,35 +128,11 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The worker as the gateway starts it: `--model` is the packaged weights file."""
     if importlib.util.find_spec("resemblyzer") is None:
         pytest.skip("needs resemblyzer")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("diarization-worker") / "worker.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(_worker_argv(str(_packaged_weights()), port), env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    started = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > 120:
-                pytest.fail(f"worker not ready in 120 s:\n{log.read_text()}")
-            time.sleep(0.2)
-        print(f"\nworker ready in {time.monotonic() - started:.1f} s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with worker_app("diarization", *_worker_args(str(_packaged_weights())), log=log,
+                    env={"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}) as app:
+        print(f"\nworker ready in {app.load_seconds:.1f} s")
+        yield app.url
 
 
 def _diarize(url: str, path: Path, **fields: str) -> httpx.Response:
@@ -311,7 +285,8 @@ def test_missing_file_and_non_multipart_bodies(worker: str) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("pyannote") is not None,
                     reason="pyannote is installed here")
 def test_pyannote_missing_exits_with_a_clear_message() -> None:
-    proc = subprocess.run(_worker_argv("pyannote/speaker-diarization-3.1", free_port()),
+    proc = subprocess.run(worker_argv("diarization", free_port(),
+                                      *_worker_args("pyannote/speaker-diarization-3.1")),
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0

