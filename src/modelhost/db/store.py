@@ -1,8 +1,9 @@
 """The store: every read and write of the gateway's database goes through ``Store``.
 
 ``Store.open(url)`` then ``migrate()`` (Alembic ``upgrade head``), then the methods below. Each
-method is one short transaction and returns plain frozen dataclasses, never ORM objects, so
-that nothing lazy-loads later in another thread.
+method is one short transaction and returns plain frozen dataclasses (``rows``), never ORM
+objects, so that nothing lazy-loads later in another thread. How the database is opened, and
+SQLite's settings that make every acknowledged write durable, are in ``engine``.
 
 Why synchronous: SQLite runs in-process and a call takes microseconds to a few milliseconds
 (the fsync of a commit is the slowest part). The gateway calls these methods through
@@ -11,58 +12,53 @@ waits for another process's write lock; an async driver (aiosqlite) would only r
 sqlite3 calls in a thread of its own. No transaction ever spans an ``await``, so no lock is
 held while the gateway does something else. The engine's connection pool makes a ``Store``
 safe to share between threads.
-
-SQLite settings (``_sqlite_connect``), chosen so that a ``kill -9`` (or a power cut) at any
-moment leaves no record lost or half-written:
-
-* ``journal_mode=WAL``: a commit appends to the write-ahead log; readers never block the writer
-  and the writer never blocks readers (the gateway reads while a download writes progress).
-  After a crash the next connection replays the committed frames of the log and ignores an
-  incomplete tail, so a transaction is there whole or not at all.
-* ``synchronous=FULL``: the log is fsynced at every commit. ``NORMAL`` would be enough for a
-  ``kill -9`` alone (a committed transaction is in the operating system's page cache, which
-  outlives the process), but on a power cut or a kernel panic ``NORMAL`` may lose the last
-  transactions that the gateway had already acknowledged: an added model, an unload. ``FULL``
-  makes an acknowledged write durable; at the gateway's write rate (spec changes, desired
-  states, a few download progress updates a second) the extra fsync costs nothing visible.
-* ``foreign_keys=ON``: SQLite does not check foreign keys unless asked, on each connection.
-* ``busy_timeout``: a writer waits up to ``BUSY_TIMEOUT_S`` for another writer (another
-  gateway process, ``modelhost`` CLI) instead of failing at once with "database is locked".
-* Write transactions start with ``BEGIN IMMEDIATE``. A deferred transaction that reads then
-  writes can fail with "database is locked" *without* waiting when another connection
-  committed in between (its snapshot is stale, and the busy timeout does not apply): taking
-  the write lock first makes every writer wait its turn under the busy timeout.
-
-PostgreSQL (``postgresql+psycopg://...``) needs none of this: the same code runs there, with
-``SELECT ... FOR UPDATE`` on the rows a write reads, and a retry when two replicas create the
-same row at once. WAL does not work on a network file system: keep a SQLite database on a
-local disk, and use PostgreSQL to share one between machines.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import datetime
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, Self, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Self, TypeVar, Unpack
 
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import ConnectionPoolEntry, NullPool, StaticPool
 
+from modelhost.db.engine import (
+    DB_FILENAME,
+    WAIT_OPTION,
+    WRITE_OPTION,
+    alembic_config,
+    default_url,
+    head_revision,
+    is_memory,
+    is_sqlite,
+    migration_engine,
+    open_engine,
+    private_file,
+)
+from modelhost.db.rows import (
+    DesiredStateRow,
+    DownloadRow,
+    DownloadUpdate,
+    ModelRow,
+    RevisionRow,
+    canonical_spec,
+    check_count,
+    check_one_of,
+    check_text,
+    desired_row,
+    download_row,
+    model_row,
+    revision_row,
+)
 from modelhost.db.schema import (
     ACTIVE_DOWNLOAD_STATES,
     DESIRED_STATES,
@@ -70,275 +66,38 @@ from modelhost.db.schema import (
     FINISHED_DOWNLOAD_STATES,
     MODEL_ID_LENGTH,
     MODEL_SOURCES,
-    Desired,
     DesiredState,
     DownloadRecord,
-    DownloadState,
     ModelRecord,
     ModelRevision,
-    ModelSource,
     RevisionAction,
     utcnow,
 )
 
+__all__ = [
+    "DB_FILENAME",
+    "DesiredStateRow",
+    "DownloadRow",
+    "DownloadUpdate",
+    "ModelRow",
+    "RevisionRow",
+    "Store",
+    "StoreError",
+    "alembic_config",
+    "default_url",
+    "head_revision",
+]
+
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
-DB_FILENAME: Final = "modelhost.db"
-BUSY_TIMEOUT_S: Final = 30.0
 # Attempts of a write that lost a race on PostgreSQL (two replicas inserting the same key).
 WRITE_ATTEMPTS: Final = 3
-_WRITE_OPTION: Final = "modelhost_write"
-_WAIT_OPTION: Final = "modelhost_busy_timeout"
 
 T = TypeVar("T")
 
 
-def default_url(data_dir: Path) -> str:
-    """The database URL when none is configured: a SQLite file under the data directory."""
-    return f"sqlite:///{data_dir / DB_FILENAME}"
-
-
 class StoreError(Exception):
     """A database that this version of modelhost cannot use."""
-
-
-# -- rows returned to callers ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRow:
-    model_id: str
-    spec_json: str  # canonical JSON: sorted keys, no spaces
-    version: int
-    source: ModelSource
-    deleted: bool
-    created_at: datetime
-    updated_at: datetime
-
-    def spec(self) -> dict[str, Any]:
-        return cast(dict[str, Any], json.loads(self.spec_json))
-
-
-@dataclass(frozen=True, slots=True)
-class RevisionRow:
-    id: int
-    model_id: str
-    version: int
-    action: RevisionAction
-    spec_json: str | None  # None for a deletion
-    actor: str
-    created_at: datetime
-
-    def spec(self) -> dict[str, Any] | None:
-        if self.spec_json is None:
-            return None
-        return cast(dict[str, Any], json.loads(self.spec_json))
-
-
-@dataclass(frozen=True, slots=True)
-class DesiredStateRow:
-    model_id: str
-    desired: Desired
-    gpu_device_ids: tuple[int, ...] | None
-    updated_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class DownloadRow:
-    id: int
-    model_id: str
-    repo: str
-    revision: str
-    patterns: tuple[str, ...] | None
-    state: DownloadState
-    bytes_done: int
-    bytes_total: int | None
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINISHED_DOWNLOAD_STATES
-
-
-class DownloadUpdate(TypedDict, total=False):
-    """The fields ``Store.update_download`` may change; a key left out is left unchanged."""
-
-    state: DownloadState
-    bytes_done: int
-    bytes_total: int | None
-    error: str | None
-
-
-def _model_row(r: ModelRecord) -> ModelRow:
-    return ModelRow(r.model_id, r.spec, r.version, cast(ModelSource, r.source), r.deleted,
-                    r.created_at, r.updated_at)
-
-
-def _revision_row(r: ModelRevision) -> RevisionRow:
-    return RevisionRow(r.id, r.model_id, r.version, cast(RevisionAction, r.action), r.spec,
-                       r.actor, r.created_at)
-
-
-def _desired_row(r: DesiredState) -> DesiredStateRow:
-    ids = tuple(r.gpu_device_ids) if r.gpu_device_ids is not None else None
-    return DesiredStateRow(r.model_id, cast(Desired, r.desired), ids, r.updated_at)
-
-
-def _download_row(r: DownloadRecord) -> DownloadRow:
-    patterns = tuple(r.patterns) if r.patterns is not None else None
-    return DownloadRow(r.id, r.model_id, r.repo, r.revision, patterns,
-                       cast(DownloadState, r.state), r.bytes_done, r.bytes_total, r.error,
-                       r.created_at, r.updated_at, r.finished_at)
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-def _one_of(name: str, value: str, allowed: Collection[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-
-def _text(name: str, value: str, max_length: int) -> None:
-    if not isinstance(value, str) or not value or len(value) > max_length:
-        raise ValueError(f"{name} must be a non-empty string of at most {max_length} "
-                         f"characters, not {value!r}")
-
-
-def _count(name: str, value: int | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
-
-
-def canonical_spec(spec_json: str, model_id: str) -> str:
-    """The spec as canonical JSON (sorted keys, compact); raises ValueError if it is not a
-    JSON object or names another model."""
-    try:
-        spec = json.loads(spec_json)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"spec of model '{model_id}' is not valid JSON: {exc}") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"spec of model '{model_id}' must be a JSON object")
-    if "id" in spec and spec["id"] != model_id:
-        raise ValueError(f"spec has id {spec['id']!r} but is stored as model '{model_id}'")
-    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-# -- engines -----------------------------------------------------------------------------------
-
-
-def _is_sqlite(url: URL) -> bool:
-    return url.get_backend_name() == "sqlite"
-
-
-def _is_memory(url: URL) -> bool:
-    return _is_sqlite(url) and url.database in (None, "", ":memory:")
-
-
-def _sqlite_connect(foreign_keys: bool) -> Callable[[Any, ConnectionPoolEntry], None]:
-    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        # Let SQLAlchemy's "begin" event emit BEGIN (see _sqlite_begin): the sqlite3 module's
-        # own transaction handling would start transactions late and never with IMMEDIATE.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            # First, so that switching to WAL (which needs an exclusive lock) waits as well.
-            cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() not in ("wal", "memory"):
-                log.warning("SQLite refused journal_mode=WAL (got %s): is the database on a "
-                            "network file system?", mode)
-            cursor.execute("PRAGMA synchronous = FULL")
-            cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
-            # What a write replaces or deletes is overwritten on disk, not left in free
-            # space: a spec rewritten without its secrets leaves no copy of them.
-            cursor.execute("PRAGMA secure_delete = ON")
-        finally:
-            cursor.close()
-
-    return on_connect
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    options = connection.get_execution_options()
-    immediate = options.get(_WRITE_OPTION, False)
-    if immediate:  # how long this write waits for another writer (`Store.waiting_at_most`)
-        wait = float(options.get(_WAIT_OPTION, BUSY_TIMEOUT_S))
-        connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait * 1000)}")
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _create_engine(url: URL, *, migration: bool = False) -> Engine:
-    if not _is_sqlite(url):
-        return sa.create_engine(url, pool_pre_ping=True,
-                                **({"poolclass": NullPool} if migration else {}))
-    options: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
-    if _is_memory(url):
-        # One shared connection, or every checkout would see a new, empty database.
-        options.update(poolclass=StaticPool,
-                       connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
-    elif migration:
-        options["poolclass"] = NullPool
-    engine = sa.create_engine(url, **options)
-    # Foreign keys are off while migrating: SQLite's procedure to rebuild a table (batch
-    # mode). The migration checks them all before it commits (migrations/env.py).
-    sa.event.listen(engine, "connect", _sqlite_connect(foreign_keys=not migration))
-    sa.event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def migration_engine(url: str | URL) -> Engine:
-    """An engine for Alembic: one connection, every transaction a write transaction."""
-    return _create_engine(make_url(url), migration=True).execution_options(
-        **{_WRITE_OPTION: True})
-
-
-def alembic_config(url: str | URL | None = None) -> Config:
-    """The Alembic configuration of the store, for ``alembic.command`` (no alembic.ini).
-
-    For example, to write a new migration after changing ``schema.py``::
-
-        command.revision(alembic_config("sqlite:///dev.db"), "add x", autogenerate=True)
-    """
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("path_separator", "os")
-    if url is not None:
-        rendered = make_url(url).render_as_string(hide_password=False)
-        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
-    return config
-
-
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
-
-
-def private_file(path: Path) -> None:
-    """Create the database file with mode 0600 (its folder 0700 when it is created here),
-    before SQLite opens it: SQLite gives its -wal and -shm files the database file's mode.
-    An existing file that others may read is made 0600 (it holds the model specs)."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            log.warning("state database %s was readable by others: made 0600", path)
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm", "-journal"):
-        side = path.with_name(path.name + suffix)
-        with suppress(FileNotFoundError, PermissionError):
-            if side.stat().st_mode & 0o077:
-                side.chmod(0o600)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -351,7 +110,7 @@ class Store:
         self.url = url
         self._engine = engine
         # Same pool; its transactions take the write lock first (BEGIN IMMEDIATE on SQLite).
-        self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+        self._writer = engine.execution_options(**{WRITE_OPTION: True})
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -360,17 +119,17 @@ class Store:
         The schema is not touched: call ``migrate()`` before anything else.
         """
         parsed = make_url(url)
-        if _is_sqlite(parsed) and not _is_memory(parsed) and not parsed.query.get("uri"):
+        if is_sqlite(parsed) and not is_memory(parsed) and not parsed.query.get("uri"):
             assert parsed.database is not None
             private_file(Path(parsed.database).expanduser())
-        return cls(parsed, _create_engine(parsed))
+        return cls(parsed, open_engine(parsed))
 
     def waiting_at_most(self, seconds: float) -> Store:
         """The same store (same connections), whose writes wait at most `seconds` for
         another writer's lock instead of `BUSY_TIMEOUT_S`, then fail with "database is
         locked": for a caller that must answer soon (an admin API change). Do not close it."""
         view = copy.copy(self)
-        view._writer = self._writer.execution_options(**{_WAIT_OPTION: seconds})
+        view._writer = self._writer.execution_options(**{WAIT_OPTION: seconds})
         return view
 
     @property
@@ -400,7 +159,7 @@ class Store:
         Raises StoreError when the database was migrated by a newer modelhost.
         """
         # An in-memory database exists only on the store's own connection.
-        engine = self._writer if _is_memory(self.url) else migration_engine(self.url)
+        engine = self._writer if is_memory(self.url) else migration_engine(self.url)
         config = alembic_config(self.url)
         try:
             with engine.connect() as connection:
@@ -459,9 +218,9 @@ class Store:
         a revision; an unchanged one (compared as canonical JSON) keeps its version and adds no
         revision, though ``source`` is updated if it differs.
         """
-        _text("model_id", model_id, MODEL_ID_LENGTH)
-        _one_of("source", source, MODEL_SOURCES)
-        _text("actor", actor, 64)
+        check_text("model_id", model_id, MODEL_ID_LENGTH)
+        check_one_of("source", source, MODEL_SOURCES)
+        check_text("actor", actor, 64)
         spec = canonical_spec(spec_json, model_id)
 
         def write(session: Session) -> int:
@@ -511,7 +270,7 @@ class Store:
             return changed
 
         changed = self._retry(write)
-        if changed and _is_sqlite(self.url) and not _is_memory(self.url):
+        if changed and is_sqlite(self.url) and not is_memory(self.url):
             with self._engine.connect() as connection:
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         return changed
@@ -519,7 +278,7 @@ class Store:
     def delete_model(self, model_id: str, actor: str) -> int | None:
         """Mark a model deleted, keeping its history; returns the version of the deletion,
         or None when there was nothing to delete (unknown, or already deleted)."""
-        _text("actor", actor, 64)
+        check_text("actor", actor, 64)
 
         def write(session: Session) -> int | None:
             record = session.get(ModelRecord, model_id, with_for_update=True)
@@ -536,7 +295,7 @@ class Store:
     def model(self, model_id: str) -> ModelRow | None:
         with self._read() as session:
             record = session.get(ModelRecord, model_id)
-            return _model_row(record) if record is not None else None
+            return model_row(record) if record is not None else None
 
     def models(self, include_deleted: bool = False) -> list[ModelRow]:
         """The stored models, by id; deleted ones only when asked."""
@@ -544,14 +303,14 @@ class Store:
         if not include_deleted:
             query = query.where(ModelRecord.deleted.is_(False))
         with self._read() as session:
-            return [_model_row(r) for r in session.scalars(query)]
+            return [model_row(r) for r in session.scalars(query)]
 
     def history(self, model_id: str) -> list[RevisionRow]:
         """Every revision of a model, oldest first (empty for an unknown model)."""
         query = (sa.select(ModelRevision).where(ModelRevision.model_id == model_id)
                  .order_by(ModelRevision.version))
         with self._read() as session:
-            return [_revision_row(r) for r in session.scalars(query)]
+            return [revision_row(r) for r in session.scalars(query)]
 
     def revision(self, model_id: str, version: int) -> RevisionRow | None:
         """One revision of a model, e.g. to roll back to its spec with ``upsert_model``."""
@@ -559,20 +318,20 @@ class Store:
                                                ModelRevision.version == version)
         with self._read() as session:
             record = session.scalars(query).one_or_none()
-            return _revision_row(record) if record is not None else None
+            return revision_row(record) if record is not None else None
 
     # -- desired states ------------------------------------------------------------------------
 
     def set_desired(self, model_id: str, desired: str,
                     gpu_device_ids: Collection[int] | None = None) -> None:
         """Record whether a model should be loaded (and on which GPUs, None: any)."""
-        _text("model_id", model_id, MODEL_ID_LENGTH)
-        _one_of("desired", desired, DESIRED_STATES)
+        check_text("model_id", model_id, MODEL_ID_LENGTH)
+        check_one_of("desired", desired, DESIRED_STATES)
         ids: list[int] | None = None
         if gpu_device_ids is not None:
             ids = list(gpu_device_ids)
             for gpu in ids:
-                _count("gpu_device_ids[]", gpu)
+                check_count("gpu_device_ids[]", gpu)
             if len(set(ids)) != len(ids):
                 raise ValueError(f"gpu_device_ids must be distinct, not {ids}")
 
@@ -590,7 +349,7 @@ class Store:
 
     def desired_states(self) -> dict[str, DesiredStateRow]:
         with self._read() as session:
-            return {r.model_id: _desired_row(r)
+            return {r.model_id: desired_row(r)
                     for r in session.scalars(sa.select(DesiredState))}
 
     # -- downloads -----------------------------------------------------------------------------
@@ -599,10 +358,10 @@ class Store:
                         patterns: Collection[str] | None = None,
                         bytes_total: int | None = None) -> int:
         """Record a new download, ``queued``; returns its id."""
-        _text("model_id", model_id, MODEL_ID_LENGTH)
-        _text("repo", repo, 256)
-        _text("revision", revision, 256)
-        _count("bytes_total", bytes_total, optional=True)
+        check_text("model_id", model_id, MODEL_ID_LENGTH)
+        check_text("repo", repo, 256)
+        check_text("revision", revision, 256)
+        check_count("bytes_total", bytes_total, optional=True)
         if isinstance(patterns, str):
             raise ValueError("patterns must be a list of glob patterns, not a string")
         globs = list(patterns) if patterns is not None else None
@@ -629,13 +388,13 @@ class Store:
             raise TypeError(f"update_download() got unknown fields {sorted(unknown)}")
         values: dict[str, Any] = dict(fields)
         if "state" in fields:
-            _one_of("state", fields["state"], DOWNLOAD_STATES)
+            check_one_of("state", fields["state"], DOWNLOAD_STATES)
             if fields["state"] in FINISHED_DOWNLOAD_STATES:
                 values["finished_at"] = utcnow()
         if "bytes_done" in fields:
-            _count("bytes_done", fields["bytes_done"])
+            check_count("bytes_done", fields["bytes_done"])
         if "bytes_total" in fields:
-            _count("bytes_total", fields["bytes_total"], optional=True)
+            check_count("bytes_total", fields["bytes_total"], optional=True)
         if "error" in fields and fields["error"] is not None and not isinstance(
                 fields["error"], str):
             raise ValueError(f"error must be a string or None, not {fields['error']!r}")
@@ -656,7 +415,7 @@ class Store:
     def download(self, download_id: int) -> DownloadRow | None:
         with self._read() as session:
             record = session.get(DownloadRecord, download_id)
-            return _download_row(record) if record is not None else None
+            return download_row(record) if record is not None else None
 
     def downloads(self, model_id: str | None = None,
                   states: Collection[str] | None = None) -> list[DownloadRow]:
@@ -668,10 +427,10 @@ class Store:
             if isinstance(states, str):
                 raise ValueError("states must be a collection of states, not a string")
             for state in states:
-                _one_of("state", state, DOWNLOAD_STATES)
+                check_one_of("state", state, DOWNLOAD_STATES)
             query = query.where(DownloadRecord.state.in_(list(states)))
         with self._read() as session:
-            return [_download_row(r) for r in session.scalars(query)]
+            return [download_row(r) for r in session.scalars(query)]
 
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at

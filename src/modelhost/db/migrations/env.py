@@ -78,7 +78,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from modelhost.db.store import migration_engine
+    from modelhost.db.engine import migration_engine
 
     url = config.get_main_option("sqlalchemy.url")
     if not url:
