@@ -1,6 +1,6 @@
 """Real model: the embedded SmolLM2 (llama.cpp) through modelhost against the same llama.cpp
 worker hit directly; cold load to ready; unload -> load swap time; the embedded Whisper's
-real-time factor through modelhost against its speech worker hit directly (speech.py)."""
+real-time factor through modelhost against its speech worker hit directly (workers/apps/speech/)."""
 
 from __future__ import annotations
 
