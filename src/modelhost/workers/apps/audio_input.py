@@ -16,8 +16,7 @@ duration is checked before decoding:
 
 `decode_capped` raises `AudioTooLong` (each app answers 413 in the OpenAI error shape),
 `NoAudioStream`, and PyAV's own errors for what FFmpeg cannot read (each app words its 400).
-This module needs PyAV and numpy only (no modelhost imports beyond it): the diarization
-worker may run in another environment.
+This module needs PyAV and numpy only, and imports nothing else of modelhost.
 """
 
 from __future__ import annotations
