@@ -23,8 +23,10 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from modelhost.api import requests as req
+from modelhost.api.lifecycle import http_error
 from modelhost.config import ModelSpec, Task, UrlSource
 from modelhost.errors import InvalidRequest, ModelhostError
+from modelhost.registry.errors import LifecycleError
 from modelhost.registry.registry import Registry
 from modelhost.serving.answers import (
     Answer,
@@ -90,6 +92,8 @@ class RelayEndpoint:
             return await step()
         except ModelhostError as exc:
             return error_answer(exc)
+        except LifecycleError as exc:
+            return error_answer(http_error(exc))
         except Exception:
             return unexpected_answer(scope)
 
