@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from modelhost.errors import dotted, validation_problems
+
 # Matched with fullmatch (never `match` with `$`, which accepts a trailing newline).
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
@@ -143,12 +145,18 @@ class UrlSource(_Strict):
         return value.rstrip("/")
 
 
+# The key that says which kind a source is, and its tag in the union. Pydantic puts the tag
+# in the location of an error inside `source`: messages leave it out (`UNION_TAGS`).
+SOURCE_TAGS = {"hf": "HubSource", "path": "PathSource", "package": "PackageSource",
+               "url": "UrlSource"}
+UNION_TAGS = frozenset(SOURCE_TAGS.values())
+
+
 def _source_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
         return type(value).__name__
     if isinstance(value, dict):
-        for key, tag in (("hf", "HubSource"), ("path", "PathSource"),
-                         ("package", "PackageSource"), ("url", "UrlSource")):
+        for key, tag in SOURCE_TAGS.items():
             if key in value:
                 return tag
     return None
@@ -308,8 +316,7 @@ class ConfigError(Exception):
 
 def _format_errors(path: Path, data: Any, exc: ValidationError) -> str:
     lines = [f"{path}: {exc.error_count()} error(s)"]
-    for err in exc.errors():
-        loc = list(err["loc"])
+    for loc, msg in validation_problems(exc.errors(), drop=UNION_TAGS):
         where = ""
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
             index = loc[1]
@@ -320,10 +327,8 @@ def _format_errors(path: Path, data: Any, exc: ValidationError) -> str:
                     model_id = entries[index].get("id")
             where = f"model '{model_id}'" if model_id else f"models[{index}]"
             loc = loc[2:]
-        # Drop the union tags pydantic adds to locations inside `source`.
-        field = ".".join(str(p) for p in loc if not str(p).endswith("Source"))
+        field = dotted(loc)
         parts = [p for p in (where, f"field '{field}'" if field else "") if p]
-        msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {', '.join(parts) or 'top level'}: {msg}")
     return "\n".join(lines)
 

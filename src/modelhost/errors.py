@@ -16,11 +16,16 @@ Every error a client sees has the OpenAI shape::
     ├── UpstreamError               502 upstream_error: the worker failed, not the gateway
     ├── ModelNotReady               503 service_unavailable, Retry-After
     └── ServiceUnavailable          503 service_unavailable, Retry-After (the gateway stops)
+
+A pydantic validation error (a request body, a model spec, a models file, a stored spec) is
+told in one way, `validation_message` (or `validation_problems` for a layout of one's own):
+each error as `field.path: message`, without the input values (a spec's secrets, a key).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 
@@ -124,3 +129,31 @@ def error_body(
 def sse_error_event(error: ModelhostError) -> bytes:
     """The last event of a stream that failed after it started (status is already sent)."""
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+Location = tuple[str | int, ...]
+
+
+def validation_problems(errors: Iterable[Mapping[str, Any]], drop: Collection[str] = ()
+                        ) -> list[tuple[Location, str]]:
+    """Each error of a pydantic validation (`exc.errors()`) as (location, message): the
+    location less its parts in `drop` (the tags pydantic adds inside a union, FastAPI's
+    "body"), the message less pydantic's "Value error, " prefix. Never the input value."""
+    return [(tuple(part for part in error.get("loc", ()) if part not in drop),
+             str(error.get("msg", "")).removeprefix("Value error, ")) for error in errors]
+
+
+def dotted(location: Location) -> str:
+    """A location as a field path: `source.hf`, `messages.0.content`."""
+    return ".".join(str(part) for part in location)
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]], drop: Collection[str] = (),
+                       whole: str = "") -> tuple[str, str | None]:
+    """The errors of a pydantic validation as one message, `path: message; path: message`
+    (`whole` stands for the path of an error about the whole input), and the first error's
+    path (None when it is the whole input): an `InvalidRequest`'s message and `param`."""
+    problems = validation_problems(errors, drop)
+    message = "; ".join(f"{dotted(location) or whole}: {text}" for location, text in problems)
+    first = dotted(problems[0][0]) if problems else ""
+    return message, first or None

@@ -35,8 +35,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from modelhost.config import ModelSpec
+from modelhost.config import UNION_TAGS, ModelSpec
 from modelhost.db.store import Store
+from modelhost.errors import validation_message
 from modelhost.redaction import merge_spec, split_spec
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,7 @@ class Persistence:
             try:
                 specs.append(ModelSpec.model_validate(data))
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                     for e in exc.errors())  # never the values
+                problems, _ = validation_message(exc.errors(), drop=UNION_TAGS, whole="spec")
                 log.error("stored spec of model %s is no longer valid, skipped: %s",
                           row.model_id, problems)
         return specs
