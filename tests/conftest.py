@@ -10,7 +10,9 @@ What a test module reaches for:
   `def gateway(module_gateway_factory): return module_gateway_factory(...)` with its scope.
 - `openai_client(gateway_or_url)`: the official client on its /v1, without retries.
   (A worker app tested on its own, without a gateway: tests/workerapp.py.)
-- `fake_model(...)`: a models-file entry for the fake worker (tests/fake_worker.py).
+- `fake_model(...)`: a models-file entry for the fake worker (tests/fake_worker.py), which
+  the gateway starts; `upstream(script, ...)`: a fake worker or big upstream started by the
+  test itself, for a `remote` model.
 - process helpers: `pid_alive`, `wait_gone`, `describe_process`, `started_pids`, `wait_for`.
 """
 
@@ -23,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,49 @@ def openai_client(target: Gateway | str, api_key: str = "x",
     url = target.url if isinstance(target, Gateway) else target
     return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0,
                          timeout=timeout)
+
+
+@dataclass
+class Upstream:
+    """A stand-in OpenAI-compatible server running as a real process (see `upstream`)."""
+
+    port: int
+    url: str  # http://127.0.0.1:<port>, without /v1
+    proc: subprocess.Popen[bytes]
+
+
+@contextmanager
+def upstream(script: str, *args: str, api_key: str | None = None,
+             timeout: float = 20) -> Iterator[Upstream]:
+    """`python <script> --port <free port> [--api-key K] <args>` (tests/fake_worker.py,
+    tests/big_upstream.py): a server for a `remote` model or a fault test, a real process on
+    loopback. Handed over once `GET /v1/models` answers 200 (with `api_key` as bearer);
+    terminated on leaving."""
+    port = free_port()
+    argv = [sys.executable, script, "--port", str(port), *args]
+    headers = {}
+    if api_key is not None:
+        argv += ["--api-key", api_key]
+        headers["Authorization"] = f"Bearer {api_key}"
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/v1/models", headers=headers, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    proc = subprocess.Popen(argv)
+    try:
+        assert wait_for(up, timeout), f"{script} did not answer in {timeout} s"
+        yield Upstream(port, url, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pid_alive(pid: int) -> bool:
