@@ -8,11 +8,13 @@ What a test module reaches for:
   `Gateway`s started on demand, all stopped at the end of the test or the module. A module
   that serves every test from one gateway writes
   `def gateway(module_gateway_factory): return module_gateway_factory(...)` with its scope.
+  A module-scoped fixture with params uses `with gateways(folder) as make:` instead, so that
+  each param's gateway stops before the next one starts.
 - `openai_client(gateway_or_url)`: the official client on its /v1, without retries.
   (A worker app tested on its own, without a gateway: tests/workerapp.py.)
 - `fake_model(...)`: a models-file entry for the fake worker (tests/fake_worker.py), which
-  the gateway starts; `upstream(script, ...)`: a fake worker or big upstream started by the
-  test itself, for a `remote` model.
+  the gateway starts; `upstream_server(script, ...)`: a fake worker or big upstream that the
+  test starts itself, for a `remote` model.
 - process helpers: `pid_alive`, `wait_gone`, `describe_process`, `started_pids`, `wait_for`.
 """
 
@@ -140,8 +142,8 @@ def openai_client(target: Gateway | str, api_key: str = "x",
 
 
 @dataclass
-class Upstream:
-    """A stand-in OpenAI-compatible server running as a real process (see `upstream`)."""
+class UpstreamServer:
+    """A stand-in OpenAI-compatible server running as a real process (see `upstream_server`)."""
 
     port: int
     url: str  # http://127.0.0.1:<port>, without /v1
@@ -149,8 +151,8 @@ class Upstream:
 
 
 @contextmanager
-def upstream(script: str, *args: str, api_key: str | None = None,
-             timeout: float = 20) -> Iterator[Upstream]:
+def upstream_server(script: str, *args: str, api_key: str | None = None,
+                    timeout: float = 20) -> Iterator[UpstreamServer]:
     """`python <script> --port <free port> [--api-key K] <args>` (tests/fake_worker.py,
     tests/big_upstream.py): a server for a `remote` model or a fault test, a real process on
     loopback. Handed over once `GET /v1/models` answers 200 (with `api_key` as bearer);
@@ -172,7 +174,7 @@ def upstream(script: str, *args: str, api_key: str | None = None,
     proc = subprocess.Popen(argv)
     try:
         assert wait_for(up, timeout), f"{script} did not answer in {timeout} s"
-        yield Upstream(port, url, proc)
+        yield UpstreamServer(port, url, proc)
     finally:
         proc.terminate()
         try:
