@@ -51,6 +51,30 @@ def test_pinned_gpus_on_a_cpu_machine_is_a_clear_error(gateway_factory: GatewayF
     assert "GPU" in message and "no NVIDIA" in message
 
 
+def test_a_failed_pinned_load_leaves_the_model_as_it_was(gateway_factory: GatewayFactory
+                                                         ) -> None:
+    """A load pinned to a GPU that cannot be had fails (409) and takes its pin with it: the
+    next plain load starts the model where it belongs (here the CPU), and a loaded model
+    asked to move there comes back where it was."""
+    gw = gateway_factory([fake_model("fake"), fake_model("loaded")],
+                         env={"MODELHOST_ADMIN_KEYS": KEY})
+    resp = admin(gw.url, "POST", "/models/fake/load", json={"gpu_device_ids": [0]})
+    assert resp.status_code == 409, resp.text
+    card = admin(gw.url, "GET", "/models/fake").json()
+    assert card["gpu_override"] is None
+    assert "gpu_device_ids [0] dropped" in card["last_error"]
+    resp = admin(gw.url, "POST", "/models/fake/load")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "ready" and resp.json()["gpus"] == []
+
+    assert admin(gw.url, "POST", "/models/loaded/load").json()["state"] == "ready"
+    resp = admin(gw.url, "POST", "/models/loaded/load", json={"gpu_device_ids": [0]})
+    assert resp.status_code == 409, resp.text
+    assert wait_for(lambda: admin(gw.url, "GET", "/models/loaded").json()["state"] == "ready",
+                    timeout=20)
+    assert admin(gw.url, "GET", "/models/loaded").json()["gpu_override"] is None
+
+
 def test_unknown_model_is_404(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake")])
     resp = httpx.post(gw.url + "/api/admin/models/nope/load")

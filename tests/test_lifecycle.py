@@ -117,7 +117,10 @@ def test_crash_loop_ends_in_failed(gateway_factory: GatewayFactory, tmp_path: Pa
         os.kill(pid, signal.SIGKILL)
         assert wait_gone(pid)
         if crash < 2:  # restarted after a backoff, ready again
-            assert wait_for(lambda p=pid: started_pids(events)[-1] != p, timeout=15)
+            def restarted(old: int = pid) -> bool:
+                return started_pids(events)[-1] != old
+
+            assert wait_for(restarted, timeout=15)
             gw.wait_state("fake", "ready", timeout=15)
     gw.wait_state("fake", "failed", timeout=15)
     card = httpx.get(gw.url + "/api/admin/models/fake", timeout=5).json()

@@ -13,8 +13,8 @@ is the operator's and is not restricted):
   unspecified, multicast or reserved address, IPv4 inside IPv6 forms (mapped, 6to4, Teredo,
   NAT64) included, unless `MODELHOST_REMOTE_ALLOW` lists its network (`10.0.0.0/8`) or its
   host name (`gpu-box.lan`, `.corp.example` for a domain). The check is made again at every
-  load, and the load's readiness probe connects only to addresses that pass it
-  (`GuardedResolver`); redirects are never followed.
+  load; the load's readiness probe and then the relay connect only to the addresses that
+  passed it (`workers.launchers.RemoteLauncher`); redirects are never followed.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from modelhost.config import Backend, ModelSpec, PackageSource, PathSource, UrlSource
 from modelhost.errors import InvalidRequest
@@ -247,29 +244,6 @@ class RemotePolicy:
                 f"address: a remote URL given through the admin API must point at a public "
                 f"address, unless the operator allows it in {ALLOW_REMOTE}", param=field)
         return found
-
-
-class GuardedResolver(AbstractResolver):
-    """An aiohttp resolver that returns only addresses the policy allows (and refuses a host
-    with any other): what is checked is what is connected to."""
-
-    def __init__(self, policy: RemotePolicy) -> None:
-        self.policy = policy
-        self.inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self.inner.resolve(host, port, family)
-        if self.policy.host_allowed(host):
-            return results
-        for result in results:
-            ip = ipaddress.ip_address(str(result["host"]).split("%", 1)[0])
-            if not self.policy.address_allowed(ip):
-                raise OSError(f"{host} resolves to an address that is not allowed")
-        return results
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def remote_url(spec: ModelSpec) -> str | None:

@@ -33,7 +33,7 @@ from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_in
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
 from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked, secret_texts
 from modelhost.registry.lifecycle import State
-from modelhost.registry.model import Model, Target
+from modelhost.registry.model import Model, Pin, Target
 from modelhost.registry.registry import Registry
 from modelhost.settings import Settings
 
@@ -122,16 +122,16 @@ class Gateway:
         await self.registry.start()
         desired = await p.now(lambda store: store.desired_states())
         for model_id in await self.hub.interrupted():
-            rt = self.registry.models.get(model_id)
-            if rt is not None and rt.state is State.absent:
+            model = self.registry.models.get(model_id)
+            if model is not None and model.state is State.absent:
                 log.info("resuming the interrupted download of model %s", model_id)
-                rt.want(Target.cached)
+                model.want(Target.cached)
         for model_id, row in desired.items():
-            rt = self.registry.models.get(model_id)
-            if rt is not None and row.desired == "loaded":
+            model = self.registry.models.get(model_id)
+            if model is not None and row.desired == "loaded":
                 log.info("model %s was loaded before the restart: loading it again", model_id)
-                rt.gpu_override = list(row.gpu_device_ids) if row.gpu_device_ids else None
-                rt.want(Target.ready)
+                pin = Pin(tuple(row.gpu_device_ids)) if row.gpu_device_ids else None
+                model.want(Target.ready, pin=pin)
 
     async def close(self) -> None:
         self.closing = True  # a shutdown is not an unload: desired states stay as they are
@@ -141,14 +141,14 @@ class Gateway:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
 
-    def _remember_desired(self, rt: Model, previous: State) -> None:
+    def _remember_desired(self, model: Model, previous: State) -> None:
         if self.persistence.store is None or self.closing:
             return
-        model_id, gpus = rt.spec.id, rt.gpu_override
-        if rt.state is State.starting and previous is State.cached:
+        model_id, gpus = model.spec.id, list(model.pin) if model.pin is not None else None
+        if model.state is State.starting and previous is State.cached:
             self.persistence.later(lambda store: store.set_desired(model_id, "loaded", gpus))
-        elif (rt.state is State.cached and previous is State.stopping) or \
-                (rt.state is State.failed and previous is State.starting):
+        elif (model.state is State.cached and previous is State.stopping) or \
+                (model.state is State.failed and previous is State.starting):
             # Unloaded, or its load failed: not to be loaded again at the next start.
             self.persistence.later(lambda store: store.set_desired(model_id, "unloaded"))
 
@@ -168,9 +168,9 @@ class Gateway:
     def gpus(self) -> dict[str, Any]:
         monitor = self.registry.gpus
         users: dict[int, list[str]] = {}
-        for rt in self.registry.models.values():
-            for index in rt.gpus:
-                users.setdefault(index, []).append(rt.spec.id)
+        for model in self.registry.models.values():
+            for index in model.gpus:
+                users.setdefault(index, []).append(model.spec.id)
         return {
             "available": monitor.available,
             "reason": monitor.unavailable_reason,
@@ -190,100 +190,97 @@ class Gateway:
     def model(self, model_id: str) -> Model:
         return self.registry.model(model_id)
 
-    def card(self, rt: Model) -> dict[str, Any]:
+    def card(self, model: Model) -> dict[str, Any]:
         """Everything an operator wants to see about one model."""
-        admission = rt.admission
-        worker = rt.worker
+        admission = model.admission
+        worker = model.worker
         return {
-            "id": rt.spec.id,
-            "state": rt.state.value,
-            "target": rt.target.value,
-            "task": rt.spec.task.value,
-            "backend": rt.spec.backend.value,
-            "aliases": rt.spec.aliases,
-            "gpus": rt.gpus,
-            "gpu_override": rt.gpu_override,
-            "last_error": self.scrub(rt.last_error) if rt.last_error else None,
-            "restarts": rt.restarts,
+            "id": model.spec.id,
+            "state": model.state.value,
+            "target": model.target.value,
+            "task": model.spec.task.value,
+            "backend": model.spec.backend.value,
+            "aliases": model.spec.aliases,
+            "gpus": model.gpus,
+            "gpu_override": list(model.pin) if model.pin is not None else None,
+            "last_error": self.scrub(model.last_error) if model.last_error else None,
+            "restarts": model.restarts,
             "active_requests": admission.active,
             "queued_requests": admission.waiting,
-            "idle_seconds": round(time.monotonic() - rt.last_used, 1),
-            "download": self.scrub.value(rt.download_progress),
-            "usage": rt.usage,
-            "worker": None if worker is None else {
+            "idle_seconds": round(time.monotonic() - model.last_used, 1),
+            "download": self.scrub.value(model.download_progress),
+            "usage": model.usage,
+            "worker": None if worker is None or worker.pid is None else {
                 "pid": worker.pid, "port": worker.port,
                 "uptime_seconds": round(time.monotonic() - worker.started_at, 1),
             },
-            "spec": redact_spec(spec_dict(rt.spec)),
+            "spec": redact_spec(spec_dict(model.spec)),
         }
 
     def cards(self) -> list[dict[str, Any]]:
-        return [self.card(rt) for rt in self.registry.models.values()]
+        return [self.card(model) for model in self.registry.models.values()]
 
     async def load(self, model_id: str, gpu_device_ids: list[int] | None,
                    wait: bool = True, reset_gpus: bool = False) -> dict[str, Any]:
-        rt = self.model(model_id)
-        if reset_gpus and rt.gpu_override is not None:
-            if rt.state is State.ready:
-                await self._until(rt, Target.stopped, {State.cached, State.failed})
-            rt.gpu_override = None
+        """Load a model, on `gpu_device_ids` when given (a loaded model elsewhere is moved:
+        its owner stops it and starts it there), back on its own GPUs with `reset_gpus`.
+        A load that fails leaves the model as it was (its owner drops the new pin)."""
+        model = self.model(model_id)
+        pin = Pin(None) if reset_gpus else None
         if gpu_device_ids is not None:
             if len(set(gpu_device_ids)) != len(gpu_device_ids) or \
                     any(g < 0 for g in gpu_device_ids):
                 raise InvalidRequest("gpu_device_ids must list distinct non-negative GPU "
                                      "indices", param="gpu_device_ids")
-            if rt.state is State.ready and sorted(rt.gpus) != sorted(gpu_device_ids):
-                # Moving a loaded model: stop it first, then start it on the new GPUs.
-                await self._until(rt, Target.stopped, {State.cached, State.failed})
-            rt.gpu_override = gpu_device_ids
-        failures = rt.failures
-        rt.want(Target.ready)
+            pin = Pin(tuple(gpu_device_ids))
+        failures = model.failures
+        model.want(Target.ready, pin=pin)
         if wait:
-            await self._until(rt, Target.ready, {State.ready}, failures)
-        return self.card(rt)
+            await self._until(model, Target.ready, {State.ready}, failures)
+        return self.card(model)
 
     async def unload(self, model_id: str, wait: bool = True) -> dict[str, Any]:
-        rt = self.model(model_id)
+        model = self.model(model_id)
         if wait:
-            await self._until(rt, Target.stopped,
+            await self._until(model, Target.stopped,
                               {State.cached, State.absent, State.failed, State.downloading})
         else:
-            rt.want(Target.stopped)
-        return self.card(rt)
+            model.want(Target.stopped)
+        return self.card(model)
 
     async def download(self, model_id: str) -> dict[str, Any]:
-        rt = self.model(model_id)
-        if not isinstance(rt.spec.source, HubSource):
+        model = self.model(model_id)
+        if not isinstance(model.spec.source, HubSource):
             raise InvalidRequest(f"model '{model_id}' has no Hugging Face source: nothing to "
                                  "download", param="model")
-        if rt.state is State.absent or (rt.state is State.failed and rt.weights is None):
-            rt.want(Target.cached if rt.target is Target.stopped else rt.target)
-        return self.card(rt)
+        if model.state is State.absent or (model.state is State.failed and model.weights is None):
+            model.want(Target.cached if model.target is Target.stopped else model.target)
+        return self.card(model)
 
     async def cancel_download(self, model_id: str) -> dict[str, Any]:
-        rt = self.model(model_id)
-        current = self.hub.downloader.get(rt.spec.id)
+        model = self.model(model_id)
+        current = self.hub.downloader.get(model.spec.id)
         if current is None or not current.active:
-            raise Conflict(f"model '{rt.spec.id}' has no download running")
-        await self.hub.downloader.cancel(rt.spec.id)
-        await rt.wait_for({State.absent, State.cached, State.failed})
-        return self.card(rt)
+            raise Conflict(f"model '{model.spec.id}' has no download running")
+        await self.hub.downloader.cancel(model.spec.id)
+        await model.wait_for({State.absent, State.cached, State.failed})
+        return self.card(model)
 
     async def delete_cache(self, model_id: str) -> dict[str, Any]:
-        rt = self.model(model_id)
-        source = rt.spec.source
+        model = self.model(model_id)
+        source = model.spec.source
         if not isinstance(source, HubSource):
-            raise InvalidRequest(f"model '{rt.spec.id}' is not in the model cache (its "
+            raise InvalidRequest(f"model '{model.spec.id}' is not in the model cache (its "
                                  "source is not a Hugging Face repository)", param="model")
-        if rt.state not in (State.cached, State.absent, State.failed):
-            raise Conflict(f"model '{rt.spec.id}' is {rt.state}: unload it (or cancel its "
+        if model.state not in (State.cached, State.absent, State.failed):
+            raise Conflict(f"model '{model.spec.id}' is {model.state}: unload it (or cancel its "
                            "download) first")
         try:
             freed = await self.hub.downloader.delete(source.hf, None)
         except DownloadError as exc:
             raise Conflict(str(exc)) from None
-        await rt.forget_weights()
-        return {**self.card(rt), "freed_bytes": freed}
+        await model.forget_weights()
+        return {**self.card(model), "freed_bytes": freed}
 
     async def cache(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.hub.cache)
@@ -303,24 +300,26 @@ class Gateway:
         delete_token(self.settings.model_cache_dir)
         return self.token()
 
-    async def _until(self, rt: Model, target: Target, states: set[State],
+    async def _until(self, model: Model, target: Target, states: set[State],
                      failures: int | None = None) -> None:
         """Ask for `target` and wait until the model is in one of `states`."""
         if failures is None:
-            failures = rt.failures
-        rt.want(target)
+            failures = model.failures
+        model.want(target)
         deadline = time.monotonic() + self.load_timeout
-        while rt.state not in states:
-            if rt.state is State.failed and rt.failures != failures:
-                raise Conflict(f"model '{rt.spec.id}' failed: {self.scrub(rt.last_error or '')}")
+        # A model being moved to other GPUs is ready only once it runs there.
+        while model.state not in states or (target is Target.ready and model.moving):
+            if model.failures != failures:
+                raise Conflict(f"model '{model.spec.id}' failed: "
+                               f"{self.scrub(model.last_error or '')}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ModelNotReady(f"model '{rt.spec.id}' is still {rt.state}",
+                raise ModelNotReady(f"model '{model.spec.id}' is still {model.state}",
                                     retry_after=5)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(rt.changed(), min(left, 1.0))
-        if rt.state is State.failed and target is Target.ready:
-            raise Conflict(f"model '{rt.spec.id}' failed: {self.scrub(rt.last_error or '')}")
+                await asyncio.wait_for(model.changed(), min(left, 1.0))
+        if model.state is State.failed and target is Target.ready:
+            raise Conflict(f"model '{model.spec.id}' failed: {self.scrub(model.last_error or '')}")
 
     def validate_spec(self, model_id: str, data: dict[str, Any]) -> ModelSpec:
         """A spec from the admin API, validated like the models file (400 names the field),
@@ -369,12 +368,12 @@ class Gateway:
                 body, spec.id, source="api", actor="admin-api"))
             self.api_models.add(spec.id)
             try:
-                rt = await self.registry.put(spec)
+                model = await self.registry.put(spec)
             except ValueError as exc:  # cannot happen: the names were checked above
                 raise Conflict(str(exc)) from None
             finally:
                 self._refresh_secrets()
-            return self.card(rt)
+            return self.card(model)
 
     @staticmethod
     def _keep_secrets(existing: ModelSpec, spec: ModelSpec) -> ModelSpec:
@@ -394,9 +393,9 @@ class Gateway:
     async def delete_model(self, model_id: str) -> None:
         """Remove a model added through the API, once the deletion is committed."""
         async with self._changes:
-            rt = self.model(model_id)
-            if rt.spec.id != model_id:
-                raise NotFound(f"'{model_id}' is an alias; delete model '{rt.spec.id}'")
+            model = self.model(model_id)
+            if model.spec.id != model_id:
+                raise NotFound(f"'{model_id}' is an alias; delete model '{model.spec.id}'")
             if model_id not in self.api_models:
                 raise Conflict(f"model '{model_id}' is declared in the models file or built "
                                "in; remove it there")

@@ -1,5 +1,6 @@
-"""Downloads as the gateway runs them: the Downloader (downloads.py) fed by the lifecycle,
-its progress kept in the state database and pushed to the admin event stream."""
+"""Downloads as the gateway runs them: the Downloader (`downloads`) fed by the lifecycle,
+its progress kept in the state database, pushed to the admin event stream and handed to the
+model whose download it is (through the callback its owner gives, never by writing it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from modelhost.db.store import Store
 from modelhost.downloads import Downloader, DownloadJob, JobState
 from modelhost.events import EventBus
 from modelhost.persistence import Persistence
-from modelhost.registry.model import DownloadCancelled, Model
+from modelhost.registry.model import DownloadCancelled, Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,23 @@ class HubService:
         self.downloader = downloader
         self.persistence = persistence
         self.events = events
-        self.runtimes: dict[str, Model] = {}
         self._records: dict[str, int] = {}  # model id -> its running download's record
         downloader.subscribe(self._progress)
 
-    async def download(self, rt: Model) -> Path:
-        """The lifecycle's download step (ModelContext.download)."""
-        source = rt.spec.source
-        assert isinstance(source, HubSource)
-        self.runtimes[rt.spec.id] = rt
-        await self.downloader.start(rt.spec.id, source)
-        job = await self.downloader.wait(rt.spec.id)
+    async def download(self, model_id: str, source: HubSource, progress: Progress) -> Path:
+        """The lifecycle's download step (ModelContext.download): fetch `source` for
+        `model_id`, telling `progress` each step; the snapshot's folder once complete."""
+
+        def mine(job: DownloadJob) -> None:
+            if job.model_id == model_id:
+                progress(job.to_dict())
+
+        unsubscribe = self.downloader.subscribe(mine)
+        try:
+            progress((await self.downloader.start(model_id, source)).to_dict())
+            job = await self.downloader.wait(model_id)
+        finally:
+            unsubscribe()
         if job.state is JobState.completed and job.snapshot:
             return Path(job.snapshot)
         if job.state is JobState.cancelled:
@@ -49,9 +56,6 @@ class HubService:
 
     def _progress(self, job: DownloadJob) -> None:
         data = job.to_dict()
-        rt = self.runtimes.get(job.model_id)
-        if rt is not None:
-            rt.download_progress = data
         self.events.publish("download", model=job.model_id, **{
             k: v for k, v in data.items() if k != "model_id"})
         self._record(job)

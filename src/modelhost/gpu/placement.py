@@ -1,8 +1,9 @@
 """Placement: which GPUs a model loads on, and which idle models must be unloaded first.
 
-Pure functions over plain values: no NVML, no processes, no clock. The gateway measures
-(`modelhost.gpu.inventory`), describes what is loaded, calls `place()`, unloads what the
-answer names, measures again and starts the worker on the answer's GPUs.
+Pure functions over plain values: no NVML, no processes, no clock. The scheduler
+(`modelhost.gpu.scheduler`) measures (`modelhost.gpu.inventory`), describes what is loaded,
+calls `place()` and unloads what the answer names; the model's owner then starts the worker
+on the answer's GPUs.
 
 Inputs
 ------

@@ -1,8 +1,18 @@
 """One model's owner: the only task that moves the model through its lifecycle.
 
-Callers never change state themselves. They say what they want (`ensure_ready`, `unload`)
+Callers never change state themselves. They say what they want (`want`: the model ready,
+downloaded or stopped, optionally pinned to GPUs; `ensure_ready`; `forget_weights`; `close`)
 and the owner task drives the model there, one step at a time, so that downloads, starts,
-crash restarts, idle unloads and shutdown can never race each other.
+crash restarts, idle unloads, GPU moves and shutdown can never race each other. What the
+owner keeps (state, worker, weights, GPUs, pin, errors, download progress) is read through
+properties; requests write only their own traces, through methods (`release`, `count`,
+`ready_upstream` marking a use).
+
+Where a worker runs is a launcher's (`workers.launchers`), chosen in `_start_once`; the
+GPUs of a local worker are the scheduler's (`gpu.scheduler`), asked just before it starts.
+A request that fails leaves the model as it was: a load pinned to GPUs that cannot be had
+drops its pin (the previous one stands) and a model moved off its GPUs that way is loaded
+again where it was.
 """
 
 from __future__ import annotations
@@ -12,20 +22,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-import aiohttp
-import yarl
-
-from modelhost.admin_policy import GuardedResolver, RemotePolicy, RemoteRefused
+from modelhost.admin_policy import RemotePolicy
 from modelhost.admission import Admission
 from modelhost.api.lifecycle import http_error
 from modelhost.catalog import SourceUnavailable, local_weights
-from modelhost.config import Backend, HubSource, ModelSpec, UrlSource
+from modelhost.config import Backend, HubSource, ModelSpec
 from modelhost.gpu.placement import PlacementError
-from modelhost.redaction import redact_url
+from modelhost.gpu.scheduler import Scheduler
 from modelhost.registry.errors import (
     Downloading,
     LifecycleError,
@@ -35,13 +42,14 @@ from modelhost.registry.errors import (
     UnloadedWhileLoading,
 )
 from modelhost.registry.lifecycle import State, check_transition
-from modelhost.workers.plans import launch_plan
-from modelhost.workers.process import (
-    BackendConfigError,
-    WorkerProcess,
-    WorkerStartError,
-    free_port,
+from modelhost.upstream import UpstreamClient
+from modelhost.workers.launchers import (
+    Launcher,
+    LocalProcessLauncher,
+    RemoteLauncher,
+    Worker,
 )
+from modelhost.workers.process import BackendConfigError, WorkerStartError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,6 @@ HEALTHY_UPTIME = 60.0
 MAX_BACKOFF = 30.0
 # A failed model is retried by the next request only after this many seconds.
 FAILED_RETRY_AFTER = 10.0
-LOOPBACK = "127.0.0.1"
 
 
 class Target(StrEnum):
@@ -61,12 +68,20 @@ class Target(StrEnum):
     ready = "ready"      # a worker answering requests
 
 
+@dataclass(frozen=True)
+class Pin:
+    """The GPUs a load request asks for (`gpu_device_ids`); None: the spec's own again."""
+
+    gpus: tuple[int, ...] | None
+
+
 class DownloadCancelled(Exception):
     """The download was cancelled; the model goes back to `absent`."""
 
 
-DownloadFn = Callable[["Model"], Awaitable[Path]]
-PlaceFn = Callable[["Model"], Awaitable[list[int]]]
+Progress = Callable[[dict[str, object]], None]
+# Fetches a model's weights into the cache, reporting progress (HubService.download).
+DownloadFn = Callable[[str, HubSource, Progress], Awaitable[Path]]
 
 
 @dataclass(frozen=True)
@@ -74,11 +89,8 @@ class ModelContext:
     cache_dir: Path
     log_dir: Path
     stop_timeout: float
-    # Fetches the model's weights into the cache (the gateway's HubService.download).
     download: DownloadFn
     hf_token: Callable[[], str | None] = lambda: None
-    # Chooses the GPUs of a worker about to start (default: pinned, override or first N).
-    place: PlaceFn | None = None
     # Longest audio a speech or diarization worker accepts (settings.max_audio_seconds).
     max_audio_seconds: float = 4 * 3600.0
     # Worker log rotation (settings.worker_log_bytes, settings.worker_log_backups).
@@ -87,50 +99,140 @@ class ModelContext:
     # Where a remote model may connect (None: anywhere, as the models file says); the
     # gateway gives the policy of `admin_policy` for the models added through the API.
     remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
+    # The gateway's HTTP client (the relay's): remote servers' readiness probes.
+    client: UpstreamClient = field(default_factory=UpstreamClient)
+
+    def local_launcher(self) -> LocalProcessLauncher:
+        return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
+                                    self.max_audio_seconds, self.worker_log_bytes,
+                                    self.worker_log_backups)
 
 
 Listener = Callable[["Model", State], None]
 
 
+@dataclass(frozen=True)
+class _Fallback:
+    """Where a model goes back to if the load asked with a new pin fails."""
+
+    pin: tuple[int, ...] | None
+    reload: bool  # it was loaded: load it again there
+
+
 class Model:
-    def __init__(self, spec: ModelSpec, ctx: ModelContext) -> None:
+    def __init__(self, spec: ModelSpec, ctx: ModelContext, scheduler: Scheduler) -> None:
         self.spec = spec
         self.ctx = ctx
+        self.scheduler = scheduler
         # At most `max_concurrency` requests at the worker, a bounded queue (429 past it).
         self.admission = Admission(spec.id, spec.max_concurrency, spec.max_queue)
-        self.state = State.cached
-        self.last_error: str | None = None
-        # A remote added through the admin API: the address its URL was checked to resolve to
-        # at load, where the relay connects (None: resolve the name, e.g. a models-file one).
-        self.connect_to: tuple[str, ...] | None = None
-        self.worker: WorkerProcess | None = None
-        self.weights: Path | None = None
-        self.upstream: str | None = None  # base URL ending in /v1 while ready
-        self.last_used = time.monotonic()
-        self.restarts = 0
-        self.failures = 0
+        self.last_used = time.monotonic()  # requests mark their uses (ready_upstream, release)
+        self.usage: dict[str, float] = {}  # audio_seconds, input_tokens (`count`)
         self.listeners: list[Listener] = []
-        self.gpus: list[int] = []  # where the current worker runs
-        self.gpu_override: list[int] | None = None  # asked for by a load request
-        self.download_progress: dict[str, object] | None = None
-        self.usage: dict[str, float] = {}  # audio_seconds, input_tokens (from worker headers)
+        # The owner's own: read through the properties below.
+        self._state = State.cached
+        self._last_error: str | None = None
+        self._worker: Worker | None = None
+        self._weights: Path | None = None
+        self._upstream: str | None = None  # base URL ending in /v1 while ready
+        self._restarts = 0
+        self._failures = 0
+        self._gpus: list[int] = []  # where the current worker runs
+        self._pin: tuple[int, ...] | None = None  # asked for by a load request
+        self._running_pin: tuple[int, ...] | None = None  # the pin the worker started with
+        self._fallback: _Fallback | None = None
+        self._download_progress: dict[str, object] | None = None
         self._failed_at = 0.0
         self._target = Target.stopped
         self._retry = False
+        self._recheck: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    # -- what the owner keeps, read-only ------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def worker(self) -> Worker | None:
+        return self._worker
+
+    @property
+    def weights(self) -> Path | None:
+        return self._weights
+
+    @property
+    def connect_to(self) -> tuple[str, ...] | None:
+        """A remote added through the admin API: the addresses its URL was checked to
+        resolve to at load, where the relay connects (None: resolve the name)."""
+        return self._worker.connect_to if self._worker is not None else None
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    @property
+    def gpus(self) -> list[int]:
+        return self._gpus
+
+    @property
+    def pin(self) -> tuple[int, ...] | None:
+        """The GPUs a load request pinned the model to (None: the spec's `gpus`, or any)."""
+        return self._pin
+
+    @property
+    def moving(self) -> bool:
+        """Ready, but on GPUs that a later load asked to change: the owner restarts it."""
+        return self._state is State.ready and self._pin != self._running_pin and not (
+            self._pin is not None and sorted(self._pin) == sorted(self._gpus))
+
+    @property
+    def download_progress(self) -> dict[str, object] | None:
+        return self._download_progress
+
+    @property
+    def busy(self) -> bool:
+        """Requests at the worker or queued for it."""
+        return bool(self.admission.active or self.admission.waiting)
+
+    @property
+    def starting(self) -> bool:
+        return self._state is State.starting
+
+    @property
+    def holds_gpus(self) -> bool:
+        return bool(self._gpus) and self._state in (State.ready, State.starting)
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
 
     # -- what callers use --------------------------------------------------------------
 
     async def start(self) -> None:
         """Find where the model's weights are and start the owner task."""
         try:
-            self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
-            needs_download = isinstance(self.spec.source, HubSource) and self.weights is None
-            self.state = State.absent if needs_download else State.cached
+            self._weights = await asyncio.to_thread(local_weights, self.spec,
+                                                    self.ctx.cache_dir)
+            needs_download = isinstance(self.spec.source, HubSource) and self._weights is None
+            self._state = State.absent if needs_download else State.cached
         except SourceUnavailable as exc:
-            self.state, self.last_error = State.failed, str(exc)
+            self._state, self._last_error = State.failed, str(exc)
             self._failed_at = time.monotonic()
         self._task = asyncio.create_task(self._own(), name=f"owner:{self.spec.id}")
 
@@ -153,28 +255,28 @@ class Model:
         if upstream is not None:
             return upstream
         name = self.spec.id
-        if self.state is State.failed:
+        if self._state is State.failed:
             wait = FAILED_RETRY_AFTER - (time.monotonic() - self._failed_at)
             if wait > 0:
                 raise ModelFailed(name, retry_after=wait)
-        if self.state in (State.absent, State.downloading) or (
-                self.state is State.failed and self.weights is None
+        if self._state in (State.absent, State.downloading) or (
+                self._state is State.failed and self._weights is None
                 and isinstance(self.spec.source, HubSource)):
             # Requests never download: a failed download is retried by the admin API only.
             raise self._not_downloaded()
-        failures = self.failures
+        failures = self._failures
         self.want(Target.ready)
         deadline = time.monotonic() + timeout
         while True:
-            if self.state is State.ready and self.upstream is not None:
-                return self.upstream
-            if self.state is State.failed and self.failures != failures:
+            if self._state is State.ready and self._upstream is not None:
+                return self._upstream
+            if self._state is State.failed and self._failures != failures:
                 raise ModelFailed(name, retry_after=FAILED_RETRY_AFTER, while_loading=True)
             if self._target is not Target.ready:
                 raise UnloadedWhileLoading(name, retry_after=1)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NotReadyYet(name, retry_after=5, state=self.state.value)
+                raise NotReadyYet(name, retry_after=5, state=self._state.value)
             changed = self._changed
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
@@ -183,8 +285,8 @@ class Model:
         """The worker's base URL if the model is ready now (counting as a use), else None;
         never waits and never starts a load."""
         self.last_used = time.monotonic()
-        if self.state is State.ready:
-            return self.upstream
+        if self._state is State.ready:
+            return self._upstream
         return None
 
     def release(self) -> None:
@@ -196,93 +298,94 @@ class Model:
         """Add what a request consumed (`audio_seconds`, `input_tokens`) to the usage."""
         self.usage[key] = self.usage.get(key, 0.0) + amount
 
-    @property
-    def busy(self) -> bool:
-        """Requests at the worker or queued for it."""
-        return bool(self.admission.active or self.admission.waiting)
-
     def _not_downloaded(self) -> LifecycleError:
-        if self.state is State.downloading:
-            progress = self.download_progress or {}
+        if self._state is State.downloading:
+            progress = self._download_progress or {}
             done, total = progress.get("bytes_done"), progress.get("bytes_total")
             percent = 100 * done / total \
                 if isinstance(done, int) and isinstance(total, int) and total else None
             return Downloading(self.spec.id, retry_after=30, percent=percent)
         return NotDownloaded(self.spec.id, retry_after=60,
-                             download_failed=self.state is State.failed)
+                             download_failed=self._state is State.failed)
 
     async def changed(self) -> None:
         """Return at the next state change."""
         await self._changed.wait()
 
-    async def forget_weights(self) -> None:
-        """After the cached files were deleted: the model is `absent` until downloaded."""
-        self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
-        if self.weights is None and self.state in (State.cached, State.failed):
-            self._set(State.absent)
-
     async def wait_for(self, states: set[State]) -> None:
-        while self.state not in states:
+        while self._state not in states:
             await self.changed()
 
-    @property
-    def target(self) -> Target:
-        return self._target
-
-    def want(self, target: Target) -> None:
+    def want(self, target: Target, pin: Pin | None = None) -> None:
         """Drive the model towards `target`. Requests ask for `ready` (never downloading);
         the admin API asks for `cached` (download) or `ready` (download if needed, then
-        start); unload and the idle reaper ask for `stopped`."""
-        if self.state is State.failed and target is not Target.stopped:
+        start; with a `pin`, on those GPUs: a ready model elsewhere is moved); unload, the
+        idle reaper and evictions ask for `stopped`."""
+        if pin is not None and pin.gpus != self._pin:
+            if self._fallback is None:
+                self._fallback = _Fallback(self._pin, reload=self._state is State.ready)
+            self._pin = pin.gpus
+            if self._state is State.ready and not self.moving:  # already on those GPUs
+                self._running_pin, self._fallback = self._pin, None
+        if target is not Target.ready:
+            self._fallback = None  # a pin whose load is given up stays as asked
+        if self._state is State.failed and target is not Target.stopped:
             self._retry = True  # a new demand retries a failed model (once per failure)
-        if self._target is not target or self._retry:
+        if self._target is not target or self._retry or pin is not None:
             self._target = target
             self._wake.set()
 
-    def want_ready(self) -> None:
-        self.want(Target.ready)
-
-    def unload(self) -> None:
+    async def evict(self) -> None:
+        """Unload to make room on the GPUs (the scheduler's ask); return once stopped."""
         self.want(Target.stopped)
+        await self.wait_for({State.cached, State.failed, State.absent})
+
+    async def forget_weights(self) -> None:
+        """After the cached files were deleted: the owner looks for the weights again (the
+        model is `absent` until downloaded); returns once it has."""
+        if self._task is None or self._task.done():  # no owner: nothing to race with
+            self._recheck = asyncio.get_running_loop().create_future()
+            await self._look_again()
+            return
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().create_future()
+        done = self._recheck
+        self._wake.set()
+        await asyncio.shield(done)
 
     async def worker_lost(self, base: str, grace: float = 2.0) -> bool:
         """After a connection to the worker at `base` failed: wait briefly for the owner to
         notice the worker's exit. True once it has (a restart is under way, and the next
         `ensure_ready` waits for it instead of returning the dead worker's URL)."""
-        if self.worker is None:  # a remote server: nothing to restart
+        worker = self._worker
+        if worker is not None and not worker.watched:  # a remote server: nothing to restart
             return False
         deadline = time.monotonic() + grace
-        while self.upstream == base and time.monotonic() < deadline:
+        while self._upstream == base and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return self.upstream != base
+        return self._upstream != base
 
     async def close(self) -> None:
-        """Stop the worker and the owner task (gateway shutdown)."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the owner task; on its way out it stops the worker (gateway shutdown, a
+        model replaced or removed)."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.worker is not None:
-            if self.state in (State.ready, State.starting):
-                self._set(State.stopping)
-            await self.worker.stop()
-            self.worker = None
-            self.upstream = None
-            if self.state is State.stopping:
-                self._set(State.cached)
+                await task
 
     # -- the owner ---------------------------------------------------------------------
 
     def _set(self, new: State, error: str | None = None) -> None:
-        check_transition(self.state, new)
-        old, self.state = self.state, new
+        check_transition(self._state, new)
+        old, self._state = self._state, new
         if new is State.failed:
-            self.failures += 1
+            self._failures += 1
             self._failed_at = time.monotonic()
-            self.last_error = error
+            self._last_error = error
             log.error("model %s failed: %s", self.spec.id, error)
         elif error:
-            self.last_error = error
+            self._last_error = error
         if old is not new:
             log.info("model %s: %s -> %s", self.spec.id, old, new)
         self._changed.set()
@@ -291,71 +394,102 @@ class Model:
             listener(self, old)
 
     async def _own(self) -> None:
-        while True:
-            self._wake.clear()
-            state, target = self.state, self._target
-            if state is State.absent and target is not Target.stopped:
-                await self._download()
-            elif state is State.cached and target is Target.ready:
-                await self._launch()
-            elif state is State.ready and target is Target.ready:
-                await self._watch()
-            elif state is State.ready:
-                await self._stop()
-            elif state is State.failed and self._retry:
-                await self._retry_failed()
-            else:
-                await self._wake.wait()
+        try:
+            while True:
+                self._wake.clear()
+                state, target = self._state, self._target
+                if self._recheck is not None:
+                    await self._look_again()
+                elif state is State.absent and target is not Target.stopped:
+                    await self._download()
+                elif state is State.cached and target is Target.ready:
+                    await self._launch()
+                elif state is State.ready and target is Target.ready and not self.moving:
+                    await self._watch()
+                elif state is State.ready:
+                    await self._stop()
+                elif state is State.failed and self._retry:
+                    await self._retry_failed()
+                else:
+                    await self._wake.wait()
+        finally:  # cancelled by close(): the worker goes with the owner
+            if self._recheck is not None:
+                self._recheck.cancel()
+            if self._state in (State.ready, State.starting):
+                self._set(State.stopping)
+            await self._stop_worker()
+            if self._state is State.stopping:
+                self._set(State.cached)
+
+    async def _look_again(self) -> None:
+        """forget_weights: where are the weights now?"""
+        done, self._recheck = self._recheck, None
+        assert done is not None
+        try:
+            self._weights = await asyncio.to_thread(local_weights, self.spec,
+                                                    self.ctx.cache_dir)
+            if self._weights is None and self._state in (State.cached, State.failed):
+                self._set(State.absent)
+        except Exception as exc:  # told to the caller, not the end of the owner
+            done.set_exception(exc)
+        finally:
+            if not done.done():
+                done.set_result(None)
 
     async def _retry_failed(self) -> None:
         self._retry = False
-        self.restarts = 0
+        self._restarts = 0
         try:
-            self.weights = await asyncio.to_thread(local_weights, self.spec, self.ctx.cache_dir)
+            self._weights = await asyncio.to_thread(local_weights, self.spec,
+                                                    self.ctx.cache_dir)
         except SourceUnavailable as exc:
             self._set(State.failed, str(exc))
             return
-        needs_download = isinstance(self.spec.source, HubSource) and self.weights is None
+        needs_download = isinstance(self.spec.source, HubSource) and self._weights is None
         self._set(State.absent if needs_download else State.cached)
 
     async def _download(self) -> None:
         source = self.spec.source
         assert isinstance(source, HubSource)
         self._set(State.downloading)
-        download = self.ctx.download
         try:
-            path = await download(self)
+            path = await self.ctx.download(self.spec.id, source, self._progress)
         except DownloadCancelled:
-            self.download_progress = None
+            self._download_progress = None
             self._target = Target.stopped
             self._set(State.absent, "download cancelled")
             return
         except Exception as exc:  # any hub or disk error fails the download, with its reason
             self._set(State.failed, f"download of {source.hf}@{source.revision} failed: {exc}")
             return
-        self.weights = path
+        self._weights = path
         self._set(State.cached)
         if self._target is Target.cached:
             self._target = Target.stopped  # downloaded as asked; nothing more to do
 
+    def _progress(self, progress: dict[str, object]) -> None:
+        self._download_progress = progress
+
     async def _launch(self) -> None:
         """cached → starting → ready, retrying with backoff; failed when retries run out."""
-        if self.state is not State.starting:  # a crash restart is already in `starting`
+        if self._state is not State.starting:  # a crash restart is already in `starting`
             self._set(State.starting)
         while self._target is Target.ready:
             try:
-                self.upstream = await self._start_once()
+                self._upstream = await self._start_once()
             except (WorkerStartError, BackendConfigError, PlacementError, OSError) as exc:
                 permanent = isinstance(exc, BackendConfigError | PlacementError | OSError) or \
                     (isinstance(exc, WorkerStartError) and exc.permanent)
                 if permanent:
-                    self._set(State.failed, str(exc))
+                    self._start_failed(str(exc))
                     return
-                if self.restarts >= self.spec.max_restarts:
-                    self._set(State.failed, f"{exc}; gave up after {self.restarts} restart(s)")
+                if self._restarts >= self.spec.max_restarts:
+                    self._start_failed(f"{exc}; gave up after {self._restarts} restart(s)")
                     return
                 await self._backoff(str(exc))
                 continue
+            if self._running_pin == self._pin:
+                self._fallback = None  # the pin asked for works: it stays
             self._set(State.ready)
             return
         # Unloaded while starting.
@@ -363,48 +497,51 @@ class Model:
         await self._stop_worker()
         self._set(State.cached)
 
+    def _start_failed(self, error: str) -> None:
+        """The start failed for good. A load that asked for a new pin leaves the model as
+        it was: the previous pin again, and loaded again there if it was loaded."""
+        fallback = self._fallback
+        if fallback is not None and self._running_pin == self._pin:
+            asked = "null" if self._pin is None else str(list(self._pin))
+            back = "its own GPUs" if fallback.pin is None else f"GPUs {list(fallback.pin)}"
+            error += f" (gpu_device_ids {asked} dropped: the model keeps {back})"
+            self._pin, self._fallback = fallback.pin, None
+            self._retry = fallback.reload
+        self._set(State.failed, error)
+
     async def _start_once(self) -> str:
+        """Start a worker and wait until it answers; return its base URL.
+
+        The launcher says where it runs (`workers.launchers`): a `remote` model's server,
+        else a local process on the GPUs the scheduler gives. A launcher for workers on
+        other machines (a Ray cluster, issue 18) is chosen here too, from the spec or a
+        setting, and places its workers itself.
+        """
         spec = self.spec
+        self._running_pin = self._pin
+        launcher: Launcher
         if spec.backend is Backend.remote:
-            assert isinstance(spec.source, UrlSource)
             policy = self.ctx.remote_policy(spec) if self.ctx.remote_policy else None
-            self.connect_to = None
-            if policy is not None:
-                try:  # again at every load: the name may resolve elsewhere now
-                    checked = await policy.check(spec.source.url)
-                except RemoteRefused as exc:
-                    raise WorkerStartError(exc.message, permanent=True) from None
-                # The relay connects to the address checked here, not to whatever the name
-                # resolves to later (DNS rebinding); none when the name itself is allowed.
-                self.connect_to = tuple(checked) if checked else None
-            await _probe_remote(spec.source, policy)
-            return spec.source.url
-        self.gpus = await (self.ctx.place or _default_place)(self)
-        port = free_port(LOOPBACK)
-        plan = launch_plan(spec, self.weights, LOOPBACK, port, self.gpus, self.ctx.hf_token(),
-                           max_audio_seconds=self.ctx.max_audio_seconds)
-        plan.env.update(spec.env)
-        safe = spec.id.replace("/", "__").replace(":", "_")
-        worker = WorkerProcess(spec.id, plan, LOOPBACK, port,
-                               self.ctx.log_dir / "workers" / f"{safe}.log", self.ctx.stop_timeout,
-                               log_bytes=self.ctx.worker_log_bytes,
-                               log_backups=self.ctx.worker_log_backups)
-        self.worker = worker
-        await worker.start()
+            launcher = RemoteLauncher(self.ctx.client, policy)
+        else:
+            self._gpus = await self.scheduler.place(self)
+            launcher = self.ctx.local_launcher()
+        worker = await launcher.start(spec, self._weights, self._gpus)
+        self._worker = worker
         try:
             await worker.wait_ready(spec.start_timeout)
         except BaseException:
             await worker.stop()
-            self.worker = None
+            self._worker = None
             raise
-        return worker.base_url + "/v1"
+        return worker.base_url
 
     async def _backoff(self, reason: str) -> None:
-        self.restarts += 1
-        delay = min(0.5 * 2 ** (self.restarts - 1), MAX_BACKOFF)
-        self.last_error = reason
+        self._restarts += 1
+        delay = min(0.5 * 2 ** (self._restarts - 1), MAX_BACKOFF)
+        self._last_error = reason
         log.warning("model %s: %s; restart %d/%d in %.1f s", self.spec.id, reason,
-                    self.restarts, self.spec.max_restarts, delay)
+                    self._restarts, self.spec.max_restarts, delay)
         self._set(State.starting)
         with contextlib.suppress(asyncio.TimeoutError):
             # An unload during the backoff ends it early.
@@ -417,8 +554,8 @@ class Model:
 
     async def _watch(self) -> None:
         """While ready: wait for the worker to exit (a crash) or for a change of plan."""
-        worker = self.worker
-        if worker is None:  # a remote model: nothing to watch
+        worker = self._worker
+        if worker is None or not worker.watched:  # a remote server: nothing to watch
             await self._wake.wait()
             return
         exited = asyncio.ensure_future(worker.wait())
@@ -435,14 +572,14 @@ class Model:
         uptime = time.monotonic() - worker.started_at
         reason = f"worker exited with status {code}"
         tail = worker.tail(8)
-        self.worker = None
-        self.upstream = None
+        self._worker = None
+        self._upstream = None
         if uptime > HEALTHY_UPTIME:
-            self.restarts = 0
+            self._restarts = 0
         log.warning("model %s: %s after %.0f s%s", self.spec.id, reason, uptime,
                     f"; last output:\n{tail}" if tail else "")
-        if self.restarts >= self.spec.max_restarts:
-            self._set(State.failed, f"{reason}; gave up after {self.restarts} restart(s)")
+        if self._restarts >= self.spec.max_restarts:
+            self._set(State.failed, f"{reason}; gave up after {self._restarts} restart(s)")
             return
         await self._backoff(reason)
         await self._launch()
@@ -453,42 +590,8 @@ class Model:
         self._set(State.cached)
 
     async def _stop_worker(self) -> None:
-        self.upstream = None
-        if self.worker is not None:
-            await self.worker.stop()
-            self.worker = None
-        self.gpus = []
-
-
-async def _default_place(runtime: Model) -> list[int]:
-    spec = runtime.spec
-    if runtime.gpu_override is not None:
-        return list(runtime.gpu_override)
-    if spec.gpus is not None:
-        return list(spec.gpus)
-    return list(range(spec.gpu_count))
-
-
-async def _probe_remote(source: UrlSource, policy: RemotePolicy | None = None) -> None:
-    """GET <url>/models must answer 200. Redirects are not followed; with a policy, the
-    connection goes only to addresses it allows (checked as they are resolved)."""
-    headers = {"Authorization": f"Bearer {source.api_key}"} if source.api_key else {}
-    timeout = aiohttp.ClientTimeout(total=10)
-    shown = redact_url(source.url)
-    url = yarl.URL(source.url + "/models")
-    if url.user is not None:  # credentials in the URL: basic auth, unless a key is given
-        if not source.api_key:
-            auth = aiohttp.BasicAuth(url.user or "", url.password or "")
-            headers["Authorization"] = auth.encode()
-        url = url.with_user(None)
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy)) \
-        if policy is not None else None
-    try:
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, \
-                session.get(url, headers=headers, allow_redirects=False) as resp:
-            if resp.status != 200:
-                raise WorkerStartError(f"remote server {shown} answered {resp.status}")
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        reason = type(exc).__name__ if source.url in str(exc) else str(exc)
-        raise WorkerStartError(f"remote server {shown} unreachable: "
-                               f"{redact_url(reason)}") from exc
+        self._upstream = None
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        self._gpus = []

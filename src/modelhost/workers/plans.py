@@ -1,4 +1,8 @@
-"""What a worker is: from a model spec to the command line that serves it."""
+"""What a worker is: from a model spec to the command line that serves it.
+
+Where the worker runs (a local process, a remote server, later another machine) is a
+launcher's (`launchers`); this module only says what to run.
+"""
 
 from __future__ import annotations
 
