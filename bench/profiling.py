@@ -22,13 +22,13 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     # reader included), whichever layer made the call.
     ("socket writes (request to the worker, answer to the client)",
      ("CoalescingWriter.write (", "CoalescingWriter.write_now (",
-      "_send (modelhost/upstream/", "UpstreamClient.start (")),
+      "_send (modelhost/upstream", "UpstreamClient.start (")),
     ("logging (uvicorn access log, handlers, file writes)",
      ("logging/", "uvicorn/logging.py")),
     ("json encode/decode", ("json/",)),
     ("modelhost auth (KeyGuard, hashlib)", ("modelhost/auth.py", "hashlib")),
     ("modelhost client to the worker (upstream/, httptools)",
-     ("modelhost/upstream/", "httptools/parser")),
+     ("modelhost/upstream", "httptools/parser")),
     # (The files named before serving/ existed are kept, so that `--commit` of an older
     # revision is grouped the same way.)
     ("modelhost server hot path (serving/protocol.py, wire.py, limits.py)",
