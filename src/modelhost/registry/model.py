@@ -28,7 +28,6 @@ from pathlib import Path
 
 from modelhost.admin_policy import RemotePolicy
 from modelhost.admission import Admission
-from modelhost.api.lifecycle import http_error
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec
 from modelhost.gpu.placement import PlacementError
@@ -242,15 +241,9 @@ class Model:
         Idempotent and safe to call from many requests at once: they all wait for the same
         load. Waits at most `timeout` seconds (NotReadyYet); a load that fails raises
         ModelFailed; a model not downloaded (requests never download) NotDownloaded or
-        Downloading: the `LifecycleError`s of `registry.errors`.
+        Downloading: the `LifecycleError`s of `registry.errors`, which the API layer turns
+        into HTTP answers (`api.lifecycle`).
         """
-        try:
-            return await self._ensure_ready(timeout)
-        except LifecycleError as exc:
-            # Until the serving layer maps lifecycle errors itself (issue 14): the HTTP error.
-            raise http_error(exc) from None
-
-    async def _ensure_ready(self, timeout: float) -> str:
         upstream = self.ready_upstream()
         if upstream is not None:
             return upstream
