@@ -75,6 +75,24 @@ def test_a_failed_pinned_load_leaves_the_model_as_it_was(gateway_factory: Gatewa
     assert admin(gw.url, "GET", "/models/loaded").json()["gpu_override"] is None
 
 
+def test_a_loaded_model_is_moved_by_its_owner(gateway_factory: GatewayFactory,
+                                              tmp_path: Path) -> None:
+    """A load that changes a loaded model's GPUs restarts it there (here: from a pin to no
+    GPU back to its own place) and answers once the new worker runs; the same pin again
+    changes nothing."""
+    events = tmp_path / "ev"
+    gw = gateway_factory([fake_model("fake", events)], env={"MODELHOST_ADMIN_KEYS": KEY})
+    card = admin(gw.url, "POST", "/models/fake/load", json={"gpu_device_ids": []}).json()
+    assert (card["state"], card["gpu_override"]) == ("ready", [])
+    first = card["worker"]["pid"]
+    again = admin(gw.url, "POST", "/models/fake/load", json={"gpu_device_ids": []}).json()
+    assert again["worker"]["pid"] == first
+    moved = admin(gw.url, "POST", "/models/fake/load", json={"gpu_device_ids": None}).json()
+    assert (moved["state"], moved["gpu_override"]) == ("ready", None)
+    assert moved["worker"]["pid"] != first
+    assert len(started_pids(events)) == 2
+
+
 def test_unknown_model_is_404(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory([fake_model("fake")])
     resp = httpx.post(gw.url + "/api/admin/models/nope/load")
