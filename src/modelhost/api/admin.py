@@ -20,7 +20,9 @@ HEARTBEAT_SECONDS = 15.0
 
 class LoadRequest(BaseModel):
     gpu_device_ids: list[int] | None = Field(
-        None, description="Load on these GPUs (NVML indices) instead of the model's own.")
+        None, description="Load on these GPUs (NVML indices) instead of the model's own; "
+                          "null: back to the model's own. A load that fails keeps the GPUs "
+                          "asked before.")
 
 
 class TokenBody(BaseModel):

@@ -363,7 +363,8 @@ class Model:
         model replaced or removed)."""
         task = self._task
         if task is not None and not task.done():
-            task.cancel()
+            if not task.cancelling():  # once: a second cancel would cut its cleanup short
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
