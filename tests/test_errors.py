@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, fake_model, wait_for
+from tests.conftest import Gateway, fake_model, gateways, openai_client, wait_for
 
 KEY = "sk-test-key-1"
 
@@ -22,12 +22,11 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     env = {"OPENAI_API_KEYS": f"{KEY}, sk-other", "MODELHOST_MAX_REQUEST_BYTES": "4096"}
     if request.param == "asgi-path":
         env["MODELHOST_ACCESS_LOG"] = "true"
-    gw = Gateway(tmp_path_factory.mktemp("gw"), [
-        fake_model("fake"),
-        {**fake_model("embedder"), "task": "embedding"},
-    ], env=env)
-    yield gw
-    gw.stop()
+    # Its own `gateways`, not module_gateway_factory: each path's gateway stops before the
+    # next one starts.
+    with gateways(tmp_path_factory.mktemp(request.param)) as make:
+        yield make([fake_model("fake"), {**fake_model("embedder"), "task": "embedding"}],
+                   env=env)
 
 
 def post(gw: Gateway, path: str, content: bytes | None = None, key: str | None = KEY,
@@ -59,15 +58,15 @@ def test_missing_key_is_401(gateway: Gateway) -> None:
 
 
 def test_wrong_key_is_401(gateway: Gateway) -> None:
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with openai_client(gateway, api_key="sk-wrong") as client, \
+            pytest.raises(openai.AuthenticationError):
         client.models.list()
 
 
 def test_every_configured_key_works(gateway: Gateway) -> None:
     for key in (KEY, "sk-other"):
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-        assert {m.id for m in client.models.list()} == {"fake", "embedder"}
+        with openai_client(gateway, api_key=key) as client:
+            assert {m.id for m in client.models.list()} == {"fake", "embedder"}
 
 
 def test_health_and_ready_need_no_key(gateway: Gateway) -> None:
@@ -76,8 +75,8 @@ def test_health_and_ready_need_no_key(gateway: Gateway) -> None:
 
 
 def test_unknown_model_is_404(gateway: Gateway) -> None:
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
-    with pytest.raises(openai.NotFoundError) as info:
+    with openai_client(gateway, api_key=KEY) as client, \
+            pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": ""}])
     assert info.value.code == "model_not_found"
     resp = httpx.get(gateway.url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"})

