@@ -77,7 +77,7 @@ def test_a_web_page_cannot_put_and_load_a_command_model(gateway_factory: Gateway
             assert error["code"] == expected, (headers, method, path, error)
             assert "access-control-allow-origin" not in resp.headers
     assert httpx.get(gw.url + "/api/admin/models/x").status_code == 404
-    assert httpx.get(gw.url + "/api/admin/models/fake").json()["state"] == "cached"
+    assert gw.admin_card("fake")["state"] == "cached"
     assert not httpx.get(gw.url + "/api/admin/token").json()["set"]
     assert not marker.exists()
     # Reading with a foreign Origin is let through (the browser hides the answer: no CORS
