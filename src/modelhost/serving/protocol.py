@@ -8,26 +8,10 @@ once with `connection: close`: no `100 Continue`, no byte of the body read into 
 connection let go after it (`GatewayProtocol.let_go`); behind an answer still in progress on
 the same connection (pipelining), in its turn.
 
-
-**Deadlines and the connection cap** (`Watch`, when the app carries `Settings`): a request's
-headers must be complete within `header_timeout` (from its first byte, or from the connection's
-opening for the first request), a body may pause at most `body_timeout` between two pieces,
-a head is at most `MAX_HEAD_BYTES`, and a client that reads nothing of its answer for
-`write_timeout` is reset (which ends a relayed stream and frees its model's slot, and makes
-the kernel drop what it still held for that client). Past a
-receive deadline the client gets a 408 in the OpenAI error shape when nothing was answered
-yet. Past `max_connections` open connections a new one is answered 503 at once. None of this
-costs a timer per request: the protocol stamps its progress with a clock that one periodic
-sweeper per server advances, and the sweeper judges every connection (a deadline fires
-between its time and two ticks later; a tick is at most 1 s). uvicorn's own keep-alive
-timeout still governs idle connections. Fed requests in-process, the protocol's own work per
-hot request went from 6.8 to 7.4 µs with all of this (a trivial gate; best of 8 runs).
-
-A connection that is let go (a refusal, a 408, a 503 past the cap) is not closed at once: the
-answer is followed by a FIN, what the client still sends is read and dropped (never parsed or
-kept) until it closes its side or `LINGER` seconds have passed. Closing a socket with unread
-input sends a reset, which makes a client that is still sending its body lose the answer.
-
+**Deadlines and the connection cap** are judged here (`GatewayProtocol.judge`) at the sweeps of
+`limits.Watch`, which says what they are and why they cost no timer per request; a connection
+past one, or refused, is let go (`GatewayProtocol.let_go`): answered, then closed after a
+linger.
 """
 
 from __future__ import annotations
