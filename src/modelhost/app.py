@@ -25,16 +25,18 @@ from modelhost import __version__
 from modelhost.api.admin import admin_router
 from modelhost.api.audio import AudioRoutes
 from modelhost.api.health import health_routes
+from modelhost.api.lifecycle import http_error
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
 from modelhost.downloads import Downloader
-from modelhost.errors import ModelhostError, RequestTooLarge, error_body
+from modelhost.errors import ModelhostError, RequestTooLarge, error_body, validation_message
 from modelhost.events import EventBus
 from modelhost.gateway import Gateway
 from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
 from modelhost.persistence import Persistence
+from modelhost.registry.errors import LifecycleError
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, ModelContext
 from modelhost.registry.registry import Registry
@@ -42,6 +44,7 @@ from modelhost.serving.answers import ClientGone, error_answer, last_resort, rea
 from modelhost.serving.call import Relay
 from modelhost.serving.front import Front
 from modelhost.settings import Settings
+from modelhost.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,11 @@ log = logging.getLogger(__name__)
 async def _modelhost_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ModelhostError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def _lifecycle_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LifecycleError)
+    return await _modelhost_error(request, http_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -65,14 +73,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _invalid_body(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
+    if errors and errors[0].get("type") == "json_invalid":
         return JSONResponse(error_body("We could not parse the JSON body of your request.",
                                        "invalid_request_error"), status_code=400)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
-                        for e in errors) or "invalid request"
-    return JSONResponse(error_body(message, "invalid_request_error", ".".join(loc) or None),
+    message, param = validation_message(errors, drop={"body"})
+    return JSONResponse(error_body(message or "invalid request", "invalid_request_error", param),
                         status_code=400)
 
 
@@ -136,11 +141,14 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         return resolve_token(settings.huggingface_token, settings.model_cache_dir)
 
     hub = HubService(Downloader(settings.model_cache_dir, hf_token), persistence, events)
+    # The gateway's one HTTP client: the relay's, and remote servers' readiness probes.
+    client = UpstreamClient(idle_timeout=settings.idle_timeout,
+                            request_timeout=settings.request_timeout)
     ctx = ModelContext(cache_dir=settings.model_cache_dir, log_dir=settings.logs_path,
-                         stop_timeout=settings.stop_timeout, hf_token=hf_token,
-                         download=hub.download, max_audio_seconds=settings.max_audio_seconds,
-                         worker_log_bytes=settings.worker_log_bytes,
-                         worker_log_backups=settings.worker_log_backups)
+                       stop_timeout=settings.stop_timeout, hf_token=hf_token,
+                       download=hub.download, max_audio_seconds=settings.max_audio_seconds,
+                       worker_log_bytes=settings.worker_log_bytes,
+                       worker_log_backups=settings.worker_log_backups, client=client)
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
 
     def publish_state(rt: Model, previous: State) -> None:
@@ -150,7 +158,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     registry.add_listener(publish_state)
     gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
-                  request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout)
+                  request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+                  client=client)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
                         max_parts=settings.max_multipart_parts,
@@ -183,6 +192,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                 *audio.routes()],
         middleware=[*cors, Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
+                            LifecycleError: _lifecycle_error,
                             RequestValidationError: _invalid_body, Exception: _unexpected},
         lifespan=lifespan,
     )
