@@ -3,37 +3,20 @@ never starts or stops."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from modelhost.workers.process import free_port
-from tests.conftest import FAKE_WORKER, GatewayFactory, wait_for
+from tests.conftest import FAKE_WORKER, GatewayFactory, upstream_server
 
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     events = tmp_path_factory.mktemp("remote") / "ev"
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, FAKE_WORKER, "--port", str(port),
-                             "--events", str(events), "--api-key", "remote-secret"])
-    url = f"http://127.0.0.1:{port}"
-    assert wait_for(lambda: _up(url), timeout=20)
-    yield url + "/v1", events
-    proc.terminate()
-    proc.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/v1/models", timeout=1).status_code in (200, 401)
-    except httpx.HTTPError:
-        return False
+    with upstream_server(FAKE_WORKER, "--events", str(events), api_key="remote-secret") as server:
+        yield server.url + "/v1", events
 
 
 def test_remote_model_is_routed_with_its_key_and_name(

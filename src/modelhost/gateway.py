@@ -24,9 +24,15 @@ from pydantic import ValidationError
 
 from modelhost.admin_policy import RemotePolicy, check_code, remote_url
 from modelhost.catalog import Catalog
-from modelhost.config import HubSource, ModelSpec
+from modelhost.config import UNION_TAGS, HubSource, ModelSpec
 from modelhost.downloads import DownloadError
-from modelhost.errors import InvalidRequest, ModelhostError, ModelNotReady, NotFound
+from modelhost.errors import (
+    InvalidRequest,
+    ModelhostError,
+    ModelNotReady,
+    NotFound,
+    validation_message,
+)
 from modelhost.events import EventBus
 from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
@@ -333,13 +339,9 @@ class Gateway:
         try:
             spec = ModelSpec.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Source"))
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'] if not str(p).endswith('Source')) or 'spec'}"
-                f": {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            details, field = validation_message(exc.errors(), drop=UNION_TAGS, whole="spec")
             raise InvalidRequest(f"invalid model spec: {self.scrub(details)}",
-                                 param=field or None) from None
+                                 param=field) from None
         if not self.settings.admin_allow_code:
             check_code(spec)
         return spec

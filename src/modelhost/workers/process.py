@@ -1,7 +1,8 @@
 """Supervision of one worker process: spawn, readiness probe, output capture, stop.
 
 A `WorkerProcess` is one run of a worker; a restart is a new `WorkerProcess`. Restart policy
-lives with the model's owner (`registry.runtime`), not here.
+lives with the model's owner (`registry.model`); where a worker runs, with its launcher
+(`workers.launchers`).
 """
 
 from __future__ import annotations
