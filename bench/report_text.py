@@ -115,7 +115,15 @@ bench/run --no-litellm    # leave the LiteLLM arm out
 bench/run --report        # re-render this page from bench/results/ only
 bench/run --commit HEAD   # measure a commit's src/ (exported with git archive), not the
                           # working tree: a clean baseline while src/ is being edited
+.venv/bin/python -m bench.compare main~5   # two revisions side by side (the second: the
+                          # working tree, or a second REV): the gateway's CPU per request and
+                          # closed-loop throughput, alternating rounds, medians and their ratio
 ```
+
+`bench.compare` is for a change that should cost nothing per request (a restructuring): the
+paced steps of `bench/run` move by tens of percent from run to run on a two-core machine, while
+CPU per request in a closed loop, both revisions running at once and measured in turns, is
+steady to a few percent.
 
 `bench/run` is `.venv/bin/python -m bench`. It first installs the benchmark's own
 dependencies (`bench/requirements.txt`: matplotlib, numpy, psutil, py-spy) into `.venv`, and

@@ -92,3 +92,14 @@ def test_serve_refuses_an_invalid_models_file(tmp_path: Path) -> None:
     result = modelhost("serve", "--config", str(bad), "--port", "0")
     assert result.returncode == 1
     assert "model 'a', field 'backend'" in result.stderr
+
+
+def test_serve_refuses_invalid_settings_without_echoing_them(tmp_path: Path) -> None:
+    """A bad setting is named with what is wrong, never with the value given (an operator's
+    key pasted into the wrong variable must not land in a log)."""
+    secret = "sk-live-0123456789abcdef"
+    result = modelhost("serve", "--port", "0", env={
+        "MODELHOST_MAX_CONNECTIONS": secret, "MODELHOST_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "invalid settings: " in result.stderr and "max_connections" in result.stderr.lower()
+    assert secret not in result.stderr

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from modelhost import __version__
 from modelhost.cli_admin import register
 from modelhost.config import ConfigError, json_schema, load_models_file
+from modelhost.errors import validation_message
 from modelhost.settings import Settings
 
 
@@ -24,7 +25,9 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings.with_overrides(**overrides)
     except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from None
+        # What is wrong with each setting, never the value given (it may be a key).
+        message, _ = validation_message(exc.errors(), whole="settings")
+        raise click.ClickException(f"invalid settings: {message}") from None
 
 
 @click.group(invoke_without_command=True)

@@ -1,0 +1,110 @@
+"""Two revisions of modelhost side by side: CPU per relayed request and closed-loop throughput.
+
+    .venv/bin/python -m bench.compare REV_A [REV_B]     (REV_B: the working tree)
+
+For a change that should not cost anything per request (a restructuring, say), the paced runs
+of `bench/run` are too noisy on a small machine to tell a few percent: their steps last seconds
+and the gateway's CPU per request at a few hundred requests a second moves by 20 % from one run
+to the next. This measures the one figure such a change could move, the gateway's own CPU time
+per request, where it is steadiest: both gateways run at once (on core 1, the load generator and
+the fake upstream on core 0, when the machine has two), each serves the same chat request in a
+closed loop at a fixed concurrency for a few seconds, in alternating rounds (A, B, A, B...), and
+the medians are compared as a ratio. Nothing is written to bench/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .arms import Arm, remote_models, start_modelhost, start_upstream
+from .loadgen import Client, closed_loop_max
+from .overhead import BODY, MODEL
+from .procs import Procs, pinning_possible
+from .runner import GATEWAY_CPUS, LOAD_CPUS, ROOT
+
+
+def export(rev: str, folder: Path) -> Path:
+    """`rev`'s src/ in `folder` (what PYTHONPATH then points at)."""
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
+
+
+async def cpu_per_request(arm: Arm, concurrency: int, seconds: float) -> tuple[float, float]:
+    """The gateway's CPU µs per request and the requests per second, in a closed loop."""
+    client = Client(arm.target)
+    try:
+        await closed_loop_max(client, BODY, concurrency, 0.5)  # warm connections
+        cpu0, t0 = arm.proc.cpu_seconds(), time.perf_counter()
+        rps, errors = await closed_loop_max(client, BODY, concurrency, seconds)
+        cpu1, t1 = arm.proc.cpu_seconds(), time.perf_counter()
+    finally:
+        client.close()
+    if errors:
+        raise RuntimeError(f"{arm.name}: {errors} errors")
+    return (cpu1 - cpu0) / (rps * (t1 - t0)) * 1e6, rps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("a", help="a revision (e.g. main~3)")
+    parser.add_argument("b", nargs="?", help="another revision (default: the working tree)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    pin = pinning_possible()
+    with tempfile.TemporaryDirectory(prefix="modelhost-compare-") as tmp:
+        work = Path(tmp)
+        sources = {args.a: export(args.a, (work / "a").resolve())}
+        b = args.b or "working tree"
+        if args.b:
+            sources[b] = export(args.b, (work / "b").resolve())
+        else:
+            sources[b] = ROOT / "src"
+        with Procs(work / "logs") as procs:
+            if pin:
+                os.sched_setaffinity(0, LOAD_CPUS)
+            upstream = start_upstream(procs, LOAD_CPUS if pin else None)
+            arms = {}
+            for name, src in sources.items():
+                os.environ["PYTHONPATH"] = str(src)
+                arms[name] = start_modelhost(procs, work / f"gw-{len(arms)}",
+                                             remote_models(upstream.target.port, [MODEL]),
+                                             cpus=GATEWAY_CPUS if pin else None,
+                                             name=f"modelhost-{len(arms)}")
+            os.environ.pop("PYTHONPATH", None)
+            figures: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+            for round_ in range(1, args.rounds + 1):
+                for name, arm in arms.items():
+                    us, rps = asyncio.run(cpu_per_request(arm, args.concurrency, args.seconds))
+                    figures[name].append((us, rps))
+                    print(f"round {round_}  {name:>14}  {us:6.1f} µs CPU per request  "
+                          f"{rps:8.0f} req/s", flush=True)
+    medians = {name: (statistics.median(us for us, _ in rows),
+                      statistics.median(rps for _, rps in rows))
+               for name, rows in figures.items()}
+    for name, (us, rps) in medians.items():
+        spread = [us for us, _ in figures[name]]
+        print(f"median  {name:>14}  {us:6.1f} µs CPU per request (runs {min(spread):.1f} to "
+              f"{max(spread):.1f})  {rps:8.0f} req/s")
+    (us_a, rps_a), (us_b, rps_b) = medians[args.a], medians[b]
+    print(f"{b} / {args.a}: CPU per request x{us_b / us_a:.3f}, throughput "
+          f"x{rps_b / rps_a:.3f} (concurrency {args.concurrency}, {args.rounds} rounds of "
+          f"{args.seconds:g} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
