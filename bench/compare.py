@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             if pin:
                 os.sched_setaffinity(0, LOAD_CPUS)
             upstream = start_upstream(procs, LOAD_CPUS if pin else None)
-            arms = {}
+            arms: dict[str, Arm] = {}
             for name, src in sources.items():
                 os.environ["PYTHONPATH"] = str(src)
                 arms[name] = start_modelhost(procs, work / f"gw-{len(arms)}",
