@@ -9,7 +9,7 @@ The names of the gateway this project grew from (``API_HOST``, ``API_PORT``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, field_validator
@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", validation_alias=_env("LOG_LEVEL", "LOG_LEVEL"))
     log_dir: Path | None = Field(None, validation_alias=_env("LOG_DIR", "LOG_DIR"))
+    # How log lines are written: `text` (one readable line) or `json` (one object a line,
+    # with the request id of the request a line is about).
+    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("LOG_FORMAT"))
+    # The gateway's log file in LOG_DIR (the seed's LOG_FILE_NAME), rotated past
+    # `log_file_bytes`, keeping `log_file_backups` old files.
+    log_file_name: str = Field("modelhost.log", min_length=1,
+                               validation_alias=_env("LOG_FILE_NAME", "LOG_FILE_NAME"))
+    log_file_bytes: int = Field(20 * 1024 * 1024, gt=0, validation_alias=_env("LOG_FILE_BYTES"))
+    log_file_backups: int = Field(5, ge=0, validation_alias=_env("LOG_FILE_BACKUPS"))
     # One log line per HTTP request (uvicorn's access log). Off by default: on a busy gateway
     # it is a measurable share of the time spent per request (see docs/benchmarks.md).
     access_log: bool = Field(False, validation_alias=_env("ACCESS_LOG"))
