@@ -64,14 +64,17 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
 
     from modelhost.app import build_app
     from modelhost.catalog import Catalog
-    from modelhost.logs import setup_logging
+    from modelhost.logs import LogSetupError, setup_logging
     from modelhost.serving.protocol import GatewayProtocol
     from modelhost.serving.server import GatewayServer
 
     settings = _settings(api_host=host, api_port=port, config_file=config_file,
                          log_level=log_level, insecure_no_auth=insecure_no_auth or None)
     _refuse_exposed_without_keys(settings)
-    setup_logging(settings.log_level, settings.logs_path)
+    try:
+        setup_logging(settings)
+    except LogSetupError as exc:
+        raise click.ClickException(str(exc)) from None
     _open_files_for(settings.max_connections)
     try:
         catalog = Catalog.from_file(settings.config_file)
