@@ -165,3 +165,34 @@ class DownloadRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+AUDIT_ACTOR_LENGTH = 64
+AUDIT_ACTION_LENGTH = 32
+
+
+class AuditRecord(Base):
+    """One admin request that reached an admin route (``modelhost.api.audit``): who (the id
+    of the key, never the key), from where, what, and how it ended. Only ever appended."""
+
+    __tablename__ = "audit"
+    __table_args__ = (
+        sa.Index("ix_audit_at", "at"),
+        sa.Index("ix_audit_target", "target"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(sa.String(AUDIT_ACTOR_LENGTH))
+    client: Mapped[str | None] = mapped_column(sa.String(128))
+    method: Mapped[str] = mapped_column(sa.String(8))
+    path: Mapped[str] = mapped_column(sa.String(512))
+    action: Mapped[str] = mapped_column(sa.String(AUDIT_ACTION_LENGTH))
+    # The model the action is about (null: the token, or no model).
+    target: Mapped[str | None] = mapped_column(sa.String(MODEL_ID_LENGTH))
+    status: Mapped[int] = mapped_column(sa.Integer)
+    # `ok`, or the error's code (`model_not_found`, `invalid_request_error`...).
+    outcome: Mapped[str] = mapped_column(sa.String(64))
+    # What else is worth keeping (query parameters, GPUs asked, the error message), never a
+    # secret.
+    detail: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True))

@@ -20,6 +20,7 @@ import copy
 import logging
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar, Unpack
 
@@ -31,6 +32,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from modelhost.db import audit
+from modelhost.db.audit import AuditEntry, AuditRow
 from modelhost.db.engine import (
     DB_FILENAME,
     WAIT_OPTION,
@@ -76,6 +79,8 @@ from modelhost.db.schema import (
 
 __all__ = [
     "DB_FILENAME",
+    "AuditEntry",
+    "AuditRow",
     "DesiredStateRow",
     "DownloadRow",
     "DownloadUpdate",
@@ -431,6 +436,24 @@ class Store:
             query = query.where(DownloadRecord.state.in_(list(states)))
         with self._read() as session:
             return [download_row(r) for r in session.scalars(query)]
+
+    # -- audit log (``audit``) -----------------------------------------------------------------
+
+    def record_audit(self, entry: AuditEntry) -> int:
+        """Append an entry to the audit log; returns its id."""
+        with self._write() as session:
+            return audit.append(session, entry)
+
+    def audit(self, **filters: Any) -> list[AuditRow]:
+        """Audit entries newest first: ``since``, ``until`` (aware datetimes), ``target``,
+        ``actor``, ``action``, ``limit`` (1-1000, default 100), ``offset``."""
+        with self._read() as session:
+            return audit.query(session, **filters)
+
+    def prune_audit(self, before: datetime) -> int:
+        """Delete the audit entries older than ``before``; returns how many."""
+        with self._write() as session:
+            return audit.prune(session, before)
 
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at
