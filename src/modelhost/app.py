@@ -24,8 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from modelhost import __version__
 from modelhost.api.admin import admin_router
 from modelhost.api.audio import AudioRoutes
+from modelhost.api.audit import AuditLog
 from modelhost.api.health import health_routes
 from modelhost.api.lifecycle import http_error
+from modelhost.api.metrics import metrics_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
@@ -35,6 +37,7 @@ from modelhost.events import EventBus
 from modelhost.gateway import Gateway
 from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
+from modelhost.metrics import Metrics
 from modelhost.persistence import Persistence
 from modelhost.registry.errors import LifecycleError
 from modelhost.registry.lifecycle import State
@@ -128,6 +131,7 @@ TAGS = [
     {"name": "downloads", "description": "Hugging Face downloads and the model cache."},
     {"name": "gpus", "description": "GPU inventory and live figures (NVML)."},
     {"name": "events", "description": "Server-sent events of state changes and progress."},
+    {"name": "audit", "description": "The audit log of admin actions."},
 ]
 
 
@@ -156,6 +160,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                        previous=previous.value, error=rt.last_error, gpus=rt.gpus)
 
     registry.add_listener(publish_state)
+    # GET /metrics: this app's own CollectorRegistry (metrics.registry), never the global one.
+    metrics = Metrics(registry, client)
     gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
                   request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
@@ -189,8 +195,9 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     app = FastAPI(
         title="modelhost", version=__version__, openapi_tags=TAGS,
         routes=[*health_routes(registry, lambda: front.draining), *openai.routes(),
-                *audio.routes()],
-        middleware=[*cors, Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
+                *audio.routes(), *metrics_routes(metrics)],
+        middleware=[*cors, Middleware(AuditLog, gateway=gateway, guard=guard),
+                    Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
                             LifecycleError: _lifecycle_error,
                             RequestValidationError: _invalid_body, Exception: _unexpected},

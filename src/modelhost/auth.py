@@ -29,6 +29,8 @@ WRONG = -1  # a bearer token that is no configured key
 INFERENCE = 1
 ADMIN = 2
 
+ANONYMOUS = "anonymous"  # the audit log's actor when no key is configured (or sent)
+
 ADMIN_PREFIXES = ("/api/admin", "/metrics")
 INFERENCE_PREFIXES = ("/v1",)
 
@@ -40,6 +42,14 @@ NOT_ADMIN = ("This API key may not call the admin API: it needs an admin key "
 
 def digest(key: bytes) -> bytes:
     return hashlib.blake2s(key).digest()
+
+
+def key_id(key: str | bytes) -> str:
+    """A key's public name in the audit log and usage (docs/security.md): `key-` and the
+    first 12 hex digits of the SHA-256 of its bytes (a str: UTF-8, as configured). The same
+    key always has the same id."""
+    raw = key.encode() if isinstance(key, str) else key
+    return "key-" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 def route_role(path: str) -> int:
@@ -114,6 +124,15 @@ class KeyGuard:
                 raw = bytes(value)
                 break
         return self.judge(raw, needed)
+
+    def actor(self, raw: bytes | None) -> str:
+        """Who sent Authorization value `raw`, as the audit log names them: the id of the
+        bearer key (`key_id`), or `anonymous` (no key configured, or none sent)."""
+        scheme, _, token = (raw or b"").decode("latin-1").partition(" ")
+        token = token.strip()
+        if self.open or scheme.lower() != "bearer" or not token:
+            return ANONYMOUS
+        return key_id(token.encode("latin-1"))  # the header's own bytes
 
     def refusal(self, error: ModelhostError) -> Answer:
         if isinstance(error, Unauthorized):

@@ -1,4 +1,5 @@
-"""CLI commands that drive a running gateway: models, downloads, GPUs, the hub token.
+"""CLI commands that drive a running gateway: models, downloads, GPUs, the hub token, the
+audit log.
 
 They call the admin API with an admin key (`client.admin_key`): `MODELHOST_ADMIN_KEY`, else the
 first of `MODELHOST_ADMIN_KEYS`, else the first of `OPENAI_API_KEYS`.
@@ -7,7 +8,9 @@ first of `MODELHOST_ADMIN_KEYS`, else the first of `OPENAI_API_KEYS`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -236,8 +239,60 @@ def token_rm(client: GatewayClient) -> None:
     click.echo("token deleted")
 
 
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _moment(value: str | None, option: str) -> str | None:
+    """An ISO 8601 time as is, or `30m`, `2h`, `7d` ago as one (UTC)."""
+    if value is None:
+        return None
+    ago = _AGO.match(value.strip())
+    if ago:
+        delta = timedelta(**{_UNITS[ago.group(2)]: int(ago.group(1))})
+        return (datetime.now(UTC) - delta).isoformat()
+    try:
+        datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is neither an ISO 8601 time "
+                                 f"(2026-12-06T02:00:00Z) nor a duration ago (30m, 2h, 7d)",
+                                 param_hint=option) from None
+    return value.strip()
+
+
+@click.command()
+@url_option
+@click.option("--since", help="From this time: ISO 8601 (UTC when no offset), or 30m, 2h, 7d ago.")
+@click.option("--until", help="Before this time (same forms as --since).")
+@click.option("--model", help="Only the actions on this model.")
+@click.option("--actor", help="Only the actions of this key id (key-...; see docs/security.md).")
+@click.option("--action", help="Only this action (model.load, token.set...).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True,
+              help="At most this many entries, newest first.")
+@json_option
+@_gateway_errors
+def audit(url: str | None, since: str | None, until: str | None, model: str | None,
+          actor: str | None, action: str | None, limit: int, as_json: bool) -> None:
+    """The audit log of a running gateway: admin actions, newest first."""
+    params = {"since": _moment(since, "--since"), "until": _moment(until, "--until"),
+              "model": model, "actor": actor, "action": action, "limit": str(limit)}
+    data = GatewayClient(url).call("GET", "/api/admin/audit",
+                                   params={k: v for k, v in params.items() if v is not None}
+                                   )["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no audit entries")
+        return
+    rows = [("AT", "ACTOR", "CLIENT", "ACTION", "MODEL", "STATUS", "OUTCOME")]
+    rows += [(e["at"][:19] + "Z", e["actor"], e["client"] or "-", e["action"],
+              e["model"] or "-", str(e["status"]), e["outcome"]) for e in data]
+    _table(rows)
+
+
 def register(cli: click.Group) -> None:
-    for command in (models, gpus, token):
+    for command in (models, gpus, token, audit):
         cli.add_command(command)
 
 

@@ -1,10 +1,12 @@
-"""The admin API under /api/admin: models, downloads, GPUs, events (seed paths kept)."""
+"""The admin API under /api/admin: models, downloads, GPUs, events, the audit log (seed
+paths kept)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
@@ -12,6 +14,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from modelhost.db.audit import MAX_LIMIT
 from modelhost.errors import InvalidRequest
 from modelhost.gateway import Gateway
 
@@ -116,6 +119,20 @@ def admin_router(gateway: Gateway) -> APIRouter:
     async def delete_token() -> dict[str, Any]:
         return gateway.delete_token()
 
+    @router.get("/audit", tags=["audit"],
+                summary="The audit log: admin actions, newest first (docs/admin-api.md)")
+    async def audit(since: str | None = None, until: str | None = None,
+                    model: str | None = None, actor: str | None = None,
+                    action: str | None = None, limit: str = "100", offset: str = "0"
+                    ) -> dict[str, Any]:
+        filters: dict[str, Any] = {
+            "since": _moment("since", since), "until": _moment("until", until),
+            "target": model, "actor": actor, "action": action,
+            "limit": _count("limit", limit, 1, MAX_LIMIT),
+            "offset": _count("offset", offset, 0, 10**9)}
+        rows = await gateway.persistence.now(lambda store: store.audit(**filters))
+        return {"object": "list", "data": [r.as_dict() for r in rows]}
+
     @router.get("/events", tags=["events"],
                 summary="Server-sent events: state changes and download progress")
     async def events(request: Request) -> StreamingResponse:
@@ -139,6 +156,29 @@ async def _event_stream(gateway: Gateway, request: Request) -> AsyncIterator[byt
                 yield b": keep-alive\n\n"
                 continue
             yield _sse(event["type"], event)
+
+
+def _moment(name: str, text: str | None) -> datetime | None:
+    """An ISO 8601 time (`2026-12-06T02:00:00Z`, a date alone is its midnight); without an
+    offset, UTC."""
+    if text is None or text == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 time such as "
+                             f"2026-12-06T02:00:00Z", param=name) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _count(name: str, text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}", param=name)
+    return value
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
