@@ -178,6 +178,25 @@ def test_request_id_reaches_lines_logged_in_a_requests_tasks(as_json: Captured) 
     assert request_id.get() is None
 
 
+def test_request_id_set_in_a_task_stays_in_it(as_json: Captured) -> None:
+    """A request's task may set the id without resetting it (its context is its own copy);
+    asyncio.to_thread carries it to the thread."""
+    log = as_json.logger
+
+    async def handle() -> None:
+        request_id.set("in-task")
+        await asyncio.to_thread(log.info, "in a thread")
+
+    async def main() -> None:
+        await asyncio.create_task(handle())
+        log.info("the loop's own context")
+
+    asyncio.run(main())
+    in_thread, outside = as_json.json()
+    assert in_thread["request_id"] == "in-task"
+    assert "request_id" not in outside
+
+
 def test_request_id_given_as_extra_is_kept(as_json: Captured) -> None:
     token = bind_request_id("bound")
     try:

@@ -15,7 +15,12 @@ the request it handles (`bind_request_id`, `reset_request_id`), and asyncio copi
 every task started from there, so `RequestIdFilter` (on both handlers) finds it for every
 line logged on the request's behalf, from any module, without passing it around. Filters on
 handlers rather than a log-record factory: the work is done for the lines written, not for
-every record created and dropped by its level.
+every record created and dropped by its level. Where to bind it: in the task that serves the
+request (a task's context is its own copy, so `request_id.set(rid)` at its start needs no
+reset), or in a context given to `loop.create_task(..., context=ctx)`; never in a protocol
+callback outside a task (`data_received`), which runs in the loop's own context and would
+label the requests that follow. `asyncio.to_thread` carries the id into its thread;
+`loop.run_in_executor` does not.
 
 Per request, the serving layer calls `valid_request_id` on the client's `X-Request-ID` (an
 id of 1-128 characters of `[A-Za-z0-9._:-]`: anything else is never logged nor sent on)
