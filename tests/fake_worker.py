@@ -50,6 +50,7 @@ def _chunk(model: str, i: int, content: str | None, finish: str | None) -> bytes
 
 async def chat(request: web.Request) -> web.StreamResponse:
     record("requests")
+    record(f"request-id {request.headers.get('X-Request-ID', '-')}")
     payload = await request.json()
     fake = payload.get("fake") or {}
     model = payload.get("model", "fake")

@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from modelhost.errors import UpstreamError
+from modelhost.metrics.requests import RequestMetrics
 from modelhost.registry.model import Model
 from modelhost.serving.answers import Answer, error_answer
 from modelhost.serving.failures import (
@@ -82,9 +84,11 @@ class Relay:
 
     def __init__(self, load_wait_timeout: float, max_answer_bytes: int = 64 * 1024 * 1024,
                  request_timeout: float = 900.0, idle_timeout: float = 600.0,
-                 client: UpstreamClient | None = None) -> None:
+                 client: UpstreamClient | None = None,
+                 metrics: RequestMetrics | None = None) -> None:
         self.load_wait_timeout = load_wait_timeout
         self.max_answer_bytes = max_answer_bytes
+        self.metrics = metrics
         # The deadlines are the client's: its one sweeper checks every exchange.
         self.client = client if client is not None else UpstreamClient(
             idle_timeout=idle_timeout, request_timeout=request_timeout)
@@ -92,14 +96,16 @@ class Relay:
     async def close(self) -> None:
         self.client.close()
 
-    def call(self, model: Model, path: str, body: Body, headers: Mapping[str, str]) -> Call:
+    def call(self, model: Model, path: str, body: Body, headers: Mapping[str, str],
+             request_id: bytes = b"") -> Call:
         """A call of `path` (below /v1) on the model's worker, to be answered."""
-        return Call(self, model, path, body, headers)
+        return Call(self, model, path, body, headers, request_id)
 
     async def fetch_json(self, model: Model, path: str, form: Multipart) -> Any:
         """Post a form the gateway built to the model's worker and return its JSON answer
         (for requests the gateway composes, such as diarized transcripts)."""
         call = Call(self, model, path, form, {"Content-Type": form.content_type})
+        call.tally = None  # a part of another request: not counted as one
         await model.admission.acquire()
         try:
             resp = await call.send()
@@ -129,18 +135,19 @@ class Reply(Protocol):
         """Whether the client has disconnected (asked about once a second while the answer
         is awaited)."""
 
-    def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
+    def resume(self, call: Call, step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
         """Go on in a task: await `step` and send what it gives (its errors answered as the
-        awaited path answers them)."""
+        awaited path answers them, counted as `call`'s end)."""
 
 
 class Call:
     """One request relayed to a model's worker (module docstring)."""
 
-    __slots__ = ("body", "content_type", "headers", "model", "path", "relay", "reply")
+    __slots__ = ("body", "content_type", "extra", "headers", "model", "path", "relay",
+                 "reply", "request_id", "t0", "t_ready", "t_sent", "tally")
 
     def __init__(self, relay: Relay, model: Model, path: str, body: Body,
-                 headers: Mapping[str, str]) -> None:
+                 headers: Mapping[str, str], request_id: bytes = b"") -> None:
         self.relay = relay
         self.model = model
         self.path = path
@@ -148,6 +155,51 @@ class Call:
         self.headers = headers
         self.content_type = ""
         self.reply: Reply | None = None
+        # The request's id (X-Request-ID): passed to the worker, returned to the client.
+        self.request_id = request_id
+        self.extra = b"x-request-id: " + request_id + b"\r\n" if request_id else b""
+        # Times (`perf_counter`): the call made (the body in), the model admitted and ready,
+        # the request sent to the worker; and where the call's end is counted.
+        self.t0 = self.t_ready = self.t_sent = time.perf_counter()
+        metrics = relay.metrics
+        self.tally = metrics.tally(model.spec.id, path) if metrics is not None else None
+
+    # -- what the answer says of the call, and what it is counted as -------------------
+
+    def headers_out(self, worker_done: float) -> list[tuple[bytes, bytes]]:
+        """The answer's own headers: the request id, and Server-Timing (what the gateway
+        and the worker took, in ms; `worker_done`: when the worker's answer was in)."""
+        now = time.perf_counter()
+        timing = b"gateway;dur=%.3f, worker;dur=%.3f" % (
+            (self.t_sent - self.t0 + now - worker_done) * 1000,
+            (worker_done - self.t_sent) * 1000)
+        headers = [(b"server-timing", timing)]
+        if self.request_id:
+            headers.append((b"x-request-id", self.request_id))
+        return headers
+
+    def counted(self, status: int, worker_done: float | None = None) -> None:
+        """The call ended with `status`, its answer written now (`worker_done`: when the
+        worker's answer was in; None when the gateway answered without it)."""
+        tally = self.tally
+        if tally is not None:
+            now = time.perf_counter()
+            own = self.t_sent - self.t_ready + (now - worker_done if worker_done else 0.0)
+            RequestMetrics.record(tally, status, now - self.t0, own)
+
+    def rejected(self, reason: str) -> None:
+        """The call was refused for its model's sake (queue full, model not ready...)."""
+        metrics = self.relay.metrics
+        if metrics is not None and self.tally is not None:
+            metrics.rejected(self.model.spec.id, reason)
+
+    def _streamed(self, first: float | None, complete: bool) -> None:
+        """`RelayStream`'s end: counted, with its first chunk's time."""
+        tally = self.tally
+        if tally is not None:
+            if first is not None:
+                RequestMetrics.first_token(tally, first - self.t0)
+            self.counted(200 if complete else 502)
 
     # -- awaited: every step in turn -----------------------------------------------------
 
@@ -181,7 +233,9 @@ class Call:
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 resp.abandoned = None  # RelayStream watches the client itself
-                return RelayStream(model, resp, content_type)
+                return RelayStream(model, resp, content_type,
+                                   headers=self.headers_out(time.perf_counter()),
+                                   ended=self._streamed)
             if length > relay.max_answer_bytes:
                 resp.close()
                 raise failed_while_answering(model, AnswerTooLarge(relay.max_answer_bytes))
@@ -195,10 +249,16 @@ class Call:
                 # Passed on as it arrives; or, collected, sent in the pieces it came in.
                 released = True
                 resp.abandoned = None
-                return RelayStream(model, resp, content_type, length)
+                return RelayStream(model, resp, content_type, length,
+                                   headers=self.headers_out(time.perf_counter()),
+                                   ended=self._streamed)
+            done = time.perf_counter()
             data = resp.take_body()
             resp.release()
-            return Answer(data, resp.status, content_type.encode("latin-1"))
+            answer = Answer(data, resp.status, content_type.encode("latin-1"))
+            answer.headers += self.headers_out(done)
+            self.counted(resp.status, done)
+            return answer
         finally:
             if not released:
                 model.release()
@@ -211,10 +271,11 @@ class Call:
             base = await model.ensure_ready(relay.load_wait_timeout)
             if gone is not None and gone():  # left while its model was loading
                 raise ClientLeft(model)
+            self.t_ready = self.t_sent = time.perf_counter()
             try:
                 return await relay.client.request(base, "POST", self.path, self.headers,
                                                   self.body, connect_to=model.connect_to,
-                                                  abandoned=gone)
+                                                  abandoned=gone, extra=self.extra)
             except UpstreamTimeout as exc:
                 raise timed_out(model, exc) from exc
             except Abandoned as exc:
@@ -256,8 +317,9 @@ class Call:
             return False
         assert isinstance(self.body, bytes)
         self.reply = reply
+        self.t_ready = self.t_sent = time.perf_counter()
         resp = relay.client.start(base, "POST", self.path, self.headers, self.body, self,
-                                  relay.max_answer_bytes)
+                                  relay.max_answer_bytes, self.extra)
         if resp is None:
             model.admission.release()
             return False
@@ -276,12 +338,16 @@ class Call:
         if resp.buffered > RELAY_AS_IT_COMES:  # of undeclared length, and large: no join
             self._resume(resp, self.content_type, resp.buffered)
             return
+        done = time.perf_counter()
         resp.listener = None
         data = resp.take_body()
         resp.release()
         self.model.release()
         assert self.reply is not None
-        self.reply.send(Answer(data, resp.status, self.content_type.encode("latin-1")))
+        answer = Answer(data, resp.status, self.content_type.encode("latin-1"))
+        answer.headers += self.headers_out(done)
+        self.reply.send(answer)
+        self.counted(resp.status, done)
 
     def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
         resp.listener = None
@@ -290,15 +356,21 @@ class Call:
         reply = self.reply
         assert reply is not None
         if not resp.head_received and not isinstance(exc, UpstreamTimeout | Abandoned):
-            reply.resume(lambda: self.answer(reply.gone))
+            reply.resume(self, lambda: self.answer(reply.gone))
         else:
-            reply.send(error_answer(failed_while_answering(self.model, exc)))
+            error = failed_while_answering(self.model, exc)
+            reply.send(error_answer(error, self.id_header()))
+            self.counted(error.status)
+
+    def id_header(self) -> dict[str, str]:
+        """The request id as a header of an error answer."""
+        return {"x-request-id": self.request_id.decode("latin-1")} if self.request_id else {}
 
     def _resume(self, resp: UpstreamResponse, content_type: str | None, length: int) -> None:
         resp.listener = None
         resp.abandoned = None  # from here on, the awaited path sees a client that leaves
         assert self.reply is not None
-        self.reply.resume(lambda: self.finish(resp, content_type, length))
+        self.reply.resume(self, lambda: self.finish(resp, content_type, length))
 
 
 # Headers by which our worker apps report what a request consumed (summed per model).

@@ -25,9 +25,17 @@ from starlette.types import Receive, Scope, Send
 from modelhost.api import requests as req
 from modelhost.api.lifecycle import http_error
 from modelhost.config import ModelSpec, Task, UrlSource
-from modelhost.errors import InvalidRequest, ModelhostError
-from modelhost.registry.errors import LifecycleError
+from modelhost.errors import InvalidRequest, ModelhostError, Overloaded
+from modelhost.registry.errors import (
+    Downloading,
+    LifecycleError,
+    ModelFailed,
+    NotDownloaded,
+    NotReadyYet,
+    UnloadedWhileLoading,
+)
 from modelhost.registry.registry import Registry
+from modelhost.requestid import from_headers
 from modelhost.serving.answers import (
     Answer,
     ClientGone,
@@ -55,49 +63,64 @@ class RelayEndpoint:
         self.tasks = tasks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = from_headers(scope["headers"])
         try:
             body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:
-            answer: Answer | RelayStream = error_answer(exc)
+            answer: Answer | RelayStream = error_answer(exc, _id_header(request_id))
         except ClientGone:
             return
         else:
-            answer = await self.answer(body, scope)
+            answer = await self.answer(body, scope, None, request_id)
         await answer(scope, receive, send)
 
-    async def answer(self, body: bytes, scope: Scope, gone: Gone | None = None
-                     ) -> Answer | RelayStream:
+    async def answer(self, body: bytes, scope: Scope, gone: Gone | None = None,
+                     request_id: bytes = b"") -> Answer | RelayStream:
         """The answer to a request whose body is `body`, errors included (`gone`: whether
         the client has left, see `Call.answer`)."""
-        return await self.settle(lambda: self.call(body).answer(gone), scope)
+        try:
+            call = self.call(body, request_id)
+        except ModelhostError as exc:
+            return error_answer(exc, _id_header(request_id))
+        except Exception:
+            return unexpected_answer(scope)
+        return await self.settle(lambda: call.answer(gone), scope, call)
 
-    def start(self, body: bytes, reply: Reply) -> bool:
+    def start(self, body: bytes, reply: Reply, request_id: bytes = b"") -> bool:
         """Serve the request from callbacks if nothing has to be waited for (`Call.start`);
         False, with nothing sent, when it must be awaited (`answer`). An invalid request is
         answered here."""
         try:
-            call = self.call(body)
+            call = self.call(body, request_id)
         except ModelhostError as exc:
-            reply.send(error_answer(exc))
+            reply.send(error_answer(exc, _id_header(request_id)))
             return True
         except Exception:
             return False  # `answer` meets it again, and logs it
         return call.start(reply)
 
     @staticmethod
-    async def settle(step: Callable[[], Awaitable[Answer | RelayStream]], scope: Scope
-                     ) -> Answer | RelayStream:
-        """What `step` answers, or the error answer for what it raised."""
+    async def settle(step: Callable[[], Awaitable[Answer | RelayStream]], scope: Scope,
+                     call: Call) -> Answer | RelayStream:
+        """What `step` answers, or the error answer for what it raised (counted as the
+        call's end)."""
         try:
             return await step()
         except ModelhostError as exc:
-            return error_answer(exc)
+            error = exc
+            if isinstance(exc, Overloaded):
+                call.rejected("queue_full")
         except LifecycleError as exc:
-            return error_answer(http_error(exc))
+            error = http_error(exc)
+            call.rejected(REJECTIONS.get(type(exc), "not_ready"))
         except Exception:
-            return unexpected_answer(scope)
+            answer = unexpected_answer(scope)
+            call.counted(500)
+            return answer
+        call.counted(error.status)
+        return error_answer(error, call.id_header())
 
-    def call(self, body: bytes) -> Call:
+    def call(self, body: bytes, request_id: bytes = b"") -> Call:
         """Check the request and resolve its model: the call that relays it."""
         payload = req.parse_json(body)
         name = req.require_model(payload)
@@ -108,7 +131,18 @@ class RelayEndpoint:
                 f"{self.path}", param="model", code="model_not_supported")
         self.check(payload)
         body, headers = _for_worker(spec, name, payload, body)
-        return self.relay.call(self.registry.models[spec.id], self.path, body, headers)
+        return self.relay.call(self.registry.models[spec.id], self.path, body, headers,
+                               request_id)
+
+
+# Why a lifecycle error refused a request (`modelhost_rejections_total`'s reason).
+REJECTIONS: dict[type[LifecycleError], str] = {
+    ModelFailed: "failed", NotDownloaded: "not_downloaded", Downloading: "downloading",
+    NotReadyYet: "not_ready", UnloadedWhileLoading: "not_ready"}
+
+
+def _id_header(request_id: bytes) -> dict[str, str] | None:
+    return {"x-request-id": request_id.decode("latin-1")} if request_id else None
 
 
 def _for_worker(spec: ModelSpec, name: str, payload: dict[str, Any], body: bytes

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
@@ -32,8 +34,12 @@ class RelayStream:
     to the client closed.
     """
 
-    def __init__(self, model: Model, resp: UpstreamResponse,
-                 content_type: str, length: int = -1) -> None:
+    def __init__(self, model: Model, resp: UpstreamResponse, content_type: str,
+                 length: int = -1, headers: list[tuple[bytes, bytes]] | None = None,
+                 ended: Callable[[float | None, bool], None] | None = None) -> None:
+        """`headers`: more headers of the answer; `ended(first, complete)` is told, once,
+        when the first chunk was written (a `perf_counter` time, None if none was) and
+        whether the answer went out whole."""
         self._model = model
         self._resp = resp
         self._length = length
@@ -44,6 +50,10 @@ class RelayStream:
         else:
             self._headers = [(b"content-type", content_type.encode("latin-1")),
                              (b"content-length", b"%d" % length)]
+        if headers:
+            self._headers += headers
+        self._ended = ended
+        self._first: float | None = None
         self._complete = False
         self._closed = False
         self._gone = False
@@ -58,6 +68,8 @@ class RelayStream:
                 async for chunk in self._resp.chunks():
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
+                    if self._first is None:
+                        self._first = time.perf_counter()
                 self._complete = True
             except OSError as exc:
                 if self._gone:
@@ -92,6 +104,8 @@ class RelayStream:
         else:
             self._resp.close()
         self._model.release()
+        if self._ended is not None:
+            self._ended(self._first, self._complete)
 
 
 async def _disconnected(receive: Receive) -> None:

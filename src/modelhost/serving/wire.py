@@ -51,7 +51,9 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from modelhost.requestid import request_id
 from modelhost.serving.answers import Answer, error_answer, last_resort, too_large
+from modelhost.serving.call import Call
 from modelhost.serving.endpoint import RelayEndpoint
 from modelhost.serving.stream import RelayStream
 
@@ -164,10 +166,13 @@ class HotCycle(RequestResponseCycle):
         self.headers: list[tuple[bytes, bytes]] = protocol.headers
         self.declared: int | None = None
         self.too_large = False
+        self.given_id: bytes | None = None  # the client's X-Request-ID
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit():
                 self.declared = int(value)
                 self.too_large = self.declared > self.limit
+            elif name == b"x-request-id":
+                self.given_id = value
 
     def feed(self, data: bytes) -> None:
         if self.response_complete or self.too_large:
@@ -274,19 +279,22 @@ class HotRelay:
         (`RelayEndpoint.start`); False to be awaited instead."""
         if cycle.too_large:
             return False
-        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle))
+        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle),
+                                   request_id(cycle.given_id))
 
     async def __call__(self, cycle: HotCycle) -> None:
+        rid = request_id(cycle.given_id)
         if cycle.too_large:
-            answer: Answer | ASGIApp = error_answer(too_large(self.limit, cycle.declared))
+            answer: Answer | ASGIApp = error_answer(too_large(self.limit, cycle.declared),
+                                                    {"x-request-id": rid.decode("latin-1")})
         else:
             answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0],
-                                                lambda: cycle.disconnected)
+                                                lambda: cycle.disconnected, rid)
         await _deliver(cycle, answer)
 
-    async def finish(self, cycle: HotCycle, step: Callable[[], Awaitable[Answer | RelayStream]]
-                     ) -> None:
-        await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0]))
+    async def finish(self, cycle: HotCycle, call: Call,
+                     step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
+        await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0], call))
 
 
 async def _deliver(cycle: HotCycle, answer: Answer | ASGIApp) -> None:
@@ -314,6 +322,6 @@ class _CycleReply:
     def gone(self) -> bool:
         return self.cycle.disconnected
 
-    def resume(self, step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
+    def resume(self, call: Call, step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
         route = self.route
-        self.cycle.go_on(lambda cycle: route.finish(cycle, step))
+        self.cycle.go_on(lambda cycle: route.finish(cycle, call, step))

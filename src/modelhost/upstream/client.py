@@ -47,12 +47,14 @@ class UpstreamClient:
 
     async def request(self, base: str, method: str, path: str, headers: Mapping[str, str],
                       body: Body = b"", connect_to: tuple[str, ...] | None = None,
-                      abandoned: Callable[[], bool] | None = None) -> UpstreamResponse:
+                      abandoned: Callable[[], bool] | None = None, extra: bytes = b""
+                      ) -> UpstreamResponse:
         """Send a request to `base` (a URL with an optional path prefix) + `path` and return
         once the answer's status and headers are in. `connect_to`: the addresses new
         connections go to (tried in order) instead of resolving the URL's host again
         (addresses checked when the model was loaded, against DNS rebinding); Host and TLS
-        keep the name."""
+        keep the name. `extra`: header lines (each ending in CRLF) that differ from request
+        to request (a request id), added to the cached head."""
         pool = self._pools.get(base)
         if pool is None:
             pool = self._pools[base] = _Pool(_origin(base))
@@ -62,7 +64,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_every, self._sweep)
-        head = self._head(pool, method, path, headers, _length(body))
+        head = self._head(pool, method, path, headers, _length(body), extra)
         for attempt in (1, 2):
             conn = pool.take(loop.time())
             reused = conn is not None
@@ -88,7 +90,8 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     def start(self, base: str, method: str, path: str, headers: Mapping[str, str],
-              body: bytes, listener: Listener, limit: int = 0) -> UpstreamResponse | None:
+              body: bytes, listener: Listener, limit: int = 0, extra: bytes = b""
+              ) -> UpstreamResponse | None:
         """Send a request now, without waiting, on an idle pooled connection to `base`, and
         follow its answer with `listener`, its body collected whole up to `limit` bytes (see
         `UpstreamResponse.collect`); None (nothing sent) when no idle connection is at hand
@@ -110,7 +113,7 @@ class UpstreamClient:
         resp._collect = resp._check_at = limit if limit > 0 else sys.maxsize
         conn.start(resp)
         resp.deadline = conn.last_io + self.request_timeout
-        conn.transport.write(self._head(pool, method, path, headers, len(body)) + body)
+        conn.transport.write(self._head(pool, method, path, headers, len(body), extra) + body)
         return resp
 
     async def get_status(self, base: str, path: str, headers: Mapping[str, str] | None = None,
@@ -128,16 +131,16 @@ class UpstreamClient:
         return resp.status
 
     def _head(self, pool: _Pool, method: str, path: str, headers: Mapping[str, str],
-              length: int) -> bytes:
+              length: int, extra: bytes = b"") -> bytes:
         """The request's head (status line and headers), cached per origin (its Host and
-        path prefix), method, path and headers, with its Content-Length."""
+        path prefix), method, path and headers, with its Content-Length and `extra`."""
         key = (pool, method, path, tuple(headers.items()))
         head = self._heads.get(key)
         if head is None:
             if len(self._heads) > 1024:
                 self._heads.clear()
             head = self._heads[key] = _head(method, pool.origin, path, headers)
-        return head + b"%d\r\n\r\n" % length
+        return head + b"%d\r\n%s\r\n" % (length, extra)
 
     @property
     def _sweep_every(self) -> float:
