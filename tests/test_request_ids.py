@@ -25,7 +25,8 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     folder = tmp_path_factory.mktemp(request.param)
     events = folder / "events"
     with gateways(folder) as make:
-        yield make([fake_model("fake", events)], env={
+        yield make([fake_model("fake", events),
+                    fake_model("speech", task="transcription")], env={
             "MODELHOST_ACCESS_LOG": "true" if request.param == "asgi" else "false"}), events
 
 
@@ -86,3 +87,16 @@ def test_errors_and_streams_carry_the_id(gateway: tuple[Gateway, Path]) -> None:
         assert stream.headers["x-request-id"] == "s1"
         assert "gateway;dur=" in stream.headers["server-timing"]
         assert b"[DONE]" in stream.read()
+
+
+def test_audio_answers_carry_the_id(gateway: tuple[Gateway, Path]) -> None:
+    gw, _ = gateway
+    files = {"file": ("a.wav", b"RIFF" + b"\0" * 1000, "audio/wav")}
+    resp = httpx.post(gw.url + "/v1/audio/transcriptions", files=files, timeout=30,
+                      data={"model": "speech"}, headers={"X-Request-ID": "audio-1"})
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "audio-1"
+    assert TIMING.fullmatch(resp.headers["server-timing"])
+    unknown = httpx.post(gw.url + "/v1/audio/transcriptions", files=files, timeout=30,
+                         data={"model": "speech", "response_format": "nope"},
+                         headers={"X-Request-ID": "audio-2"})
+    assert unknown.status_code == 400

@@ -19,8 +19,11 @@ from modelhost.catalog import DEFAULT_DIARIZATION_MODEL
 from modelhost.config import ModelSpec, Task
 from modelhost.diarize import assign_speakers
 from modelhost.errors import InvalidRequest
+from modelhost.logs import request_id as bound_request_id
 from modelhost.registry.registry import Registry
+from modelhost.requestid import from_headers
 from modelhost.serving.call import Relay
+from modelhost.serving.endpoint import RelayEndpoint
 from modelhost.upstream import Multipart
 
 RESPONSE_FORMATS = {"json", "text", "srt", "vtt", "verbose_json"}
@@ -54,6 +57,8 @@ class AudioRoutes:
         return await self._relay(request, "/audio/diarization", Task.diarization)
 
     async def _relay(self, request: Request, path: str, task: Task) -> ASGIApp:
+        rid = from_headers(request.scope["headers"])
+        bound_request_id.set(rid.decode("latin-1"))  # the request's task: its log lines
         upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir,
                                        self.max_parts, self.max_part_header_bytes)
         try:
@@ -63,8 +68,9 @@ class AudioRoutes:
             # The body goes to the worker exactly as it came; its `model` field may be an
             # alias, which our worker apps ignore (each serves one model).
             call = self.relay.call(self.registry.models[spec.id], path, upload.body,
-                                   {"Content-Type": upload.content_type})
-            return await call.answer()
+                                   {"Content-Type": upload.content_type}, rid)
+            # Answered, errors included, and counted as the relayed JSON routes are.
+            return await RelayEndpoint.settle(call.answer, request.scope, call)
         finally:
             upload.close()
 

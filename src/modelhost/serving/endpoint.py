@@ -26,6 +26,7 @@ from modelhost.api import requests as req
 from modelhost.api.lifecycle import http_error
 from modelhost.config import ModelSpec, Task, UrlSource
 from modelhost.errors import InvalidRequest, ModelhostError, Overloaded
+from modelhost.logs import request_id as bound_request_id
 from modelhost.registry.errors import (
     Downloading,
     LifecycleError,
@@ -64,6 +65,7 @@ class RelayEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = from_headers(scope["headers"])
+        bound_request_id.set(request_id.decode("latin-1"))  # the request's task: its lines
         try:
             body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:

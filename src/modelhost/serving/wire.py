@@ -51,6 +51,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from modelhost.logs import request_id as bound_request_id
 from modelhost.requestid import request_id
 from modelhost.serving.answers import Answer, error_answer, last_resort, too_large
 from modelhost.serving.call import Call
@@ -284,6 +285,7 @@ class HotRelay:
 
     async def __call__(self, cycle: HotCycle) -> None:
         rid = request_id(cycle.given_id)
+        bound_request_id.set(rid.decode("latin-1"))  # this task's lines carry it
         if cycle.too_large:
             answer: Answer | ASGIApp = error_answer(too_large(self.limit, cycle.declared),
                                                     {"x-request-id": rid.decode("latin-1")})
@@ -294,6 +296,7 @@ class HotRelay:
 
     async def finish(self, cycle: HotCycle, call: Call,
                      step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
+        bound_request_id.set(call.request_id.decode("latin-1"))
         await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0], call))
 
 
