@@ -57,6 +57,7 @@ OWNERS: dict[tuple[str, str], str] = {
     ("PUT", "/api/admin/token"): ADMIN,
     ("DELETE", "/api/admin/token"): ADMIN,
     ("GET", "/api/admin/events"): ADMIN,
+    ("GET", "/metrics"): ADMIN,
     ("GET", "/api/admin/audit"): ADMIN,
 }
 
