@@ -265,6 +265,9 @@ def stack(module_gateway_factory: GatewayFactory,
             for _ in range(3):
                 client.chat.completions.create(
                     model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            for _chunk in client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True):
+                pass
         stack = Stack(gateway, url)
         assert wait_for(lambda: stack.value('up{job="modelhost"}') == 1, timeout=30), \
             (folder / "prometheus.log").read_text()
@@ -328,6 +331,30 @@ def test_dashboard_variables_have_values(stack: Stack) -> None:
         assert expected[variable["name"]] in {s.get(label) for s in resp["data"]}, resp
 
 
+# Panels that may rightly be empty on a healthy gateway that served a few requests: no
+# failure yet, no download, no 5xx, no rejection, no GPU (the metric names alone are there).
+MAY_BE_EMPTY = {"Since last failure", "Download progress", "5xx share by model",
+                "Rejections per second by reason"}
+
+
+def test_dashboard_panels_show_the_gateways_data(stack: Stack) -> None:
+    """Every panel whose metrics the gateway exposes shows at least one series (its rates
+    once Prometheus has two samples), so a wrong label or name in a panel is caught."""
+    exposed = {r["metric"]["__name__"] for r in stack.query('{job="modelhost"}')}
+    checked = []
+    for panel in dashboard_panels():
+        names = set(re.findall(r"\b(modelhost_\w+?)(?:_bucket)?\b", " ".join(
+            t["expr"] for t in panel["targets"])))
+        names = {n if n in exposed else n + "_bucket" for n in names}
+        if panel["title"] in MAY_BE_EMPTY or not names <= exposed:
+            continue
+        checked.append(panel["title"])
+        for target in panel["targets"]:
+            expr = substitute(target["expr"])
+            assert wait_for(lambda e=expr: stack.query(e), timeout=10), (panel["title"], expr)
+    assert {"In flight and queued", "Model states", "Gateway up"} <= set(checked), checked
+
+
 def test_every_alert_expression_evaluates(stack: Stack) -> None:
     for rule in alert_rules():
         stack.query(rule["expr"])
@@ -350,10 +377,11 @@ def test_every_alert_expression_evaluates(stack: Stack) -> None:
 
 
 def test_request_counts_match_what_was_sent(stack: Stack) -> None:
-    """The fixture sent 3 chat requests (per-request metrics of the serving layer)."""
+    """The fixture sent 4 chat requests, one streamed (per-request metrics of the serving
+    layer)."""
     expr = f'sum(modelhost_requests_total{{model="{MODEL}", route="chat", status="2xx"}})'
     if not stack.query(f'modelhost_requests_total{{model="{MODEL}"}}'):
         pytest.skip("the gateway does not count requests yet (no modelhost_requests_total)")
-    assert wait_for(lambda: stack.value(expr) == 3, timeout=10), stack.query(expr)
+    assert wait_for(lambda: stack.value(expr) == 4, timeout=10), stack.query(expr)
     hist = f'sum(modelhost_request_duration_seconds_count{{model="{MODEL}", route="chat"}})'
-    assert stack.value(hist) == 3
+    assert stack.value(hist) == 4
