@@ -374,3 +374,23 @@ def test_gateway_refuses_a_log_file_name_leaving_the_folder(
         gateway_factory(env={"MODELHOST_LOG_DIR": str(tmp_path / "logs"),
                              "LOG_FILE_NAME": "../escaped.log"})
     assert not (tmp_path / "escaped.log").exists()
+
+
+def test_gateway_text_log_rotates(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    logs = tmp_path / "gw-logs"
+    gw = gateway_factory(env={"MODELHOST_LOG_DIR": str(logs), "MODELHOST_LOG_LEVEL": "debug",
+                              "MODELHOST_LOG_FILE_BYTES": "400",
+                              "MODELHOST_LOG_FILE_BACKUPS": "2"})
+    gw.stop()
+    names = sorted(p.name for p in logs.iterdir() if p.is_file())
+    assert names == ["modelhost.log", "modelhost.log.1", "modelhost.log.2"]
+    kept = []
+    for name in reversed(names):
+        assert 0 < (logs / name).stat().st_size <= 400
+        kept += (logs / name).read_text().splitlines()
+    line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ +[\w.]+: .*")
+    assert all(line.fullmatch(text) for text in kept), kept
+    assert "Finished server process" in kept[-1]
+    # The oldest lines went with the oldest file; stderr had them all.
+    assert not any("Started server process" in text for text in kept)
+    assert "Started server process" in gw.output()
