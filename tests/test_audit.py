@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from modelhost.api.audit import action_of
+from modelhost.api.audit import action_of, query_detail
 from modelhost.auth import KeyGuard, key_id
 from modelhost.db.store import AuditEntry, Store
 from tests.conftest import Gateway, GatewayFactory, fake_model
@@ -66,6 +66,13 @@ def test_key_id_is_stable_and_reveals_nothing() -> None:
 ])
 def test_action_of(method: str, path: str, expected: tuple[str, str | None]) -> None:
     assert action_of(method, path) == expected
+
+
+def test_query_detail_masks_secret_names() -> None:
+    raw = f"wait=false&token={HF_TOKEN}&api_key=x&X-Api-Key=y&gpu=1".encode()
+    assert query_detail(raw) == {"wait": "false", "token": "***", "api_key": "***",
+                                 "X-Api-Key": "***", "gpu": "1"}
+    assert len(query_detail(b"&".join(b"p%d=1" % i for i in range(100)))) == 20
 
 
 # -- the store, on every backend -----------------------------------------------------------------
@@ -183,10 +190,12 @@ def test_admin_actions_recorded_with_key_ids_never_secrets(gateway_factory: Gate
         httpx.put(base + "/models/bad", headers=ADMIN, json={"backend": "nope"}, timeout=10),
         httpx.put(base + "/token", headers=ADMIN, json={"token": HF_TOKEN + " x"}, timeout=10),
         httpx.post(base + "/nothing", headers=ADMIN, timeout=10),
+        httpx.delete(base + "/models/m/unload", headers=ADMIN, timeout=10,
+                     params={"token": HF_TOKEN}),
     ]
     statuses = [a.status_code for a in answers]
     assert statuses[:6] == [200] * 6, [a.text for a in answers]
-    assert statuses[6:] == [404, 400, 400, 404]
+    assert statuses[6:] == [404, 400, 400, 404, 404]
     # Refused by the key check before any route: not recorded (see docs/operations.md).
     assert httpx.post(base + "/models/m/load", timeout=10).status_code == 401
     assert httpx.post(base + "/models/m/load", timeout=10, headers={
@@ -201,9 +210,10 @@ def test_admin_actions_recorded_with_key_ids_never_secrets(gateway_factory: Gate
         ("model.load", "m", 200), ("model.unload", "m", 200), ("model.put", "added", 200),
         ("model.delete", "added", 200), ("token.set", None, 200), ("token.delete", None, 200),
         ("model.load", "nope", 404), ("model.put", "bad", 400), ("token.set", None, 400),
-        ("unknown", None, 404)]
+        ("unknown", None, 404), ("model.delete", "m/unload", 404)]
     admin_id, other_id = key_id(ADMIN_KEY), key_id(OTHER_ADMIN_KEY)
-    assert [e["actor"] for e in oldest_first] == [admin_id, other_id] + [admin_id] * 8
+    assert [e["actor"] for e in oldest_first] == [admin_id, other_id] + [admin_id] * 9
+    assert oldest_first[-1]["detail"]["query"] == {"token": "***"}
     assert oldest_first[6]["outcome"] == "model_not_found"
     assert oldest_first[0]["outcome"] == "ok"
     assert oldest_first[1]["detail"]["query"] == {"wait": "true"}
@@ -226,9 +236,9 @@ def test_admin_actions_recorded_with_key_ids_never_secrets(gateway_factory: Gate
     lines = table.stdout.splitlines()
     assert lines[0].split()[:4] == ["AT", "ACTOR", "CLIENT", "ACTION"]
     assert len(lines) == 1 + len(answers)  # the CLI's own read is not recorded
-    assert lines[1].split()[1:] == [admin_id, lines[1].split()[2], "unknown", "-", "404",
+    assert lines[2].split()[1:] == [admin_id, lines[2].split()[2], "unknown", "-", "404",
                                     "invalid_request_error"]
-    assert lines[3].split()[3:7] == ["model.put", "bad", "400", "invalid_request_error"]
+    assert lines[4].split()[3:7] == ["model.put", "bad", "400", "invalid_request_error"]
     decoded = json.loads(as_json.stdout)
     assert [e["id"] for e in decoded] == [e["id"] for e in entries]
 
@@ -236,6 +246,7 @@ def test_admin_actions_recorded_with_key_ids_never_secrets(gateway_factory: Gate
     assert [e["action"] for e in audit(gw, model="m")] == ["model.unload", "model.load"]
     assert {e["model"] for e in audit(gw, actor=other_id)} == {"m"}
     assert len(audit(gw, action="token.set")) == 2
+    assert [e["status"] for e in audit(gw, action="model.delete")] == [404, 200]
     assert len(audit(gw, limit=3)) == 3
     assert audit(gw, since=entries[0]["at"]) == entries[:1]
     assert audit(gw, until=entries[-1]["at"]) == []

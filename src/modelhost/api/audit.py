@@ -1,13 +1,14 @@
 """The audit log of the admin API: every state-changing admin request, recorded.
 
-`AuditLog` is an ASGI middleware around the FastAPI app. For each POST, PUT or DELETE under
-`/api/admin` that reaches the app (that is, that passed `front.Front.gate`'s key check), it
-records, once the answer has been sent: when it was asked, which key asked (`KeyGuard.actor`:
-the key's id, never the key), the client's address, the method and path, the action and the
-model it is about (read from the method and path, as the admin routes match them), the status
-and the outcome (`ok`, or the error's code), and a few safe details. Requests that the key
-check refuses (401, 403) never get here and are not recorded: a client without a key could
-otherwise fill the database; they are in the access log.
+`AuditLog` is an ASGI middleware around the FastAPI app. For each POST, PUT or DELETE (or
+PATCH, which no route takes) under `/api/admin` that reaches the app (that is, that passed
+`front.Front.gate`'s key check), it records, once the answer has been sent: when it was asked,
+which key asked (`KeyGuard.actor`: the key's id, never the key), the client's address, the
+method and path, the action and the model it is about (read from the method and path, as the
+admin routes match them), the status and the outcome (`ok`, or the error's code), and a few
+safe details. Requests that the key check refuses (401, 403) never get here and are not
+recorded: a client without a key could otherwise fill the database (the access log, when on,
+has them).
 
 Why a middleware rather than a call in each route: it sees every answer, including the ones
 no route wrote (a 413 of `AdminBodyLimit`, a 400 of a bad body, a 404 or 405), and its status
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 PREFIX: Final = "/api/admin"
 MODELS: Final = PREFIX + "/models/"
-RECORDED_METHODS: Final = frozenset({"POST", "PUT", "DELETE"})
+RECORDED_METHODS: Final = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 # How much of a load's body and of an error answer is read for the details.
 PEEK_BYTES: Final = 8192
 
@@ -72,7 +73,9 @@ def action_of(method: str, path: str) -> tuple[str, str | None]:
     return "unknown", None
 
 
-def _query(raw: bytes) -> dict[str, Any]:
+def query_detail(raw: bytes) -> dict[str, Any]:
+    """A query string as the audit log keeps it: at most 20 parameters, a parameter whose
+    name says it is secret (`token`, `api_key`...) masked."""
     pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
     return {name: MASK if secret_name(name) else value for name, value in pairs[:20]}
 
@@ -139,7 +142,7 @@ class AuditLog:
         client = scope.get("client")
         detail: dict[str, Any] = {"duration_ms": round((time.monotonic() - started) * 1000)}
         if scope.get("query_string"):
-            detail["query"] = _query(scope["query_string"])
+            detail["query"] = query_detail(scope["query_string"])
         if body:
             try:
                 gpus = json.loads(body).get("gpu_device_ids")
