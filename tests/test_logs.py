@@ -394,3 +394,44 @@ def test_gateway_text_log_rotates(tmp_path: Path, gateway_factory: GatewayFactor
     # The oldest lines went with the oldest file; stderr had them all.
     assert not any("Started server process" in text for text in kept)
     assert "Started server process" in gw.output()
+
+
+@pytest.mark.parametrize("access_log", ["false", "true"], ids=["fast-path", "asgi-access-log"])
+def test_gateway_lines_about_a_request_carry_its_id(
+        tmp_path: Path, gateway_factory: GatewayFactory, access_log: str) -> None:
+    """On the server's fast path and on the ASGI path (with uvicorn's access log), the lines
+    logged while serving a request carry its id (the client's when valid, else the one made
+    and returned); the others carry none, and a refused id is never written."""
+    logs = tmp_path / "gw-logs"
+    gw = gateway_factory([fake_model("m")], env={
+        "MODELHOST_LOG_FORMAT": "json", "MODELHOST_LOG_DIR": str(logs),
+        "MODELHOST_ACCESS_LOG": access_log})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=gw.url, timeout=30) as client:
+        ok = client.post("/v1/chat/completions", json=body,
+                         headers={"X-Request-ID": "client-req.1"})
+        assert ok.headers["x-request-id"] == "client-req.1"
+        odd = client.post("/v1/chat/completions", json=body,
+                          headers={b"X-Request-ID": "odd id \u00e9t\u00e9".encode("latin-1")})
+        made = odd.headers["x-request-id"]
+        assert made != "odd id"
+        with client.stream("POST", "/v1/chat/completions", headers={"X-Request-ID": "crash:2"},
+                           json={**body, "stream": True, "fake": {"crash_after": 1}}) as stream:
+            lines = list(stream.iter_lines())  # broken off by the worker: no [DONE]
+        assert "data: [DONE]" not in lines
+        assert client.post("/v1/chat/completions", json={**body, "model": "nope"},
+                           headers={"X-Request-ID": "nf-3"}).status_code == 404
+    gw.stop()
+    text = (logs / "modelhost.log").read_text()
+    entries = [json.loads(line) for line in text.splitlines()]
+    broken = [e for e in entries if "stream broken" in e["message"]]
+    assert [e.get("request_id") for e in broken] == ["crash:2"], broken
+    startup = [e for e in entries if e["logger"] == "uvicorn.error"]
+    assert startup and all("request_id" not in e for e in startup)
+    exited = [e for e in entries if "worker exited" in e["message"]]
+    assert exited and all("request_id" not in e for e in exited)  # the supervisor's own
+    assert "odd id" not in text
+    if access_log == "true":
+        chats = [e.get("request_id") for e in entries
+                 if e["logger"] == "uvicorn.access" and "/v1/chat/completions" in e["message"]]
+        assert chats == ["client-req.1", made, "crash:2", "nf-3"], chats
