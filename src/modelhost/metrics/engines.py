@@ -68,7 +68,11 @@ class EngineRelay:
                  if text]
         if not found:
             return b""
-        return await asyncio.to_thread(relabel, found)
+        try:
+            return await asyncio.to_thread(relabel, found)
+        except Exception:  # whatever an engine wrote, the gateway's own figures still go out
+            log.warning("the engines' metrics could not be relayed", exc_info=True)
+            return b""
 
     async def _fetch(self, model_id: str, identity: tuple[int, float], base: str
                      ) -> str | None:
