@@ -58,7 +58,7 @@ class AudioRoutes:
 
     async def _relay(self, request: Request, path: str, task: Task) -> ASGIApp:
         rid = from_headers(request.scope["headers"])
-        bound_request_id.set(rid.decode("latin-1"))  # the request's task: its log lines
+        bound_request_id.set(rid)  # the request's task: its log lines
         upload = await spool_multipart(request, self.max_upload_bytes, self.spool_dir,
                                        self.max_parts, self.max_part_header_bytes)
         try:

@@ -65,7 +65,7 @@ class RelayEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = from_headers(scope["headers"])
-        bound_request_id.set(request_id.decode("latin-1"))  # the request's task: its lines
+        bound_request_id.set(request_id)  # the request's task: its lines
         try:
             body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:

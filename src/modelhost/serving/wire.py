@@ -285,7 +285,7 @@ class HotRelay:
 
     async def __call__(self, cycle: HotCycle) -> None:
         rid = request_id(cycle.given_id)
-        bound_request_id.set(rid.decode("latin-1"))  # this task's lines carry it
+        bound_request_id.set(rid)  # this task's lines carry it
         if cycle.too_large:
             answer: Answer | ASGIApp = error_answer(too_large(self.limit, cycle.declared),
                                                     {"x-request-id": rid.decode("latin-1")})
@@ -296,7 +296,7 @@ class HotRelay:
 
     async def finish(self, cycle: HotCycle, call: Call,
                      step: Callable[[], Awaitable[Answer | RelayStream]]) -> None:
-        bound_request_id.set(call.request_id.decode("latin-1"))
+        bound_request_id.set(call.request_id)
         await _deliver(cycle, await self.endpoint.settle(step, cycle.asgi()[0], call))
 
 
