@@ -312,3 +312,30 @@ def test_oversized_body_is_recorded(module_gateway: Gateway) -> None:
     while not (found := audit(module_gateway, model="huge")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(e["action"], e["status"]) for e in found] == [("model.put", 413)]
+
+
+def test_retention_deletes_old_entries(gateway_factory: GatewayFactory) -> None:
+    """MODELHOST_AUDIT_RETENTION_DAYS: an entry older than that is gone after the next
+    recorded action; a recent one stays."""
+    models, env = [fake_model("m")], {**KEYS_ENV, "MODELHOST_AUDIT_RETENTION_DAYS": "30"}
+    first = gateway_factory(models, env=env)
+    first.stop()
+    now = datetime.now(UTC)
+    with Store.open(f"sqlite:///{first.tmp / 'data' / 'modelhost.db'}") as db:
+        for days in (40, 20):
+            db.record_audit(AuditEntry(actor="key-000000000000", method="DELETE",
+                                       path="/api/admin/token", action="token.delete",
+                                       status=200, outcome="ok", at=now - timedelta(days=days)))
+    gw = Gateway(first.tmp, models, env=env)
+    try:
+        assert len(audit(gw)) == 2  # nothing recorded yet: nothing pruned
+        resp = httpx.post(gw.url + "/api/admin/models/m/unload", headers=ADMIN, timeout=30)
+        assert resp.status_code == 200
+        deadline = time.monotonic() + 10
+        while len(entries := audit(gw)) != 2 or entries[0]["action"] != "model.unload":
+            assert time.monotonic() < deadline, entries
+            time.sleep(0.05)
+        assert [e["action"] for e in entries] == ["model.unload", "token.delete"]
+        assert datetime.fromisoformat(entries[1]["at"]) > now - timedelta(days=21)
+    finally:
+        gw.stop()

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(None, validation_alias=_env("CONFIG"))
     # SQLAlchemy URL of the state database (default: SQLite in the data directory).
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    # Days the audit log keeps its entries (0: for ever); see docs/operations.md#audit-log.
+    audit_retention_days: int = Field(0, ge=0, validation_alias=_env("AUDIT_RETENTION_DAYS"))
     # How long a request waits for its model to become ready before a 503.
     load_wait_timeout: float = Field(300.0, gt=0, validation_alias=_env("LOAD_WAIT_TIMEOUT"))
     # Largest JSON request body accepted on the /v1 routes.

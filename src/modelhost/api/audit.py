@@ -13,7 +13,9 @@ has them).
 Why a middleware rather than a call in each route: it sees every answer, including the ones
 no route wrote (a 413 of `AdminBodyLimit`, a 400 of a bad body, a 404 or 405), and its status
 as sent. The entry is queued on the state database's writer (`Persistence.later`), so the
-answer never waits on the disk; a failed write is logged and the gateway keeps serving.
+answer never waits on the disk; a failed write is logged and the gateway keeps serving. With
+`MODELHOST_AUDIT_RETENTION_DAYS`, older entries are deleted the same way, at most once an hour,
+when an entry is recorded (an admin action is rare: no timer for it).
 
 What is never recorded: a request body (the token of `PUT /token`, a spec's secrets). Only
 `gpu_device_ids` of a load is read from the body (integers). The query parameters are kept,
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "/api/admin"
 MODELS: Final = PREFIX + "/models/"
 RECORDED_METHODS: Final = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+# How often, at most, entries past MODELHOST_AUDIT_RETENTION_DAYS are deleted.
+PRUNE_EVERY_S: Final = 3600.0
 # How much of a load's body and of an error answer is read for the details.
 PEEK_BYTES: Final = 8192
 
@@ -87,6 +93,9 @@ class AuditLog:
         self.app = app
         self.gateway = gateway
         self.guard = guard
+        days = gateway.settings.audit_retention_days
+        self.retention = timedelta(days=days) if days > 0 else None
+        self._pruned = -math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] not in RECORDED_METHODS
@@ -170,3 +179,8 @@ class AuditLog:
             log.warning("audit entry not recorded, the state database is not open: %s", entry)
             return
         persistence.later(lambda store: store.record_audit(entry))
+        now = time.monotonic()
+        if self.retention is not None and now - self._pruned >= PRUNE_EVERY_S:
+            self._pruned = now
+            cutoff = utcnow() - self.retention
+            persistence.later(lambda store: store.prune_audit(cutoff))
