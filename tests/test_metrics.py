@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -91,6 +93,20 @@ def test_exposition_format_and_gateway_info(scraped: tuple[httpx.Response, Sampl
     assert value(found, "modelhost_up") == 1  # the engine's own `modelhost_up` is dropped
     assert resp.text.count("\nmodelhost_up ") == 1
     assert value(found, "modelhost_build_info", version=__version__) == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (Debian's prometheus)")
+def test_promtool_accepts_the_scrape(scraped: tuple[httpx.Response, Samples]) -> None:
+    """Prometheus's own checker: it parses the whole scrape (ours and the engines'), and its
+    lint finds nothing but the colons of vLLM's names (the engines' names are relayed as
+    they are)."""
+    resp, _ = scraped
+    done = subprocess.run(["promtool", "check", "metrics"], input=resp.text, text=True,
+                          capture_output=True, timeout=60)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if line.strip() and "should not contain ':'" not in line]
+    assert not problems, problems
+    assert done.returncode in (0, 3)  # 3: lint problems (the colons), not a parse error
 
 
 def test_model_gauges(scraped: tuple[httpx.Response, Samples]) -> None:
