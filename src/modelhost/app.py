@@ -38,6 +38,7 @@ from modelhost.gateway import Gateway
 from modelhost.hub import HubService
 from modelhost.hubtoken import resolve_token
 from modelhost.metrics import Metrics
+from modelhost.metrics.requests import RequestMetrics
 from modelhost.persistence import Persistence
 from modelhost.registry.errors import LifecycleError
 from modelhost.registry.lifecycle import State
@@ -162,10 +163,13 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     registry.add_listener(publish_state)
     # GET /metrics: this app's own CollectorRegistry (metrics.registry), never the global one.
     metrics = Metrics(registry, client)
+    # The relayed calls' own tallies (status, duration, the gateway's part, first token).
+    calls = RequestMetrics(lambda: registry.models.keys())
+    metrics.registry.register(calls)
     gateway = Gateway(registry, events, persistence, hub, settings)
     relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
                   request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
-                  client=client)
+                  client=client, metrics=calls)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
                         max_parts=settings.max_multipart_parts,
