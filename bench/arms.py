@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LITELLM_VENV = BENCH / ".venv-litellm"
 MODELHOST_KEY = "sk-bench-modelhost"
+ADMIN_KEY = "sk-bench-admin"  # what a Prometheus scraping /metrics sends
 LITELLM_KEY = "sk-bench-litellm"
 UPSTREAM_KEY = "sk-bench-upstream"
 
@@ -58,7 +59,8 @@ def start_modelhost(procs: Procs, workdir: Path, models: list[dict[str, Any]], *
     config.write_text(yaml.safe_dump({"include_builtin": include_builtin, "models": models},
                                      sort_keys=False))
     port = free_port()
-    extra = {"OPENAI_API_KEYS": MODELHOST_KEY, "MODELHOST_DATA_DIR": str(workdir / "data"),
+    extra = {"OPENAI_API_KEYS": MODELHOST_KEY, "MODELHOST_ADMIN_KEYS": ADMIN_KEY,
+             "MODELHOST_DATA_DIR": str(workdir / "data"),
              "HF_HUB_OFFLINE": "1", "MODELHOST_STOP_TIMEOUT": "5"}
     if log_level is not None:
         extra["LOG_LEVEL"] = log_level

@@ -10,6 +10,10 @@ per request, where it is steadiest: both gateways run at once (on core 1, the lo
 the fake upstream on core 0, when the machine has two), each serves the same chat request in a
 closed loop at a fixed concurrency for a few seconds, in alternating rounds (A, B, A, B...), and
 the medians are compared as a ratio. Nothing is written to bench/results.
+
+`--scrape S` scrapes the second gateway's `/metrics` every S seconds while the two are measured
+(as a Prometheus would, with the admin key), the first not at all: compare a revision with
+itself (`python -m bench.compare HEAD --scrape 1`) to see what being watched costs alone.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
-from .arms import Arm, remote_models, start_modelhost, start_upstream
+from .arms import ADMIN_KEY, Arm, remote_models, start_modelhost, start_upstream
 from .loadgen import Client, closed_loop_max
 from .overhead import BODY, MODEL
 from .procs import Procs, pinning_possible
@@ -55,6 +61,20 @@ async def cpu_per_request(arm: Arm, concurrency: int, seconds: float) -> tuple[f
     return (cpu1 - cpu0) / (rps * (t1 - t0)) * 1e6, rps
 
 
+def scrape(arms: list[Arm], every: float, stop: threading.Event) -> int:
+    """GET /metrics of every arm every `every` seconds until `stop`; the scrapes made."""
+    done = 0
+    while not stop.wait(every):
+        for arm in arms:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{arm.target.port}/metrics",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                answer.read()
+            done += 1
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare",
                                      description=__doc__.split("\n")[0])
@@ -63,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--scrape", type=float, default=0.0, metavar="S",
+                        help="scrape the second gateway's /metrics every S seconds meanwhile")
     args = parser.parse_args(argv)
     pin = pinning_possible()
     with tempfile.TemporaryDirectory(prefix="modelhost-compare-") as tmp:
@@ -86,12 +108,28 @@ def main(argv: list[str] | None = None) -> int:
                                              name=f"modelhost-{len(arms)}")
             os.environ.pop("PYTHONPATH", None)
             figures: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
-            for round_ in range(1, args.rounds + 1):
-                for name, arm in arms.items():
-                    us, rps = asyncio.run(cpu_per_request(arm, args.concurrency, args.seconds))
-                    figures[name].append((us, rps))
-                    print(f"round {round_}  {name:>14}  {us:6.1f} µs CPU per request  "
-                          f"{rps:8.0f} req/s", flush=True)
+            stop = threading.Event()
+            scrapes: list[int] = []
+            scraper = threading.Thread(
+                target=lambda: scrapes.append(scrape([arms[b]], args.scrape, stop)),
+                daemon=True) if args.scrape > 0 else None
+            if scraper is not None:
+                scraper.start()
+            try:
+                for round_ in range(1, args.rounds + 1):
+                    for name, arm in arms.items():
+                        us, rps = asyncio.run(cpu_per_request(arm, args.concurrency,
+                                                              args.seconds))
+                        figures[name].append((us, rps))
+                        print(f"round {round_}  {name:>14}  {us:6.1f} µs CPU per request  "
+                              f"{rps:8.0f} req/s", flush=True)
+            finally:
+                stop.set()
+                if scraper is not None:
+                    scraper.join(30)
+            if scrapes:
+                print(f"({b}'s /metrics scraped {scrapes[0]} times meanwhile, every "
+                      f"{args.scrape:g} s)")
     medians = {name: (statistics.median(us for us, _ in rows),
                       statistics.median(rps for _, rps in rows))
                for name, rows in figures.items()}
@@ -100,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median  {name:>14}  {us:6.1f} µs CPU per request (runs {min(spread):.1f} to "
               f"{max(spread):.1f})  {rps:8.0f} req/s")
     (us_a, rps_a), (us_b, rps_b) = medians[args.a], medians[b]
+    scraped = f", {b} scraped every {args.scrape:g} s" if args.scrape else ""
     print(f"{b} / {args.a}: CPU per request x{us_b / us_a:.3f}, throughput "
           f"x{rps_b / rps_a:.3f} (concurrency {args.concurrency}, {args.rounds} rounds of "
-          f"{args.seconds:g} s)")
+          f"{args.seconds:g} s{scraped})")
     return 0
 
 
