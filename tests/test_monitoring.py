@@ -6,8 +6,10 @@ the Grafana files and compose.yaml (no Docker engine here). Then a real Promethe
 (Debian's `prometheus`, started on a free loopback port with its storage in a temporary
 folder, stopped after the module) scrapes a real `modelhost serve` every second, with the
 repository's own scrape config and an admin key as bearer, and the tests ask it through its
-HTTP API: the gateway is up, the modelhost_* series exist, every PromQL expression of the
-dashboard and of the alert rules evaluates without error, and a wrong key is refused.
+HTTP API: the gateway is up, the modelhost_* series exist, the request counts match what was
+sent, every PromQL expression of the dashboard and of the alert rules evaluates without
+error, every panel whose metrics the gateway exposes shows data, a wrong key is refused, and
+deploy/monitoring/preview.py draws every panel.
 
 Skipped, with the reason, when `prometheus`/`promtool` are not installed (scripts/check
 installs Debian's package), and the live tests while the gateway answers 404 on /metrics.
@@ -15,6 +17,8 @@ installs Debian's package), and the live tests while the gateway answers 404 on 
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import re
 import shutil
@@ -386,3 +390,15 @@ def test_request_counts_match_what_was_sent(stack: Stack) -> None:
     assert wait_for(lambda: stack.value(expr) == 4, timeout=10), stack.query(expr)
     hist = f'sum(modelhost_request_duration_seconds_count{{model="{MODEL}", route="chat"}})'
     assert stack.value(hist) == 4
+
+
+def test_preview_draws_every_panel(stack: Stack) -> None:
+    """deploy/monitoring/preview.py (the docs' picture) over the same Prometheus."""
+    spec = importlib.util.spec_from_file_location("preview", MONITORING / "preview.py")
+    assert spec is not None and spec.loader is not None
+    preview = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preview)
+    page = preview.render(stack.url, 2)
+    for panel in dashboard_panels():
+        assert html.escape(panel["title"]) in page
+    assert "<polyline" in page

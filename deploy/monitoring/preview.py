@@ -7,7 +7,7 @@ and drawn as a plain SVG line chart, or as a list of current values for tables a
 at the panel's place in Grafana's 24-column grid. No JavaScript, no dependency: print it with
 a headless browser, e.g.
 
-    python3 deploy/monitoring/preview.py http://127.0.0.1:9090 > /tmp/modelhost.html
+    python3 deploy/monitoring/preview.py http://127.0.0.1:9090 [MINUTES [END]] > /tmp/modelhost.html
     chromium --headless --screenshot=dashboard.png --window-size=1600,2200 /tmp/modelhost.html
 """
 
@@ -99,6 +99,8 @@ def panel_html(base: str, panel: dict[str, Any], start: float, end: float, step:
     for target in panel["targets"]:
         for result in query(base, target["expr"], start, end, step):
             points = [(float(t), float(v)) for t, v in result["values"]]
+            if panel["type"] != "timeseries" and points[-1][0] < end - 2 * step:
+                continue  # a table or a stat shows what is true now, not what was
             series.append((legend(target.get("legendFormat", ""), result["metric"]), points))
     width = grid["w"] * WIDTH // 24 - 12
     height = grid["h"] * ROW_PX - 40
@@ -119,9 +121,10 @@ def panel_html(base: str, panel: dict[str, Any], start: float, end: float, step:
             f"{body}</div>")
 
 
-def render(base: str, minutes: float = 10) -> str:
+def render(base: str, minutes: float = 10, end: float | None = None) -> str:
+    """The page for the `minutes` before `end` (a Unix time; now by default)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    end = time.time()
+    end = end or time.time()
     start = end - minutes * 60
     step = max(1.0, minutes * 60 / 300)
     cells = []
@@ -150,4 +153,5 @@ td {{ padding: 1px 8px; }}
 
 
 if __name__ == "__main__":
-    print(render(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 10))
+    print(render(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 10,
+                 float(sys.argv[3]) if len(sys.argv) > 3 else None))
