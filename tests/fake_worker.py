@@ -52,6 +52,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     record("requests")
     record(f"request-id {request.headers.get('X-Request-ID', '-')}")
     payload = await request.json()
+    record(f"stream_options {json.dumps(payload.get('stream_options'))}")
     fake = payload.get("fake") or {}
     model = payload.get("model", "fake")
     if "status" in fake:
@@ -78,6 +79,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await resp.write(_chunk(model, i, word + " ", None))
             await asyncio.sleep(float(fake.get("gap", 0)))
         await resp.write(_chunk(model, tokens, None, "stop"))
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            # OpenAI's final usage chunk: no choices; split in two writes, as a worker may.
+            usage = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                "created": 1, "model": model, "choices": [], "usage": {
+                                    "prompt_tokens": 1, "completion_tokens": tokens,
+                                    "total_tokens": tokens + 1}}).encode()
+            await resp.write(b"data: " + usage[:20])
+            await resp.write(usage[20:] + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         record("cancelled")
@@ -95,6 +105,23 @@ async def completions(request: web.Request) -> web.Response:
         "model": payload.get("model", "fake"),
         "choices": [{"index": 0, "text": " fake", "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """One 2-number vector per input; usage: 2 tokens per input (and X-Input-Tokens, as our
+    embeddings worker sends)."""
+    record("requests")
+    payload = await request.json()
+    given = payload.get("input")
+    inputs = given if isinstance(given, list) and given and not isinstance(given[0], int) \
+        else [given]
+    record("completed")
+    return web.json_response(
+        {"object": "list", "model": payload.get("model", "fake"),
+         "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.25]}
+                  for i in range(len(inputs))],
+         "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)}},
+        headers={"X-Input-Tokens": str(2 * len(inputs))})
 
 
 async def audio(request: web.Request) -> web.Response:
@@ -150,6 +177,7 @@ def main() -> None:
     app = web.Application(middlewares=middlewares)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/audio/transcriptions", audio)
     app.router.add_post("/v1/audio/translations", audio)
     app.router.add_get("/v1/models", models)

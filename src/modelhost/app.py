@@ -49,6 +49,7 @@ from modelhost.serving.call import Relay
 from modelhost.serving.front import Front
 from modelhost.settings import Settings
 from modelhost.upstream import UpstreamClient
+from modelhost.usage import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +168,21 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     calls = RequestMetrics(lambda: registry.models.keys())
     metrics.registry.register(calls)
     gateway = Gateway(registry, events, persistence, hub, settings)
+    guard = KeyGuard(settings.api_keys, settings.admin_api_keys)
+    # Usage by key id and model, flushed to the state database once a second.
+    ledger = Ledger(guard.actor, persistence)
     relay = Relay(settings.load_wait_timeout, max_answer_bytes=settings.max_answer_bytes,
                   request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
-                  client=client, metrics=calls)
+                  client=client, metrics=calls, usage=ledger)
     openai = OpenAIRoutes(registry, relay, settings.max_request_bytes)
     audio = AudioRoutes(registry, relay, settings.max_upload_bytes,
                         max_parts=settings.max_multipart_parts,
                         max_part_header_bytes=settings.max_part_header_bytes)
-    guard = KeyGuard(settings.api_keys, settings.admin_api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        ledger.start()
         # What exists now lives as long as the process: keep the collector from walking it
         # again and again (a full collection of it is a pause that requests would feel).
         gc.collect()
@@ -186,6 +190,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         try:
             yield
         finally:
+            await ledger.stop()  # what was counted goes to the database before it closes
             await gateway.close()
             await relay.close()
 

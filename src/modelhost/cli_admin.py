@@ -1,5 +1,5 @@
 """CLI commands that drive a running gateway: models, downloads, GPUs, the hub token, the
-audit log.
+audit log, usage.
 
 They call the admin API with an admin key (`client.admin_key`): `MODELHOST_ADMIN_KEY`, else the
 first of `MODELHOST_ADMIN_KEYS`, else the first of `OPENAI_API_KEYS`.
@@ -291,8 +291,43 @@ def audit(url: str | None, since: str | None, until: str | None, model: str | No
     _table(rows)
 
 
+@click.command()
+@url_option
+@click.option("--since", help="From this time: ISO 8601 (UTC when no offset), or 30m, 2h, 7d ago.")
+@click.option("--until", help="Before this time (same forms as --since).")
+@click.option("--group-by", default="key,model", show_default=True,
+              help="Any of key, model, and hour or day, comma-separated.")
+@click.option("--key", help="Only this key id (key-...).")
+@click.option("--model", help="Only this model.")
+@json_option
+@_gateway_errors
+def usage(url: str | None, since: str | None, until: str | None, group_by: str,
+          key: str | None, model: str | None, as_json: bool) -> None:
+    """Usage of a running gateway by key id and model: requests, prompt and completion
+    tokens, audio seconds, embedding inputs (hourly counts; a time range takes the hours
+    that start in it)."""
+    params = {"since": _moment(since, "--since"), "until": _moment(until, "--until"),
+              "group_by": group_by, "key": key, "model": model}
+    data = GatewayClient(url).call("GET", "/api/admin/usage",
+                                   params={k: v for k, v in params.items() if v is not None}
+                                   )["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no usage")
+        return
+    columns = [c for c in ("start", "key_id", "model") if c in data[0]]
+    rows = [(*(c.upper() for c in columns), "REQUESTS", "PROMPT", "COMPLETION", "AUDIO_S",
+             "EMBED_INPUTS")]
+    rows += [(*(str(u[c]) for c in columns), str(u["requests"]), str(u["prompt_tokens"]),
+              str(u["completion_tokens"]), f"{u['audio_seconds']:.1f}",
+              str(u["embedding_inputs"])) for u in data]
+    _table(rows)
+
+
 def register(cli: click.Group) -> None:
-    for command in (models, gpus, token, audit):
+    for command in (models, gpus, token, audit, usage):
         cli.add_command(command)
 
 

@@ -1,5 +1,5 @@
-"""The admin API under /api/admin: models, downloads, GPUs, events, the audit log (seed
-paths kept)."""
+"""The admin API under /api/admin: models, downloads, GPUs, events, the audit log, usage
+(seed paths kept)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from modelhost.db.audit import MAX_LIMIT
+from modelhost.db.usage import GROUPS
 from modelhost.errors import InvalidRequest
 from modelhost.gateway import Gateway
 
@@ -132,6 +133,22 @@ def admin_router(gateway: Gateway) -> APIRouter:
             "offset": _count("offset", offset, 0, 10**9)}
         rows = await gateway.persistence.now(lambda store: store.audit(**filters))
         return {"object": "list", "data": [r.as_dict() for r in rows]}
+
+    @router.get("/usage", tags=["audit"],
+                summary="Usage by key id and model: requests, tokens, audio seconds, "
+                        "embedding inputs (docs/admin-api.md)")
+    async def usage(since: str | None = None, until: str | None = None,
+                    group_by: str = "key,model", key: str | None = None,
+                    model: str | None = None) -> dict[str, Any]:
+        groups = [g.strip() for g in group_by.split(",") if g.strip()]
+        if not set(groups) <= set(GROUPS) or {"hour", "day"} <= set(groups):
+            raise InvalidRequest("'group_by' must list any of key, model, and hour or day "
+                                 "(comma-separated)", param="group_by")
+        filters: dict[str, Any] = {
+            "since": _moment("since", since), "until": _moment("until", until),
+            "key": key or None, "model": model or None, "group_by": groups}
+        rows = await gateway.persistence.now(lambda store: store.usage_sums(**filters))
+        return {"object": "list", "group_by": groups, "data": [r.as_dict() for r in rows]}
 
     @router.get("/events", tags=["events"],
                 summary="Server-sent events: state changes and download progress")

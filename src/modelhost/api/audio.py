@@ -68,7 +68,8 @@ class AudioRoutes:
             # The body goes to the worker exactly as it came; its `model` field may be an
             # alias, which our worker apps ignore (each serves one model).
             call = self.relay.call(self.registry.models[spec.id], path, upload.body,
-                                   {"Content-Type": upload.content_type}, rid)
+                                   {"Content-Type": upload.content_type}, rid,
+                                   dict(request.scope["headers"]).get(b"authorization"))
             # Answered, errors included, and counted as the relayed JSON routes are.
             return await RelayEndpoint.settle(call.answer, request.scope, call)
         finally:

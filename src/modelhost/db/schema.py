@@ -196,3 +196,23 @@ class AuditRecord(Base):
     # What else is worth keeping (query parameters, GPUs asked, the error message), never a
     # secret.
     detail: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True))
+
+
+USAGE_KEY_LENGTH = 64
+
+
+class UsageRecord(Base):
+    """What one key (by its id, never the key) used of one model in one hour: counters,
+    added to once a second by the gateway (``modelhost.usage``)."""
+
+    __tablename__ = "usage"
+
+    key_id: Mapped[str] = mapped_column(sa.String(USAGE_KEY_LENGTH), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(MODEL_ID_LENGTH), primary_key=True)
+    # The start of the hour (UTC).
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    requests: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    audio_seconds: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    embedding_inputs: Mapped[int] = mapped_column(sa.BigInteger, default=0)

@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from modelhost.db import audit
+from modelhost.db import audit, usage
 from modelhost.db.audit import AuditEntry, AuditRow
 from modelhost.db.engine import (
     DB_FILENAME,
@@ -76,6 +76,7 @@ from modelhost.db.schema import (
     RevisionAction,
     utcnow,
 )
+from modelhost.db.usage import Counts, UsageRow
 
 __all__ = [
     "DB_FILENAME",
@@ -454,6 +455,17 @@ class Store:
         """Delete the audit entries older than ``before``; returns how many."""
         with self._write() as session:
             return audit.prune(session, before)
+
+    # -- usage (``usage``) -----------------------------------------------------------------------
+
+    def add_usage(self, counts: dict[tuple[str, str, int], Counts]) -> int:
+        """Add a second's usage counters to the table (one transaction)."""
+        return self._retry(lambda session: usage.add(session, counts))
+
+    def usage_sums(self, **filters: Any) -> list[UsageRow]:
+        """Usage sums in a time range, grouped (``db.usage.query``)."""
+        with self._read() as session:
+            return usage.query(session, **filters)
 
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -57,7 +58,7 @@ from modelhost.serving.failures import (
     timed_out,
     upstream_failure,
 )
-from modelhost.serving.stream import RelayStream
+from modelhost.serving.stream import RelayStream, UsageScan
 from modelhost.upstream import (
     Abandoned,
     AnswerTooLarge,
@@ -67,6 +68,7 @@ from modelhost.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from modelhost.usage import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +87,11 @@ class Relay:
     def __init__(self, load_wait_timeout: float, max_answer_bytes: int = 64 * 1024 * 1024,
                  request_timeout: float = 900.0, idle_timeout: float = 600.0,
                  client: UpstreamClient | None = None,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, usage: Ledger | None = None) -> None:
         self.load_wait_timeout = load_wait_timeout
         self.max_answer_bytes = max_answer_bytes
         self.metrics = metrics
+        self.usage = usage
         # The deadlines are the client's: its one sweeper checks every exchange.
         self.client = client if client is not None else UpstreamClient(
             idle_timeout=idle_timeout, request_timeout=request_timeout)
@@ -97,15 +100,20 @@ class Relay:
         self.client.close()
 
     def call(self, model: Model, path: str, body: Body, headers: Mapping[str, str],
-             request_id: bytes = b"") -> Call:
-        """A call of `path` (below /v1) on the model's worker, to be answered."""
-        return Call(self, model, path, body, headers, request_id)
+             request_id: bytes = b"", authorization: bytes | None = None) -> Call:
+        """A call of `path` (below /v1) on the model's worker, to be answered
+        (`authorization`: the client's header, whose key id its usage is counted under)."""
+        call = Call(self, model, path, body, headers, request_id)
+        if self.usage is not None:
+            call.key = self.usage.who(authorization)
+        return call
 
     async def fetch_json(self, model: Model, path: str, form: Multipart) -> Any:
         """Post a form the gateway built to the model's worker and return its JSON answer
         (for requests the gateway composes, such as diarized transcripts)."""
         call = Call(self, model, path, form, {"Content-Type": form.content_type})
         call.tally = None  # a part of another request: not counted as one
+        call.key = None
         await model.admission.acquire()
         try:
             resp = await call.send()
@@ -143,8 +151,9 @@ class Reply(Protocol):
 class Call:
     """One request relayed to a model's worker (module docstring)."""
 
-    __slots__ = ("body", "content_type", "extra", "headers", "model", "path", "relay",
-                 "reply", "request_id", "t0", "t_ready", "t_sent", "tally")
+    __slots__ = ("audio", "body", "content_type", "extra", "headers", "inputs", "key",
+                 "model", "path", "prompt", "relay", "reply", "request_id", "scan", "t0",
+                 "t_ready", "t_sent", "tally")
 
     def __init__(self, relay: Relay, model: Model, path: str, body: Body,
                  headers: Mapping[str, str], request_id: bytes = b"") -> None:
@@ -163,6 +172,13 @@ class Call:
         self.t0 = self.t_ready = self.t_sent = time.perf_counter()
         metrics = relay.metrics
         self.tally = metrics.tally(model.spec.id, path) if metrics is not None else None
+        # Usage (`modelhost.usage`): the key id it is counted under (None: not counted); the
+        # inputs of an embeddings request, what the worker's headers reported, and whether
+        # a stream's usage is read (and its usage-only chunk dropped: the client did not ask).
+        self.key: str | None = None
+        self.inputs = self.prompt = 0
+        self.audio = 0.0
+        self.scan = 0  # 0: no stream usage; KEEP_USAGE or DROP_USAGE
 
     # -- what the answer says of the call, and what it is counted as -------------------
 
@@ -178,9 +194,17 @@ class Call:
             headers.append((b"x-request-id", self.request_id))
         return headers
 
-    def counted(self, status: int, worker_done: float | None = None) -> None:
+    def counted(self, status: int, worker_done: float | None = None, body: bytes = b"",
+                completion: int = 0) -> None:
         """The call ended with `status`, its answer written now (`worker_done`: when the
-        worker's answer was in; None when the gateway answered without it)."""
+        worker's answer was in; None when the gateway answered without it). A call that
+        succeeded is added to its key's usage: the tokens of its answer's `usage` (a JSON
+        `body`'s, read without parsing the body; or a stream's, `completion` given)."""
+        if status < 400:
+            prompt = self.prompt
+            if body:
+                prompt, completion = answer_tokens(body, prompt)
+            self._use(prompt, completion)
         tally = self.tally
         if tally is not None:
             now = time.perf_counter()
@@ -193,13 +217,27 @@ class Call:
         if metrics is not None and self.tally is not None:
             metrics.rejected(self.model.spec.id, reason)
 
-    def _streamed(self, first: float | None, complete: bool) -> None:
-        """`RelayStream`'s end: counted, with its first chunk's time."""
+    def _streamed(self, first: float | None, complete: bool,
+                  scan: UsageScan | None = None) -> None:
+        """`RelayStream`'s end: counted, with its first chunk's time (and the usage its
+        `scan` found: a broken stream used what it generated, and is counted as far as
+        known)."""
         tally = self.tally
-        if tally is not None:
-            if first is not None:
-                RequestMetrics.first_token(tally, first - self.t0)
-            self.counted(200 if complete else 502)
+        if tally is not None and first is not None:
+            RequestMetrics.first_token(tally, first - self.t0)
+        completion = 0
+        if scan is not None:
+            self.prompt = scan.prompt or self.prompt
+            completion = scan.completion
+        if not complete:
+            self._use(self.prompt, completion)
+        self.counted(200 if complete else 502, completion=completion)
+
+    def _use(self, prompt: int, completion: int) -> None:
+        usage = self.relay.usage
+        if self.key is not None and usage is not None:
+            usage.add(self.key, self.model.spec.id, prompt, completion, self.audio,
+                      self.inputs)
 
     # -- awaited: every step in turn -----------------------------------------------------
 
@@ -229,13 +267,15 @@ class Call:
             if resp.status >= 400:
                 raise await upstream_failure(model, resp)
             if content_type is None:
-                content_type, length = content_type_and_usage(model, resp)
+                content_type, length = content_type_and_usage(model, resp, self)
             if content_type.startswith("text/event-stream"):
                 released = True  # the stream releases the slot when it ends
                 resp.abandoned = None  # RelayStream watches the client itself
                 return RelayStream(model, resp, content_type,
                                    headers=self.headers_out(time.perf_counter()),
-                                   ended=self._streamed)
+                                   ended=self._streamed,
+                                   scan=UsageScan(self.scan == DROP_USAGE)
+                                   if self.scan else None)
             if length > relay.max_answer_bytes:
                 resp.close()
                 raise failed_while_answering(model, AnswerTooLarge(relay.max_answer_bytes))
@@ -257,7 +297,7 @@ class Call:
             resp.release()
             answer = Answer(data, resp.status, content_type.encode("latin-1"))
             answer.headers += self.headers_out(done)
-            self.counted(resp.status, done)
+            self.counted(resp.status, done, data)
             return answer
         finally:
             if not released:
@@ -330,7 +370,7 @@ class Call:
         if resp.status >= 400:
             self._resume(resp, None, -1)
             return
-        self.content_type, length = content_type_and_usage(self.model, resp)
+        self.content_type, length = content_type_and_usage(self.model, resp, self)
         if length > RELAY_AS_IT_COMES or self.content_type.startswith("text/event-stream"):
             self._resume(resp, self.content_type, length)
 
@@ -347,7 +387,7 @@ class Call:
         answer = Answer(data, resp.status, self.content_type.encode("latin-1"))
         answer.headers += self.headers_out(done)
         self.reply.send(answer)
-        self.counted(resp.status, done)
+        self.counted(resp.status, done, data)
 
     def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
         resp.listener = None
@@ -377,10 +417,11 @@ class Call:
 USAGE_HEADERS = {b"x-audio-seconds": "audio_seconds", b"x-input-tokens": "input_tokens"}
 
 
-def content_type_and_usage(model: Model, resp: UpstreamResponse) -> tuple[str, int]:
+def content_type_and_usage(model: Model, resp: UpstreamResponse,
+                           call: Call | None = None) -> tuple[str, int]:
     """The answer's content type and declared length (-1: none); what the request consumed
-    is added to the model's usage. (One pass over the headers: this runs for every
-    request.)"""
+    is added to the model's usage (and to the `call`'s, for its key's). (One pass over the
+    headers: this runs for every request.)"""
     content_type = "application/json"
     length = -1
     for name, value in resp.raw_headers:
@@ -392,7 +433,50 @@ def content_type_and_usage(model: Model, resp: UpstreamResponse) -> tuple[str, i
         elif name in USAGE_HEADERS:
             key = USAGE_HEADERS[name]
             try:
-                model.count(key, float(value))
+                amount = float(value)
             except ValueError:
                 continue
+            model.count(key, amount)
+            if call is not None and math.isfinite(amount) and amount >= 0:
+                if key == "audio_seconds":
+                    call.audio = amount
+                else:
+                    call.prompt = int(amount)
     return content_type, length
+
+
+# `Call.scan`: a stream's usage chunk read and passed on (the client asked for it), or read
+# and dropped (the gateway asked for it: `endpoint.RelayEndpoint.call`).
+KEEP_USAGE = 1
+DROP_USAGE = 2
+
+
+def answer_tokens(body: bytes, prompt: int = 0) -> tuple[int, int]:
+    """The prompt and completion tokens of a JSON answer's `usage` object (`prompt` and 0
+    when it has none), found from the end of the body and decoded alone: the body is never
+    parsed whole (an embeddings answer may be megabytes of vectors)."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return prompt, 0
+    start = body.find(b"{", at, at + 32)
+    if start < 0:
+        return prompt, 0
+    try:
+        usage, _ = _DECODER.raw_decode(body[start:start + 4096].decode("utf-8", "replace"))
+    except ValueError:
+        return prompt, 0
+    return usage_tokens(usage, prompt)
+
+
+def usage_tokens(usage: Any, prompt: int = 0) -> tuple[int, int]:
+    """The prompt and completion tokens of a `usage` object (counts that are not
+    non-negative integers are ignored)."""
+    if not isinstance(usage, dict):
+        return prompt, 0
+    given, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(given) is int and given >= 0:
+        prompt = given
+    return prompt, completion if type(completion) is int and completion >= 0 else 0
+
+
+_DECODER = json.JSONDecoder()

@@ -9,6 +9,12 @@ resolved, and one `call.Call` to answer it.
 - the wire path (`wire.HotRelay`) has the body already: it tries `start()` (a call followed
   from callbacks, no task) and otherwise awaits `answer()` too.
 
+Usage (`modelhost.usage`): the call is counted under the key id of the client's
+Authorization header; an embeddings request's inputs are counted from the parsed payload; a
+streamed chat or completions request whose client did not ask for the final usage chunk
+(`stream_options.include_usage`) is sent to the worker asking for it (the member spliced into
+the body, no re-encoding), and that chunk is read and dropped from the client's stream.
+
 Every error is answered here, in the OpenAI shape (`settle`): the gateway's own
 (`ModelhostError`), a model's lifecycle (`LifecycleError`, mapped by the API layer), and the
 last resort for anything unexpected (a 500, logged), the same on both paths.
@@ -44,7 +50,7 @@ from modelhost.serving.answers import (
     read_body,
     unexpected_answer,
 )
-from modelhost.serving.call import Call, Gone, Relay, Reply
+from modelhost.serving.call import DROP_USAGE, KEEP_USAGE, Call, Gone, Relay, Reply
 from modelhost.serving.stream import RelayStream
 
 Check = Callable[[dict[str, Any]], None]
@@ -66,6 +72,10 @@ class RelayEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = from_headers(scope["headers"])
         bound_request_id.set(request_id)  # the request's task: its lines
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
         try:
             body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:
@@ -73,27 +83,29 @@ class RelayEndpoint:
         except ClientGone:
             return
         else:
-            answer = await self.answer(body, scope, None, request_id)
+            answer = await self.answer(body, scope, None, request_id, authorization)
         await answer(scope, receive, send)
 
     async def answer(self, body: bytes, scope: Scope, gone: Gone | None = None,
-                     request_id: bytes = b"") -> Answer | RelayStream:
+                     request_id: bytes = b"", authorization: bytes | None = None
+                     ) -> Answer | RelayStream:
         """The answer to a request whose body is `body`, errors included (`gone`: whether
         the client has left, see `Call.answer`)."""
         try:
-            call = self.call(body, request_id)
+            call = self.call(body, request_id, authorization)
         except ModelhostError as exc:
             return error_answer(exc, _id_header(request_id))
         except Exception:
             return unexpected_answer(scope)
         return await self.settle(lambda: call.answer(gone), scope, call)
 
-    def start(self, body: bytes, reply: Reply, request_id: bytes = b"") -> bool:
+    def start(self, body: bytes, reply: Reply, request_id: bytes = b"",
+              authorization: bytes | None = None) -> bool:
         """Serve the request from callbacks if nothing has to be waited for (`Call.start`);
         False, with nothing sent, when it must be awaited (`answer`). An invalid request is
         answered here."""
         try:
-            call = self.call(body, request_id)
+            call = self.call(body, request_id, authorization)
         except ModelhostError as exc:
             reply.send(error_answer(exc, _id_header(request_id)))
             return True
@@ -122,8 +134,10 @@ class RelayEndpoint:
         call.counted(error.status)
         return error_answer(error, call.id_header())
 
-    def call(self, body: bytes, request_id: bytes = b"") -> Call:
-        """Check the request and resolve its model: the call that relays it."""
+    def call(self, body: bytes, request_id: bytes = b"", authorization: bytes | None = None
+             ) -> Call:
+        """Check the request and resolve its model: the call that relays it (its usage
+        counted under `authorization`'s key id)."""
         payload = req.parse_json(body)
         name = req.require_model(payload)
         spec = self.registry.resolve(name)
@@ -132,9 +146,18 @@ class RelayEndpoint:
                 f"model '{spec.id}' is a {spec.task.value} model and does not serve "
                 f"{self.path}", param="model", code="model_not_supported")
         self.check(payload)
+        scan = 0
+        if payload.get("stream") is True:
+            scan, body = _stream_usage(payload, body)
         body, headers = _for_worker(spec, name, payload, body)
-        return self.relay.call(self.registry.models[spec.id], self.path, body, headers,
-                               request_id)
+        call = self.relay.call(self.registry.models[spec.id], self.path, body, headers,
+                               request_id, authorization)
+        call.scan = scan
+        if self.path == "/embeddings":
+            given = payload.get("input")
+            call.inputs = len(given) if isinstance(given, list) and given and not \
+                isinstance(given[0], int) else 1
+        return call
 
 
 # Why a lifecycle error refused a request (`modelhost_rejections_total`'s reason).
@@ -145,6 +168,22 @@ REJECTIONS: dict[type[LifecycleError], str] = {
 
 def _id_header(request_id: bytes) -> dict[str, str] | None:
     return {"x-request-id": request_id.decode("latin-1")} if request_id else None
+
+
+def _stream_usage(payload: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    """How a stream's usage is read (`Call.scan`), and the body asking the worker for it
+    when the client did not (`payload` changed too, for a body re-encoded later)."""
+    options = payload.get("stream_options")
+    if options is None:
+        payload["stream_options"] = {"include_usage": True}
+        body = body.lstrip()  # a JSON object (parse_json): the member goes in first
+        return DROP_USAGE, b'{"stream_options":{"include_usage":true},' + body[1:]
+    if not isinstance(options, dict):
+        return KEEP_USAGE, body  # the worker refuses it
+    if options.get("include_usage") is True:
+        return KEEP_USAGE, body
+    payload["stream_options"] = {**options, "include_usage": True}
+    return DROP_USAGE, json.dumps(payload).encode()
 
 
 def _for_worker(spec: ModelSpec, name: str, payload: dict[str, Any], body: bytes

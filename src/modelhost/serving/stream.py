@@ -1,9 +1,18 @@
 """A streamed answer passed through as it arrives, with back-pressure; also a large
-non-streamed answer whose length the worker declared (never held whole by the gateway)."""
+non-streamed answer whose length the worker declared (never held whole by the gateway).
+
+A chat or completions stream's usage is read on the way (`UsageScan`): the final chunk that
+carries `usage` (OpenAI's `stream_options.include_usage`), passed on when the client asked
+for it, dropped when the gateway asked for it on the client's behalf. Events are passed on
+whole: what follows the last event boundary of a chunk (a part of an event, which no SSE
+client would act on before its end) is held until the rest of it comes, so that an event
+split across chunks is still found; nothing more than that part is ever held.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -21,6 +30,64 @@ log = logging.getLogger(__name__)
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
+class UsageScan:
+    """Reads the usage of a chat or completions stream from its events (module docstring);
+    with `drop`, the usage-only event (`"choices": []`) is taken out of what the client
+    gets."""
+
+    __slots__ = ("_held", "completion", "drop", "prompt")
+
+    def __init__(self, drop: bool) -> None:
+        self.drop = drop
+        self.prompt = self.completion = 0
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of `chunk` (and what was held) the client gets now."""
+        if self._held:
+            chunk = self._held + chunk
+            self._held = b""
+        if not chunk.endswith(b"\n\n"):
+            lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
+            end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+            if end < len(chunk):
+                chunk, self._held = chunk[:end], chunk[end:]
+        if b'"usage"' not in chunk:
+            return chunk
+        out = []
+        for event in chunk.split(b"\n\n"):
+            if b'"usage"' in event and self._read(event):
+                continue
+            out.append(event)
+        return b"\n\n".join(out)
+
+    def rest(self) -> bytes:
+        """What is held at the stream's end (an event without its boundary)."""
+        held, self._held = self._held, b""
+        if held and b'"usage"' in held and self._read(held):
+            return b""
+        return held
+
+    def _read(self, event: bytes) -> bool:
+        """Read an event's usage; whether it is to be dropped."""
+        data = event.strip()
+        if not data.startswith(b"data:"):
+            return False
+        try:
+            body = json.loads(data[5:])
+        except ValueError:
+            return False
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return False
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int and prompt >= 0:
+            self.prompt = prompt
+        if type(completion) is int and completion >= 0:
+            self.completion = completion
+        return self.drop and body.get("choices") == []
+
+
 class RelayStream:
     """A streamed answer passed through as it arrives (an ASGI app); also a large
     non-streamed answer whose `length` the worker declared, which is relayed the same way
@@ -36,10 +103,11 @@ class RelayStream:
 
     def __init__(self, model: Model, resp: UpstreamResponse, content_type: str,
                  length: int = -1, headers: list[tuple[bytes, bytes]] | None = None,
-                 ended: Callable[[float | None, bool], None] | None = None) -> None:
-        """`headers`: more headers of the answer; `ended(first, complete)` is told, once,
-        when the first chunk was written (a `perf_counter` time, None if none was) and
-        whether the answer went out whole."""
+                 ended: Callable[[float | None, bool, UsageScan | None], None] | None = None,
+                 scan: UsageScan | None = None) -> None:
+        """`headers`: more headers of the answer; `ended(first, complete, scan)` is told,
+        once, when the first chunk was written (a `perf_counter` time, None if none was),
+        whether the answer went out whole, and the `scan` that read the stream's usage."""
         self._model = model
         self._resp = resp
         self._length = length
@@ -53,6 +121,7 @@ class RelayStream:
         if headers:
             self._headers += headers
         self._ended = ended
+        self._scan = scan
         self._first: float | None = None
         self._complete = False
         self._closed = False
@@ -65,11 +134,19 @@ class RelayStream:
             await send({"type": "http.response.start", "status": self._resp.status,
                         "headers": self._headers})
             try:
+                scan = self._scan
                 async for chunk in self._resp.chunks():
+                    if scan is not None:
+                        chunk = scan.feed(chunk)
+                        if not chunk:
+                            continue
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
                     if self._first is None:
                         self._first = time.perf_counter()
+                if scan is not None and (rest := scan.rest()):
+                    await send({"type": "http.response.body", "body": rest,
+                                "more_body": True})
                 self._complete = True
             except OSError as exc:
                 if self._gone:
@@ -105,7 +182,7 @@ class RelayStream:
             self._resp.close()
         self._model.release()
         if self._ended is not None:
-            self._ended(self._first, self._complete)
+            self._ended(self._first, self._complete, self._scan)
 
 
 async def _disconnected(receive: Receive) -> None:

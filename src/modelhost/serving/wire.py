@@ -168,12 +168,15 @@ class HotCycle(RequestResponseCycle):
         self.declared: int | None = None
         self.too_large = False
         self.given_id: bytes | None = None  # the client's X-Request-ID
+        self.authorization: bytes | None = None  # whose usage it is (`modelhost.usage`)
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit():
                 self.declared = int(value)
                 self.too_large = self.declared > self.limit
             elif name == b"x-request-id":
                 self.given_id = value
+            elif name == b"authorization":
+                self.authorization = value
 
     def feed(self, data: bytes) -> None:
         if self.response_complete or self.too_large:
@@ -281,7 +284,7 @@ class HotRelay:
         if cycle.too_large:
             return False
         return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle),
-                                   request_id(cycle.given_id))
+                                   request_id(cycle.given_id), cycle.authorization)
 
     async def __call__(self, cycle: HotCycle) -> None:
         rid = request_id(cycle.given_id)
@@ -291,7 +294,8 @@ class HotRelay:
                                                     {"x-request-id": rid.decode("latin-1")})
         else:
             answer = await self.endpoint.answer(cycle.take_body(), cycle.asgi()[0],
-                                                lambda: cycle.disconnected, rid)
+                                                lambda: cycle.disconnected, rid,
+                                                cycle.authorization)
         await _deliver(cycle, answer)
 
     async def finish(self, cycle: HotCycle, call: Call,

@@ -1,0 +1,231 @@
+"""Usage by key and model (issue 15): counted per request from what the answers report,
+flushed to the state database once a second, read back from /api/admin/usage and
+`modelhost usage`; against a real gateway and fake workers, on the wire path and the ASGI
+path; a gateway killed with SIGKILL keeps what it had flushed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from modelhost.auth import key_id
+from modelhost.serving.call import answer_tokens
+from modelhost.serving.stream import UsageScan
+from tests.conftest import Gateway, GatewayFactory, fake_model, wait_for
+
+KEY_A = "sk-usage-a-5b2c7d9e1f3a4b6c"
+KEY_B = "sk-usage-b-8e1d4c7b2a5f9e3d"
+ADMIN = "sk-usage-admin-0f9e8d7c6b5a4938"
+ENV = {"OPENAI_API_KEYS": f"{KEY_A},{KEY_B}", "MODELHOST_ADMIN_KEYS": ADMIN}
+HI = [{"role": "user", "content": "hi"}]
+COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "audio_seconds",
+            "embedding_inputs")
+
+
+def models(tmp: Path) -> list[dict[str, Any]]:
+    return [fake_model("chat", tmp / "chat.events"),
+            fake_model("emb", None, task="embedding"),
+            fake_model("stt", None, task="transcription")]
+
+
+def post(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(gw.url + path, json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=30)
+
+
+def stream(gw: Gateway, key: str, body: dict[str, Any]) -> bytes:
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status_code == 200
+        return b"".join(resp.iter_raw())
+
+
+def usage(gw: Gateway, **params: str) -> httpx.Response:
+    return httpx.get(gw.url + "/api/admin/usage", params=params, timeout=10,
+                     headers={"Authorization": f"Bearer {ADMIN}"})
+
+
+def table(gw: Gateway, **params: str) -> dict[tuple[str, str], dict[str, Any]]:
+    resp = usage(gw, **params)
+    assert resp.status_code == 200, resp.text
+    return {(row["key_id"], row["model"]): {c: row[c] for c in COUNTERS}
+            for row in resp.json()["data"]}
+
+
+def row(requests: int = 0, prompt: int = 0, completion: int = 0, audio: float = 0.0,
+        inputs: int = 0) -> dict[str, Any]:
+    return dict(zip(COUNTERS, (requests, prompt, completion, audio, inputs), strict=True))
+
+
+def use_everything(gw: Gateway) -> dict[tuple[str, str], dict[str, Any]]:
+    """Requests of both keys on every route; what they should be counted as."""
+    a, b = key_id(KEY_A), key_id(KEY_B)
+    for tokens in (3, 5):
+        resp = post(gw, KEY_A, "/v1/chat/completions",
+                    {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                     "fake": {"tokens": tokens}})
+        assert resp.status_code == 200, resp.text
+    # A worker's error is not usage.
+    resp = post(gw, KEY_A, "/v1/chat/completions",
+                {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                 "fake": {"status": 400}})
+    assert resp.status_code == 400
+    assert post(gw, KEY_B, "/v1/completions", {"model": "chat", "prompt": "x"}
+                ).status_code == 200
+    # A stream whose client did not ask for usage: counted, and no usage chunk for it.
+    raw = stream(gw, KEY_A, {"model": "chat", "messages": HI, "stream": True,
+                             "fake": {"tokens": 4}})
+    assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert raw.count(b"data: ") == 6  # four words, the finish, [DONE]
+    # One that asked gets it, whole.
+    raw = stream(gw, KEY_B, {"model": "chat", "messages": HI, "stream": True,
+                             "stream_options": {"include_usage": True}, "fake": {"tokens": 2}})
+    events = [json.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    resp = post(gw, KEY_B, "/v1/embeddings", {"model": "emb", "input": ["a", "b", "c"]})
+    assert resp.status_code == 200, resp.text
+    assert post(gw, KEY_B, "/v1/embeddings", {"model": "emb", "input": "one"}
+                ).status_code == 200
+    resp = httpx.post(gw.url + "/v1/audio/transcriptions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY_A}"},
+                      data={"model": "stt"}, files={"file": ("a.wav", b"RIFF0000", "audio/wav")})
+    assert resp.status_code == 200, resp.text
+    return {(a, "chat"): row(3, 3, 12),
+            (b, "chat"): row(2, 2, 3),
+            (b, "emb"): row(2, 8, 0, 0, 4),
+            (a, "stt"): row(1, 0, 0, 1.5)}
+
+
+@pytest.mark.parametrize("path", ["wire", "asgi"])
+def test_usage_by_key_and_model(gateway_factory: GatewayFactory, tmp_path: Path,
+                                path: str) -> None:
+    env = {**ENV, "MODELHOST_ACCESS_LOG": "true" if path == "asgi" else "false"}
+    gw = gateway_factory(models(tmp_path), env=env)
+    expected = use_everything(gw)
+    assert wait_for(lambda: table(gw) == expected, timeout=10), table(gw)
+    # The worker was asked for the usage chunk the first client did not ask for.
+    asked = [line for line in (tmp_path / "chat.events").read_text().splitlines()
+             if line.startswith("stream_options ")]
+    assert asked.count('stream_options {"include_usage": true}') == 2
+
+    by_model = usage(gw, group_by="model").json()["data"]
+    assert {r["model"]: r["requests"] for r in by_model} == {"chat": 5, "emb": 2, "stt": 1}
+    assert "key_id" not in by_model[0]
+    daily = usage(gw, group_by="day").json()["data"]
+    assert len(daily) == 1 and daily[0]["requests"] == 8
+    assert daily[0]["start"].endswith("T00:00:00Z")
+    hourly = usage(gw, group_by="key,hour", key=key_id(KEY_B)).json()["data"]
+    assert [(r["key_id"], r["requests"]) for r in hourly] == [(key_id(KEY_B), 4)]
+    assert usage(gw, since="2999-01-01").json()["data"] == []
+    assert usage(gw, until="2000-01-01T00:00:00Z").json()["data"] == []
+    assert table(gw, model="stt") == {(key_id(KEY_A), "stt"): row(1, 0, 0, 1.5)}
+
+    # The keys themselves are nowhere in the database.
+    data = tmp_path / "gw0" / "data"
+    for file in data.rglob("modelhost.db*"):
+        content = file.read_bytes()
+        assert KEY_A.encode() not in content and KEY_B.encode() not in content
+    assert key_id(KEY_A).encode() in b"".join(f.read_bytes() for f in data.rglob("modelhost.db*"))
+
+
+def test_usage_refuses_bad_queries_and_other_keys(gateway_factory: GatewayFactory,
+                                                  tmp_path: Path) -> None:
+    gw = gateway_factory([], env=ENV)
+    for params in ({"group_by": "key,secret"}, {"group_by": "hour,day"},
+                   {"since": "yesterday"}, {"until": "2026-13-01"}):
+        resp = usage(gw, **params)
+        assert resp.status_code == 400, params
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] in params
+    resp = httpx.get(gw.url + "/api/admin/usage", timeout=10,
+                     headers={"Authorization": f"Bearer {KEY_A}"})
+    assert resp.status_code == 403
+    assert httpx.get(gw.url + "/api/admin/usage", timeout=10).status_code == 401
+    assert usage(gw).json() == {"object": "list", "group_by": ["key", "model"], "data": []}
+
+
+def test_counts_survive_kill_9_and_restart(gateway_factory: GatewayFactory,
+                                           tmp_path: Path) -> None:
+    env = {**ENV, "MODELHOST_DATA_DIR": str(tmp_path / "shared")}
+    gw = gateway_factory(models(tmp_path), env=env)
+    expected = use_everything(gw)
+    assert wait_for(lambda: table(gw) == expected, timeout=10), table(gw)
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait(10)
+    again = gateway_factory(models(tmp_path), env=env)
+    assert table(again) == expected
+    # Counting goes on from there; a graceful stop flushes what is left.
+    assert post(again, KEY_A, "/v1/completions", {"model": "chat", "prompt": "x"}
+                ).status_code == 200
+    again.stop()
+    third = gateway_factory(models(tmp_path), env=env)
+    expected[(key_id(KEY_A), "chat")] = row(4, 4, 13)
+    assert table(third) == expected
+
+
+def test_cli(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    gw = gateway_factory([fake_model("chat")], env=ENV)
+    assert post(gw, KEY_A, "/v1/completions", {"model": "chat", "prompt": "x"}
+                ).status_code == 200
+    assert wait_for(lambda: bool(usage(gw).json()["data"]), timeout=10)
+    env = {**os.environ, "MODELHOST_ADMIN_KEY": ADMIN}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "modelhost", "usage", "--url", gw.url,
+                               *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    data = json.loads(cli("--json", "--since", "2d"))
+    assert data == [{"key_id": key_id(KEY_A), "model": "chat", **row(1, 1, 1)}]
+    text = cli("--group-by", "model")
+    assert text.splitlines()[0].split() == ["MODEL", "REQUESTS", "PROMPT", "COMPLETION",
+                                            "AUDIO_S", "EMBED_INPUTS"]
+    assert text.splitlines()[1].split() == ["chat", "1", "1", "1", "0.0", "0"]
+    done = subprocess.run([sys.executable, "-m", "modelhost", "usage", "--url", gw.url,
+                           "--group-by", "nonsense"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "group_by" in done.stderr
+
+
+# -- without a gateway ----------------------------------------------------------------------------
+
+
+def test_answer_tokens_reads_only_the_usage_object() -> None:
+    body = json.dumps({"data": [{"embedding": [0.1] * 1000}], "model": "m",
+                       "usage": {"prompt_tokens": 7, "completion_tokens": 3,
+                                 "prompt_tokens_details": {"cached_tokens": 1}}}).encode()
+    assert answer_tokens(body) == (7, 3)
+    assert answer_tokens(b'{"usage": {"prompt_tokens": 2}}') == (2, 0)
+    assert answer_tokens(b'{"x": 1}', 5) == (5, 0)
+    for bad in (b'{"usage": null}', b'{"usage": {"prompt_tokens": -1, "completion_tokens":'
+                b' "9"}}', b'{"usage": {"prompt_tokens": 1e99}}', b'"usage"', b'{"usage": {'):
+        assert answer_tokens(bad, 4) == (4, 0)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_stream_scan_finds_split_usage_and_drops_only_it(drop: bool) -> None:
+    def event(data: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    word = event({"choices": [{"delta": {"content": 'say "usage": {"prompt_tokens": 99}'}}]})
+    last = event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}})
+    whole = word + word + last + b"data: [DONE]\n\n"
+    for step in (1, 2, 5, 13, 64, len(whole)):
+        scan = UsageScan(drop)
+        out = b"".join(scan.feed(whole[i:i + step]) for i in range(0, len(whole), step))
+        out += scan.rest()
+        assert out == (whole.replace(last, b"") if drop else whole)
+        assert (scan.prompt, scan.completion) == (5, 7)
+    # A stream cut inside an event gives what it had; nothing is held past an event's end.
+    scan = UsageScan(drop)
+    assert scan.feed(word + b"data: {") == word
+    assert scan.rest() == b"data: {"
