@@ -6,8 +6,9 @@ additions, no lock, no task, no write): one request, the prompt and completion t
 answer reported, the audio seconds a speech worker reported, the inputs of an embeddings
 request. Counts are kept per (key id, model, hour). Once a second (and at shutdown) what
 accumulated is handed whole to the state database's writer (`Persistence.later`), which adds
-it to the ``usage`` table in one transaction (``db/usage.py``): a restart loses at most the
-last second's counts, and a gateway killed outright (kill -9) the same.
+it to the ``usage`` table in one transaction (``db/usage.py``); a write that fails is kept
+for the next. A restart loses at most the last second's counts, and a gateway killed
+outright (kill -9) the same.
 
 A key is named by its id (`auth.key_id`, through `KeyGuard.actor`: ``anonymous`` when no
 key is configured or sent), never by the key itself. The id of an Authorization value is
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from modelhost.db.store import Store
 from modelhost.db.usage import Counts
 from modelhost.persistence import Persistence
 
@@ -86,7 +88,22 @@ class Ledger:
         if not self._counts or persistence is None or persistence.store is None:
             return
         counts = self.take()
-        persistence.later(lambda store: store.add_usage(counts))
+        loop = asyncio.get_running_loop()
+
+        def write(store: Store) -> None:
+            try:
+                store.add_usage(counts)
+            except Exception:  # kept for the next flush (and logged by the writer)
+                loop.call_soon_threadsafe(self._merge, counts)
+                raise
+
+        persistence.later(write)
+
+    def _merge(self, counts: dict[Key, Counts]) -> None:
+        for bucket, values in counts.items():
+            mine = self._counts.setdefault(bucket, [0, 0, 0, 0.0, 0])
+            for i, value in enumerate(values):
+                mine[i] += value
 
     def start(self) -> None:
         """Flush once a second from now on (one task for the gateway)."""

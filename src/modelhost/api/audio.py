@@ -69,7 +69,8 @@ class AudioRoutes:
             # alias, which our worker apps ignore (each serves one model).
             call = self.relay.call(self.registry.models[spec.id], path, upload.body,
                                    {"Content-Type": upload.content_type}, rid,
-                                   dict(request.scope["headers"]).get(b"authorization"))
+                                   next((v for k, v in request.scope["headers"]
+                                         if k == b"authorization"), None))
             # Answered, errors included, and counted as the relayed JSON routes are.
             return await RelayEndpoint.settle(call.answer, request.scope, call)
         finally:

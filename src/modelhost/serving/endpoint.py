@@ -75,7 +75,8 @@ class RelayEndpoint:
         authorization = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                authorization = value
+                authorization = value  # the first, as the gate judged it
+                break
         try:
             body = await read_body(scope, receive, self.max_request_bytes)
         except ModelhostError as exc:

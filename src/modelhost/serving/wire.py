@@ -175,8 +175,8 @@ class HotCycle(RequestResponseCycle):
                 self.too_large = self.declared > self.limit
             elif name == b"x-request-id":
                 self.given_id = value
-            elif name == b"authorization":
-                self.authorization = value
+            elif name == b"authorization" and self.authorization is None:
+                self.authorization = value  # the first, as the gate judged it
 
     def feed(self, data: bytes) -> None:
         if self.response_complete or self.too_large:
