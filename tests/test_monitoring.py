@@ -278,8 +278,8 @@ def stack(module_gateway_factory: GatewayFactory,
             for _chunk in client.chat.completions.create(
                     model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True):
                 pass
-        # The broken model: a first 5xx creates its counter; more once Prometheus has seen
-        # it (a series' first value is no increase to Prometheus).
+        # The broken model's 5xx, each seen by Prometheus before the next (its counters exist
+        # at 0 from the start, so even the first is an increase).
         body = {"model": BROKEN, "messages": [{"role": "user", "content": "hi"}]}
         for n in range(3):
             resp = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60,

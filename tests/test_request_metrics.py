@@ -112,3 +112,16 @@ def test_made_up_model_names_make_no_series(gateway: Gateway) -> None:
 def test_an_unknown_route_is_no_series(gateway: Gateway, tmp_path: Path) -> None:
     assert httpx.post(gateway.url + "/v1/chat/completionsX", json={}).status_code == 404
     assert not any("completionsX" in str(key) for key in samples(gateway))
+
+
+def test_every_model_has_its_series_at_zero_from_the_start(gateway: Gateway) -> None:
+    """So that a first 5xx is an increase Prometheus sees (a series born at 1 is none)."""
+    found = samples(gateway)
+    for route in ("chat", "completions"):
+        for status in ("2xx", "4xx", "5xx"):
+            assert ("modelhost_requests_total", (("model", "narrow"), ("route", route),
+                                                 ("status", status))) in found
+    assert value(found, "modelhost_requests_total", model="speech", route="translations",
+                 status="5xx") == 0
+    assert ("modelhost_requests_total", (("model", "speech"), ("route", "chat"),
+                                         ("status", "2xx"))) not in found

@@ -165,7 +165,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     # GET /metrics: this app's own CollectorRegistry (metrics.registry), never the global one.
     metrics = Metrics(registry, client)
     # The relayed calls' own tallies (status, duration, the gateway's part, first token).
-    calls = RequestMetrics(lambda: registry.models.keys())
+    calls = RequestMetrics(lambda: {m.spec.id: m.spec.task.value
+                                    for m in registry.models.values()})
     metrics.registry.register(calls)
     gateway = Gateway(registry, events, persistence, hub, settings)
     guard = KeyGuard(settings.api_keys, settings.admin_api_keys)

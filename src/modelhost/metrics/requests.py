@@ -20,13 +20,16 @@ docs/operations.md's ("Metrics"):
 
 Labels are bounded: only a configured model's id ever gets a series (a request for an unknown
 name is refused before a call exists), the routes are the relayed paths, and a model removed
-from the registry takes its series with it at the next scrape.
+from the registry takes its series with it at the next scrape. Every configured model has its
+series on the routes of its task from the start, every status class at 0 included: Prometheus
+sees no increase in a series' first sample, so a counter born at its first 5xx would hide that
+error from the alert rules' `increase()`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -49,6 +52,15 @@ ROUTES = {
     "/audio/diarization": "diarization",
 }
 STATUS_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+SHOWN_CLASSES = (2, 4, 5)  # always written, at 0 until the first
+# A model's task -> the worker paths of its relayed routes.
+PATHS_BY_TASK = {
+    "chat": ("/chat/completions", "/completions"),
+    "completion": ("/completions",),
+    "embedding": ("/embeddings",),
+    "transcription": ("/audio/transcriptions", "/audio/translations"),
+    "diarization": ("/audio/diarization",),
+}
 REJECTIONS = ("queue_full", "not_ready", "failed", "not_downloaded", "downloading")
 
 
@@ -71,9 +83,10 @@ class _Tally:
 class RequestMetrics(Collector):
     """The relayed calls' tallies, and their collector (register it on the app's registry).
 
-    `models` gives the ids of the models that exist now (series of others are dropped)."""
+    `models` gives the models that exist now, each with its task (`PATHS_BY_TASK`'s keys):
+    their series are written from the start; those of other models are dropped."""
 
-    def __init__(self, models: Callable[[], Collection[str]]) -> None:
+    def __init__(self, models: Callable[[], Mapping[str, str]]) -> None:
         self.models = models
         self._tallies: dict[tuple[str, str], _Tally] = {}
         self._rejections: dict[tuple[str, str], int] = {}
@@ -105,7 +118,10 @@ class RequestMetrics(Collector):
         self._rejections[key] = self._rejections.get(key, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
-        alive = set(self.models())
+        alive = self.models()
+        for model, task in alive.items():
+            for path in PATHS_BY_TASK.get(task, ()):
+                self.tally(model, path)
         for key in [k for k in self._tallies if k[0] not in alive]:
             del self._tallies[key]
         for key in [k for k in self._rejections if k[0] not in alive]:
@@ -129,7 +145,7 @@ class RequestMetrics(Collector):
         for (model, path), tally in sorted(self._tallies.items()):
             route = ROUTES.get(path, path.strip("/"))
             for index, count in enumerate(tally.statuses):
-                if count and index >= 1:
+                if count or index in SHOWN_CLASSES:
                     requests.add_metric([model, route, STATUS_CLASSES[index]], count)
             duration.add_metric([model, route], _buckets(DURATION_BUCKETS, tally.duration),
                                 tally.duration_sum)
