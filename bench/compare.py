@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     pin = pinning_possible()
     with tempfile.TemporaryDirectory(prefix="modelhost-compare-") as tmp:
         work = Path(tmp)
-        sources = {args.a: export(args.a, (work / "a").resolve())}
-        b = args.b or "working tree"
+        a = f"A {args.a}"
+        b = f"B {args.b or 'working tree'}"  # A and B: a revision may be compared with itself
+        sources = {a: export(args.a, (work / "a").resolve())}
         if args.b:
             sources[b] = export(args.b, (work / "b").resolve())
         else:
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         spread = [us for us, _ in figures[name]]
         print(f"median  {name:>14}  {us:6.1f} µs CPU per request (runs {min(spread):.1f} to "
               f"{max(spread):.1f})  {rps:8.0f} req/s")
-    (us_a, rps_a), (us_b, rps_b) = medians[args.a], medians[b]
+    (us_a, rps_a), (us_b, rps_b) = medians[a], medians[b]
     scraped = f", {b} scraped every {args.scrape:g} s" if args.scrape else ""
-    print(f"{b} / {args.a}: CPU per request x{us_b / us_a:.3f}, throughput "
+    print(f"{b} / {a}: CPU per request x{us_b / us_a:.3f}, throughput "
           f"x{rps_b / rps_a:.3f} (concurrency {args.concurrency}, {args.rounds} rounds of "
           f"{args.seconds:g} s{scraped})")
     return 0
