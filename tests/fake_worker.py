@@ -108,8 +108,8 @@ async def completions(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    """One 2-number vector per input; usage: 2 tokens per input (and X-Input-Tokens, as our
-    embeddings worker sends)."""
+    """One vector per input (`dimensions` numbers, 2 by default); usage: 2 tokens per input
+    (and X-Input-Tokens, as our embeddings worker sends, unless `fake.no_header`)."""
     record("requests")
     payload = await request.json()
     given = payload.get("input")
@@ -118,10 +118,12 @@ async def embeddings(request: web.Request) -> web.Response:
     record("completed")
     return web.json_response(
         {"object": "list", "model": payload.get("model", "fake"),
-         "data": [{"object": "embedding", "index": i, "embedding": [0.5, 0.25]}
+         "data": [{"object": "embedding", "index": i,
+                   "embedding": [0.5] * int(payload.get("dimensions", 2))}
                   for i in range(len(inputs))],
          "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)}},
-        headers={"X-Input-Tokens": str(2 * len(inputs))})
+        headers={} if (payload.get("fake") or {}).get("no_header")
+        else {"X-Input-Tokens": str(2 * len(inputs))})
 
 
 async def audio(request: web.Request) -> web.Response:

@@ -19,8 +19,7 @@ import pytest
 
 from modelhost.auth import key_id
 from modelhost.persistence import Persistence
-from modelhost.serving.call import answer_tokens
-from modelhost.serving.stream import UsageScan
+from modelhost.serving.stream import UsageScan, answer_tokens
 from modelhost.usage import Ledger
 from tests.conftest import Gateway, GatewayFactory, fake_model, wait_for
 
@@ -103,13 +102,19 @@ def use_everything(gw: Gateway) -> dict[tuple[str, str], dict[str, Any]]:
     assert resp.status_code == 200, resp.text
     assert post(gw, KEY_B, "/v1/embeddings", {"model": "emb", "input": "one"}
                 ).status_code == 200
+    # An answer over 256 KiB is relayed as it arrives: its usage is read from its end.
+    resp = post(gw, KEY_B, "/v1/embeddings", {"model": "emb", "input": ["a", "b", "c", "d"],
+                                               "dimensions": 20_000,
+                                               "fake": {"no_header": True}})
+    assert resp.status_code == 200 and len(resp.content) > 300_000
+    assert resp.json()["usage"]["prompt_tokens"] == 8
     resp = httpx.post(gw.url + "/v1/audio/transcriptions", timeout=30,
                       headers={"Authorization": f"Bearer {KEY_A}"},
                       data={"model": "stt"}, files={"file": ("a.wav", b"RIFF0000", "audio/wav")})
     assert resp.status_code == 200, resp.text
     return {(a, "chat"): row(3, 3, 12),
             (b, "chat"): row(3, 3, 4),
-            (b, "emb"): row(2, 8, 0, 0, 4),
+            (b, "emb"): row(3, 16, 0, 0, 8),
             (a, "stt"): row(1, 0, 0, 1.5)}
 
 
@@ -126,15 +131,15 @@ def test_usage_by_key_and_model(gateway_factory: GatewayFactory, tmp_path: Path,
     assert asked.count('stream_options {"include_usage": true}') == 2
 
     by_model = usage(gw, group_by="model").json()["data"]
-    assert {r["model"]: r["requests"] for r in by_model} == {"chat": 6, "emb": 2, "stt": 1}
+    assert {r["model"]: r["requests"] for r in by_model} == {"chat": 6, "emb": 3, "stt": 1}
     assert "key_id" not in by_model[0]
     daily = usage(gw, group_by="day").json()["data"]
     # (One row, or two when the test ran across midnight or an hour's end.)
-    assert sum(r["requests"] for r in daily) == 9 and 1 <= len(daily) <= 2
+    assert sum(r["requests"] for r in daily) == 10 and 1 <= len(daily) <= 2
     assert all(r["start"].endswith("T00:00:00Z") for r in daily)
     hourly = usage(gw, group_by="key,hour", key=key_id(KEY_B)).json()["data"]
     assert {r["key_id"] for r in hourly} == {key_id(KEY_B)} and 1 <= len(hourly) <= 2
-    assert sum(r["requests"] for r in hourly) == 5
+    assert sum(r["requests"] for r in hourly) == 6
     assert all(r["start"].endswith(":00:00Z") for r in hourly)
     assert usage(gw, since="2999-01-01").json()["data"] == []
     assert usage(gw, until="2000-01-01T00:00:00Z").json()["data"] == []

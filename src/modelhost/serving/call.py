@@ -58,7 +58,7 @@ from modelhost.serving.failures import (
     timed_out,
     upstream_failure,
 )
-from modelhost.serving.stream import RelayStream, UsageScan
+from modelhost.serving.stream import RelayStream, UsageScan, answer_tokens
 from modelhost.upstream import (
     Abandoned,
     AnswerTooLarge,
@@ -291,7 +291,8 @@ class Call:
                 resp.abandoned = None
                 return RelayStream(model, resp, content_type, length,
                                    headers=self.headers_out(time.perf_counter()),
-                                   ended=self._streamed)
+                                   ended=self._streamed,
+                                   scan=UsageScan(False, whole=True) if self.key else None)
             done = time.perf_counter()
             data = resp.take_body()
             resp.release()
@@ -449,31 +450,3 @@ def content_type_and_usage(model: Model, resp: UpstreamResponse,
 # and dropped (the gateway asked for it: `endpoint.RelayEndpoint.call`).
 KEEP_USAGE = 1
 DROP_USAGE = 2
-
-
-def answer_tokens(body: bytes, prompt: int = 0) -> tuple[int, int]:
-    """The prompt and completion tokens of a JSON answer's `usage` object (`prompt` and 0
-    when it has none), found from the end of the body and decoded alone: the body is never
-    parsed (an embeddings answer may be megabytes of vectors). A string value holds no
-    unescaped `"`, so a `"usage"` followed by `:` and `{` is the member. (About a
-    microsecond: JSON's C decoder on the object beats any pattern on the bytes.)"""
-    at = len(body)
-    for _ in range(4):
-        at = body.rfind(b'"usage"', 0, at)
-        if at < 0:
-            break
-        start = body.find(b"{", at + 7, at + 40)
-        if start < 0 or body[at + 7:start].strip() != b":":
-            continue
-        try:
-            usage, _ = _DECODER.raw_decode(body[start:start + 4096].decode("utf-8", "replace"))
-        except ValueError:
-            break
-        given, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(given) is int and given >= 0:
-            prompt = given
-        return prompt, completion if type(completion) is int and completion >= 0 else 0
-    return prompt, 0
-
-
-_DECODER = json.JSONDecoder()
