@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ import httpx
 import pytest
 
 from modelhost.auth import key_id
+from modelhost.db.store import Store
 from modelhost.persistence import Persistence
 from modelhost.serving.stream import UsageScan, answer_tokens
 from modelhost.usage import Ledger
 from tests.conftest import Gateway, GatewayFactory, fake_model, wait_for
+from tests.test_db import store, url  # noqa: F401 (fixtures: both backends)
 
 KEY_A = "sk-usage-a-5b2c7d9e1f3a4b6c"
 KEY_B = "sk-usage-b-8e1d4c7b2a5f9e3d"
@@ -254,20 +257,20 @@ def test_a_failed_write_is_kept_for_the_next(tmp_path: Path) -> None:
 
 async def failed_write(tmp_path: Path) -> None:
     persistence = Persistence(f"sqlite:///{tmp_path / 'state.db'}")
-    store = await persistence.open()
+    opened = await persistence.open()
     try:
         ledger = Ledger(lambda raw: "key-x", persistence)
         ledger.add("key-x", "m", 2, 3, 0.5, 1)
-        original = store.add_usage
+        original = opened.add_usage
 
         def full(counts: Any) -> int:
             raise OSError("disk full")
 
-        store.add_usage = full  # type: ignore[method-assign]
+        opened.add_usage = full  # type: ignore[method-assign]
         ledger.flush()
         await persistence.now(lambda s: None)
         await asyncio.sleep(0.05)  # the counts come back to the ledger
-        store.add_usage = original  # type: ignore[method-assign]
+        opened.add_usage = original  # type: ignore[method-assign]
         ledger.add("key-x", "m", 1, 1)
         await ledger.stop()
         rows = await persistence.now(lambda s: s.usage_sums())
@@ -276,3 +279,36 @@ async def failed_write(tmp_path: Path) -> None:
                                                 "audio_seconds": 0.5, "embedding_inputs": 1}]
     finally:
         await persistence.close()
+
+
+def test_store_adds_up_and_groups(store: Store) -> None:  # noqa: F811
+    hour = 1_796_522_400 // 3600  # 2026-12-06T02:00:00Z
+    store.add_usage({("key-a", "m", hour): [2, 10, 20, 1.5, 0],
+                     ("key-b", "m", hour + 1): [1, 1, 1, 0.0, 3]})
+    store.add_usage({("key-a", "m", hour): [1, 1, 1, 0.5, 0]})  # added to, not replaced
+    rows = [r.as_dict() for r in store.usage_sums()]
+    assert rows == [
+        {"key_id": "key-a", "model": "m", **row(3, 11, 21, 2.0, 0)},
+        {"key_id": "key-b", "model": "m", **row(1, 1, 1, 0.0, 3)}]
+    by_hour = [r.as_dict() for r in store.usage_sums(group_by=["hour"])]
+    assert [r["start"] for r in by_hour] == ["2026-12-06T02:00:00Z", "2026-12-06T03:00:00Z"]
+    since = datetime(2026, 12, 6, 3, tzinfo=UTC)
+    assert [r.as_dict() for r in store.usage_sums(since=since, group_by=["day"])] == [
+        {"start": "2026-12-06T00:00:00Z", **row(1, 1, 1, 0.0, 3)}]
+    assert store.usage_sums(key="key-c") == []
+    with pytest.raises(ValueError, match="group_by"):
+        store.usage_sums(group_by=["hour", "day"])
+
+
+def test_a_stream_body_with_a_byte_order_mark_is_reencoded(gateway_factory: GatewayFactory,
+                                                            tmp_path: Path) -> None:
+    gw = gateway_factory(models(tmp_path), env=ENV)
+    body = b"\xef\xbb\xbf" + json.dumps({"model": "chat", "messages": HI,
+                                        "stream": True}).encode()
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", content=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY_A}",
+                               "Content-Type": "application/json"}) as resp:
+        assert resp.status_code == 200
+        raw = b"".join(resp.iter_raw())
+    assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert wait_for(lambda: table(gw) == {(key_id(KEY_A), "chat"): row(1, 1, 3)}, timeout=10)

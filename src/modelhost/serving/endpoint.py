@@ -178,7 +178,9 @@ def _stream_usage(payload: dict[str, Any], body: bytes) -> tuple[int, bytes]:
     if options is None:
         payload["stream_options"] = {"include_usage": True}
         body = body.lstrip()  # a JSON object (parse_json): the member goes in first
-        return DROP_USAGE, b'{"stream_options":{"include_usage":true},' + body[1:]
+        if body.startswith(b"{"):  # (not after a byte order mark, which json.loads takes)
+            return DROP_USAGE, b'{"stream_options":{"include_usage":true},' + body[1:]
+        return DROP_USAGE, json.dumps(payload).encode()
     if not isinstance(options, dict):
         return KEEP_USAGE, body  # the worker refuses it
     if options.get("include_usage") is True:
