@@ -296,6 +296,8 @@ def test_store_adds_up_and_groups(store: Store) -> None:  # noqa: F811
     assert [r.as_dict() for r in store.usage_sums(since=since, group_by=["day"])] == [
         {"start": "2026-12-06T00:00:00Z", **row(1, 1, 1, 0.0, 3)}]
     assert store.usage_sums(key="key-c") == []
+    assert [r.as_dict() for r in store.usage_sums(group_by=[])] == [row(4, 12, 22, 2.0, 3)]
+    assert store.usage_sums(key="key-c", group_by=[]) == []
     with pytest.raises(ValueError, match="group_by"):
         store.usage_sums(group_by=["hour", "day"])
 

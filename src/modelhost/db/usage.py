@@ -7,8 +7,9 @@ transaction, from what it accumulated in memory (``modelhost.usage.Ledger``): a 
 database add up. A key is only ever stored by its id (``auth.key_id``).
 
 Reading (``query``) sums the rows whose hour starts in [since, until), grouped by any of the
-key, the model and the hour or the day; the grouping is done here rather than in SQL, so that
-the same code runs on SQLite and PostgreSQL (a day's truncation differs between them).
+key, the model and the hour or the day: the database sums by key, model and hour; days are
+made of hours here, so that the same code runs on SQLite and PostgreSQL (a day's truncation
+differs between them).
 """
 
 from __future__ import annotations
@@ -91,7 +92,18 @@ def query(session: Session, *, since: datetime | None = None, until: datetime | 
     for name, moment in (("since", since), ("until", until)):
         if moment is not None and moment.tzinfo is None:
             raise ValueError(f"{name} must be timezone-aware")
-    statement = sa.select(UsageRecord)
+    # Summed by the database over the groups asked (by hour for a day: its start is
+    # truncated here, the same on every database).
+    columns = [c for g, c in (("key", UsageRecord.key_id), ("model", UsageRecord.model),
+                              ("hour", UsageRecord.hour), ("day", UsageRecord.hour))
+               if g in groups]
+    statement = sa.select(*columns, sa.func.sum(UsageRecord.requests),
+                          sa.func.sum(UsageRecord.prompt_tokens),
+                          sa.func.sum(UsageRecord.completion_tokens),
+                          sa.func.sum(UsageRecord.audio_seconds),
+                          sa.func.sum(UsageRecord.embedding_inputs))
+    if columns:
+        statement = statement.group_by(*columns)
     if since is not None:
         statement = statement.where(UsageRecord.hour >= since)
     if until is not None:
@@ -101,18 +113,30 @@ def query(session: Session, *, since: datetime | None = None, until: datetime | 
     if model is not None:
         statement = statement.where(UsageRecord.model == model)
     sums: dict[tuple[str | None, str | None, datetime | None], list[float]] = {}
-    for r in session.scalars(statement):
-        start: datetime | None = None
-        if "hour" in groups:
-            start = r.hour
-        elif "day" in groups:
-            start = r.hour.replace(hour=0)
-        group = (r.key_id if "key" in groups else None,
-                 r.model if "model" in groups else None, start)
-        total = sums.setdefault(group, [0, 0, 0, 0.0, 0])
-        for i, value in enumerate((r.requests, r.prompt_tokens, r.completion_tokens,
-                                   r.audio_seconds, r.embedding_inputs)):
-            total[i] += value
+    for found in session.execute(statement):
+        values = list(found)
+        group_key = values.pop(0) if "key" in groups else None
+        group_model = values.pop(0) if "model" in groups else None
+        start = values.pop(0) if {"hour", "day"} & groups else None
+        if values[0] is None:  # no row at all (a sum without groups)
+            continue
+        if start is not None and "day" in groups:
+            start = _utc(start).replace(hour=0)
+        elif start is not None:
+            start = _utc(start)
+        total = sums.setdefault((group_key, group_model, start), [0, 0, 0, 0.0, 0])
+        for i, value in enumerate(values):
+            total[i] += value or 0
     return [UsageRow(k, m, s, tuple(v)) for (k, m, s), v in
-            sorted(sums.items(), key=lambda item: (item[0][2] or datetime.min.replace(
-                tzinfo=UTC), item[0][0] or "", item[0][1] or ""))]
+            sorted(sums.items(), key=lambda item: (item[0][2] or _EPOCH, item[0][0] or "",
+                                                   item[0][1] or ""))]
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _utc(moment: datetime) -> datetime:
+    """A grouped column comes back without the column type's processing on some databases."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
