@@ -87,3 +87,17 @@ def test_worker_killed_between_requests_is_restarted(gateway: Gateway,
         model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8)
     assert "Paris" in completion.choices[0].text
     assert worker_pids(gateway) != [pid]
+
+
+@pytest.mark.parametrize("given", ["trace-1:a.b", "0f8e2d4c-1a2b-4c3d-9e8f-123456789abc"],
+                         ids=["not-a-uuid", "uuid"])
+def test_a_clients_request_id_reaches_llamacpp_without_a_400(client: openai.OpenAI,
+                                                             given: str) -> None:
+    """llama-cpp-python's server refuses an X-Request-ID that is not a UUID (an empty 400):
+    the gateway sends it the client's id as a UUID, and returns the client's own."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2", max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
+        extra_headers={"X-Request-ID": given})
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-request-id"] == given
+    assert raw.parse().choices[0].message.content is not None

@@ -7,6 +7,7 @@ Server-Timing says what the gateway and the worker took."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,14 +44,28 @@ def worker_saw(events: Path) -> str:
 def test_a_clients_id_is_returned_and_passed_to_the_worker(
         gateway: tuple[Gateway, Path]) -> None:
     gw, events = gateway
+    given = "0f8e2d4c-1a2b-4c3d-9e8f-123456789abc"
     for _ in range(2):  # the first loads the model (awaited), the next is served at once
-        resp = chat(gw, {"X-Request-ID": "client-42:a.b_c"})
+        resp = chat(gw, {"X-Request-ID": given})
         assert resp.status_code == 200
-        assert resp.headers["x-request-id"] == "client-42:a.b_c"
-        assert worker_saw(events) == "client-42:a.b_c"
+        assert resp.headers["x-request-id"] == given
+        assert worker_saw(events) == given
         timing = TIMING.fullmatch(resp.headers["server-timing"])
         assert timing is not None, resp.headers["server-timing"]
         assert float(timing[1]) >= 0 and float(timing[2]) > 0
+
+
+def test_a_clients_id_that_is_no_uuid_reaches_the_worker_as_its_uuid(
+        gateway: tuple[Gateway, Path]) -> None:
+    """Workers get UUIDs (llama.cpp's server refuses any other X-Request-ID), the same one for
+    the same client id."""
+    gw, events = gateway
+    resp = chat(gw, {"X-Request-ID": "client-42:a.b_c"})
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "client-42:a.b_c"
+    sent = worker_saw(events)
+    assert str(uuid.UUID(sent)) == sent
+    assert chat(gw, {"X-Request-ID": "client-42:a.b_c"}).status_code == 200
+    assert worker_saw(events) == sent
 
 
 @pytest.mark.parametrize("given", ["x" * 129, "bad id", "a\\b", "é", ""],
@@ -62,7 +77,7 @@ def test_an_odd_id_is_replaced(gateway: tuple[Gateway, Path], given: str) -> Non
                       json={"model": "fake", "messages": MESSAGES})
     assert resp.status_code == 200
     made = resp.headers["x-request-id"]
-    assert made != given and re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", made)
+    assert made != given and str(uuid.UUID(made)) == made  # made ids are UUIDs
     assert worker_saw(events) == made
 
 

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from modelhost.errors import UpstreamError
 from modelhost.metrics.requests import RequestMetrics
 from modelhost.registry.model import Model
+from modelhost.requestid import for_worker
 from modelhost.serving.answers import Answer, error_answer
 from modelhost.serving.failures import (
     ClientLeft,
@@ -166,7 +167,8 @@ class Call:
         self.reply: Reply | None = None
         # The request's id (X-Request-ID): passed to the worker, returned to the client.
         self.request_id = request_id
-        self.extra = b"x-request-id: " + request_id + b"\r\n" if request_id else b""
+        self.extra = b"x-request-id: " + for_worker(request_id) + b"\r\n" \
+            if request_id else b""
         # Times (`perf_counter`): the call made (the body in), the model admitted and ready,
         # the request sent to the worker; and where the call's end is counted.
         self.t0 = self.t_ready = self.t_sent = time.perf_counter()
