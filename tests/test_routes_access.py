@@ -59,6 +59,7 @@ OWNERS: dict[tuple[str, str], str] = {
     ("GET", "/api/admin/events"): ADMIN,
     ("GET", "/metrics"): ADMIN,
     ("GET", "/api/admin/audit"): ADMIN,
+    ("GET", "/api/admin/usage"): ADMIN,
 }
 
 

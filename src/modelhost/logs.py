@@ -215,3 +215,12 @@ def setup_logging(settings: Settings) -> None:
             old.close()
     root.handlers[:] = handlers
     root.setLevel(numeric)
+    # uvicorn's loggers write through the root's handlers, whatever configured them before
+    # (uvicorn's own dictConfig, run by an embedding program or an earlier server in the
+    # same process, gives them handlers of their own and stops their propagation).
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.disabled = False
+        logger.setLevel(logging.NOTSET)
