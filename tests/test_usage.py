@@ -251,6 +251,18 @@ def test_stream_scan_finds_split_usage_and_drops_only_it(drop: bool) -> None:
     assert scan.rest() == b"data: {"
 
 
+def test_a_stream_without_event_boundaries_is_not_piled_up() -> None:
+    """A broken or hostile server's 64 MiB with no boundary: passed on, never held past
+    MAX_HELD (the stream's back-pressure holds, the gateway's memory stays flat)."""
+    scan = UsageScan(True)
+    piece = b"x" * 65536
+    passed = 0
+    for _ in range(1024):
+        passed += len(scan.feed(piece))
+        assert len(scan._held) <= UsageScan.MAX_HELD
+    assert passed + len(scan.rest()) == 1024 * len(piece)
+
+
 def test_a_failed_write_is_kept_for_the_next(tmp_path: Path) -> None:
     asyncio.run(failed_write(tmp_path))
 
@@ -314,3 +326,23 @@ def test_a_stream_body_with_a_byte_order_mark_is_reencoded(gateway_factory: Gate
         raw = b"".join(resp.iter_raw())
     assert b'"usage"' not in raw and raw.endswith(b"data: [DONE]\n\n")
     assert wait_for(lambda: table(gw) == {(key_id(KEY_A), "chat"): row(1, 1, 3)}, timeout=10)
+
+
+@pytest.mark.parametrize("given", [
+    {"model": "m", "stream": True},
+    {"model": "m", "stream": True, "stream_options": None},
+    {"model": "m", "stream": True, "stream_options": {"include_usage": False}},
+], ids=["absent", "null", "false"])
+def test_the_worker_is_asked_for_a_streams_usage_once(given: dict[str, Any]) -> None:
+    """Whatever the client wrote, the worker gets one `stream_options` asking for usage (a
+    prepended member next to the client's `null` would be a duplicate key, the last one
+    winning), and the usage chunk is dropped for the client."""
+    from modelhost.serving.call import DROP_USAGE
+    from modelhost.serving.endpoint import _stream_usage
+
+    raw = json.dumps(given).encode()
+    scan, body = _stream_usage(dict(given), raw)
+    assert scan == DROP_USAGE
+    pairs = json.loads(body, object_pairs_hook=lambda items: items)
+    assert [k for k, _ in pairs].count("stream_options") == 1
+    assert json.loads(body)["stream_options"]["include_usage"] is True

@@ -439,8 +439,10 @@ def content_type_and_usage(model: Model, resp: UpstreamResponse,
                 amount = float(value)
             except ValueError:
                 continue
+            if not math.isfinite(amount) or amount < 0:  # a remote server's nonsense
+                continue
             model.count(key, amount)
-            if call is not None and math.isfinite(amount) and amount >= 0:
+            if call is not None:
                 if key == "audio_seconds":
                     call.audio = amount
                 else:

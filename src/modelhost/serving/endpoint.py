@@ -174,12 +174,15 @@ def _id_header(request_id: bytes) -> dict[str, str] | None:
 def _stream_usage(payload: dict[str, Any], body: bytes) -> tuple[int, bytes]:
     """How a stream's usage is read (`Call.scan`), and the body asking the worker for it
     when the client did not (`payload` changed too, for a body re-encoded later)."""
-    options = payload.get("stream_options")
-    if options is None:
+    if "stream_options" not in payload:
         payload["stream_options"] = {"include_usage": True}
         body = body.lstrip()  # a JSON object (parse_json): the member goes in first
         if body.startswith(b"{"):  # (not after a byte order mark, which json.loads takes)
             return DROP_USAGE, b'{"stream_options":{"include_usage":true},' + body[1:]
+        return DROP_USAGE, json.dumps(payload).encode()
+    options = payload["stream_options"]
+    if options is None:  # an explicit null: asked for nothing, given usage re-encoded
+        payload["stream_options"] = {"include_usage": True}
         return DROP_USAGE, json.dumps(payload).encode()
     if not isinstance(options, dict):
         return KEEP_USAGE, body  # the worker refuses it

@@ -6,7 +6,9 @@ carries `usage` (OpenAI's `stream_options.include_usage`), passed on when the cl
 for it, dropped when the gateway asked for it on the client's behalf. Events are passed on
 whole: what follows the last event boundary of a chunk (a part of an event, which no SSE
 client would act on before its end) is held until the rest of it comes, so that an event
-split across chunks is still found; nothing more than that part is ever held.
+split across chunks is still found; nothing more than that part is ever held, and never more
+than `UsageScan.MAX_HELD` bytes of it: a stream with no event boundary (a broken or hostile
+server) is passed on as it comes rather than piled up in the gateway's memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class UsageScan:
     __slots__ = ("_held", "completion", "drop", "prompt", "whole")
 
     TAIL = 2048
+    MAX_HELD = 256 * 1024  # an event longer than this is passed on unread
 
     def __init__(self, drop: bool, whole: bool = False) -> None:
         self.drop = drop
@@ -59,7 +62,7 @@ class UsageScan:
         if not chunk.endswith(b"\n\n"):
             lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\r\n\r\n")
             end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-            if end < len(chunk):
+            if end < len(chunk) and len(chunk) - end <= self.MAX_HELD:
                 chunk, self._held = chunk[:end], chunk[end:]
         if b'"usage"' not in chunk:
             return chunk
