@@ -260,6 +260,22 @@ def _moment(value: str | None, option: str) -> str | None:
     return value.strip()
 
 
+def _listing(url: str | None, path: str, as_json: bool, empty: str,
+             since: str | None, until: str | None, **params: str | None) -> list[Any]:
+    """The `data` of a GET listing (`--since`/`--until` read as times); printed as JSON with
+    `--json`, or `empty` said when there is nothing: then the caller prints no table (the
+    list it gets back is empty)."""
+    query = {"since": _moment(since, "--since"), "until": _moment(until, "--until"), **params}
+    data: list[Any] = GatewayClient(url).call(
+        "GET", path, params={k: v for k, v in query.items() if v is not None})["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return []
+    if not data:
+        click.echo(empty)
+    return data
+
+
 @click.command()
 @url_option
 @click.option("--since", help="From this time: ISO 8601 (UTC when no offset), or 30m, 2h, 7d ago.")
@@ -274,16 +290,9 @@ def _moment(value: str | None, option: str) -> str | None:
 def audit(url: str | None, since: str | None, until: str | None, model: str | None,
           actor: str | None, action: str | None, limit: int, as_json: bool) -> None:
     """The audit log of a running gateway: admin actions, newest first."""
-    params = {"since": _moment(since, "--since"), "until": _moment(until, "--until"),
-              "model": model, "actor": actor, "action": action, "limit": str(limit)}
-    data = GatewayClient(url).call("GET", "/api/admin/audit",
-                                   params={k: v for k, v in params.items() if v is not None}
-                                   )["data"]
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
+    data = _listing(url, "/api/admin/audit", as_json, "no audit entries", since=since,
+                    until=until, model=model, actor=actor, action=action, limit=str(limit))
     if not data:
-        click.echo("no audit entries")
         return
     rows = [("AT", "ACTOR", "CLIENT", "ACTION", "MODEL", "STATUS", "OUTCOME")]
     rows += [(e["at"][:19] + "Z", e["actor"], e["client"] or "-", e["action"],
@@ -306,16 +315,9 @@ def usage(url: str | None, since: str | None, until: str | None, group_by: str,
     """Usage of a running gateway by key id and model: requests, prompt and completion
     tokens, audio seconds, embedding inputs (hourly counts; a time range takes the hours
     that start in it)."""
-    params = {"since": _moment(since, "--since"), "until": _moment(until, "--until"),
-              "group_by": group_by, "key": key, "model": model}
-    data = GatewayClient(url).call("GET", "/api/admin/usage",
-                                   params={k: v for k, v in params.items() if v is not None}
-                                   )["data"]
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
+    data = _listing(url, "/api/admin/usage", as_json, "no usage", since=since, until=until,
+                    group_by=group_by, key=key, model=model)
     if not data:
-        click.echo("no usage")
         return
     columns = [c for c in ("start", "key_id", "model") if c in data[0]]
     rows = [(*(c.upper() for c in columns), "REQUESTS", "PROMPT", "COMPLETION", "AUDIO_S",
