@@ -50,6 +50,7 @@ class RevisionRow:
     spec_json: str | None  # None for a deletion
     actor: str
     created_at: datetime
+    reason: str | None = None  # a rollback's
 
     def spec(self) -> dict[str, Any] | None:
         if self.spec_json is None:
@@ -101,7 +102,7 @@ def model_row(r: ModelRecord) -> ModelRow:
 
 def revision_row(r: ModelRevision) -> RevisionRow:
     return RevisionRow(r.id, r.model_id, r.version, cast(RevisionAction, r.action), r.spec,
-                       r.actor, r.created_at)
+                       r.actor, r.created_at, r.reason)
 
 
 def desired_row(r: DesiredState) -> DesiredStateRow:

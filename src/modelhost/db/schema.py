@@ -22,7 +22,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ModelSource = Literal["file", "api"]
 """Where a model spec comes from: the models file, or added at run time (admin API)."""
-RevisionAction = Literal["created", "updated", "deleted"]
+# `rollback`: a spec of an earlier version given back (asked, or a failed update undone).
+RevisionAction = Literal["created", "updated", "deleted", "rollback"]
 Desired = Literal["loaded", "unloaded"]
 DownloadState = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -126,6 +127,8 @@ class ModelRevision(Base):
     action: Mapped[str] = mapped_column(sa.String(8))
     actor: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Why (a rollback's: the failure that undid an update, or who asked for it).
+    reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class DesiredState(Base):

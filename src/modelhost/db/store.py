@@ -216,17 +216,22 @@ class Store:
 
     # -- model specs ---------------------------------------------------------------------------
 
-    def upsert_model(self, spec_json: str, model_id: str, source: str, actor: str) -> int:
+    def upsert_model(self, spec_json: str, model_id: str, source: str, actor: str,
+                     rollback: str | None = None) -> int:
         """Store a model's spec (a ``ModelSpec`` as JSON, validated by the caller); returns
         its version.
 
         A new or changed spec (or one given back to a deleted model) gets the next version and
         a revision; an unchanged one (compared as canonical JSON) keeps its version and adds no
-        revision, though ``source`` is updated if it differs.
+        revision, though ``source`` is updated if it differs. With ``rollback`` (why: the
+        failure that undid an update, or who asked), a changed spec's revision is a
+        ``rollback`` one, with that reason.
         """
         check_text("model_id", model_id, MODEL_ID_LENGTH)
         check_one_of("source", source, MODEL_SOURCES)
         check_text("actor", actor, 64)
+        if rollback is not None and not isinstance(rollback, str):
+            raise ValueError(f"rollback must be a reason (a string), not {rollback!r}")
         spec = canonical_spec(spec_json, model_id)
 
         def write(session: Session) -> int:
@@ -244,12 +249,15 @@ class Store:
                 return record.version
             else:
                 action = "created" if record.deleted else "updated"
+                if rollback is not None:
+                    action = "rollback"
                 record.version += 1
                 record.spec = spec
                 record.source = source
                 record.deleted = False
             session.add(ModelRevision(model_id=model_id, version=record.version, spec=spec,
-                                      action=action, actor=actor))
+                                      action=action, actor=actor,
+                                      reason=rollback[:4000] if rollback else None))
             return record.version
 
         return self._retry(write)
