@@ -436,7 +436,8 @@ def _vllm_service(service: Service) -> list[Finding]:
             raw = item.scalar() or ""
             value = interpolate(raw, service.variables).text
             if "$" in raw or "," in value or not value.strip():
-                parts = _split_ids(value) or ["0", "1"]
+                tp = service.vllm.int_value("tensor_parallel_size", 1) if service.vllm else 1
+                parts = _split_ids(value) or [str(n) for n in range(tp or 1)]
                 out.append(Finding(
                     R.GPU_DEVICE_IDS, f"device_ids entry {raw!r} is one id "
                     f"({value!r}), not {len(parts)} GPU id(s)",

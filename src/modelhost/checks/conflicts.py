@@ -2,9 +2,10 @@
 disagree (the audit's two compose files), and different services claiming the same host
 port, container name or GPU.
 
-Services are "the same" when they share a service name or the model they serve across
-files: such files are alternatives for one deployment, so that their shared port and GPUs
-are expected, and what matters is where they disagree. Services whose profiles do not
+Services are "the same" when, in different files, they share a service name, the model they
+serve, a container name, or an image and a host port: such files are alternatives for one
+deployment, so that their shared port and GPUs are expected, and what matters is where they
+disagree. Services whose profiles do not
 overlap are alternatives too (`--profile cpu` or `--profile gpu`).
 """
 
@@ -13,12 +14,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from modelhost.checks import rules as R
-from modelhost.checks.compose import Service, duration_seconds
+from modelhost.checks.compose import Service, duration_seconds, image_ref
 from modelhost.checks.report import Finding
 
 
+def _keys(service: Service) -> set[tuple[str, ...]]:
+    """What makes two services in different files one service described twice: the service
+    name, the model served, the container name, or the same image on the same host port."""
+    keys: set[tuple[str, ...]] = {("name", service.name)}
+    if service.vllm is not None and service.vllm.model:
+        keys.add(("model", service.vllm.model.rstrip("/").rsplit("/", 1)[-1].lower()))
+    name = service.text("container_name")
+    if name:
+        keys.add(("container", name))
+    if service.image:
+        repo = image_ref(service.image)[0]
+        keys |= {("port", repo, p.published) for p in service.ports if p.published}
+    return keys
+
+
 def _groups(services: list[Service]) -> list[int]:
-    """A group number per service: union of same name or same model across files."""
+    """A group number per service: services of different files that share a key."""
     parent = list(range(len(services)))
 
     def find(i: int) -> int:
@@ -27,14 +43,10 @@ def _groups(services: list[Service]) -> list[int]:
             i = parent[i]
         return i
 
+    keys = [_keys(s) for s in services]
     for i, a in enumerate(services):
         for j in range(i):
-            b = services[j]
-            if a.path == b.path:
-                continue
-            same_model = (a.vllm is not None and b.vllm is not None and a.vllm.model
-                          and a.vllm.model == b.vllm.model)
-            if a.name == b.name or same_model:
+            if a.path != services[j].path and keys[i] & keys[j]:
                 parent[find(i)] = find(j)
     return [find(i) for i in range(len(services))]
 

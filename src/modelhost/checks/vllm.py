@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ def parse_argv(tokens: list[tuple[str, int]]) -> tuple[dict[str, Arg], tuple[str
     """vLLM's arguments (by snake_case name) and the positional model, if any."""
     args: dict[str, Arg] = {}
     model: tuple[str, int] | None = None
+    # `sh -c "vllm serve ..."`: the arguments are inside one word.
+    for index, (text, line) in enumerate(tokens):
+        if " " in text.strip() and "vllm" in text:
+            try:
+                words = shlex.split(text)
+            except ValueError:
+                words = text.split()
+            tokens = [(word, line) for word in words] + tokens[index + 1:]
+            break
     i = 0
     while i < len(tokens) and _LAUNCHER.search(tokens[i][0]) and not tokens[i][0].startswith("--"):
         i += 1
@@ -217,14 +227,14 @@ def check(server: VllmServer, cache_dirs: list[Path]) -> list[Finding]:
         best = _BEST.get(method)
         if quant is None and best:
             out.append(Finding(
-                R.QUANT_IMPLICIT, f"{server.model} is a {method.upper()} checkpoint (from "
-                f"{seen_from}) but no quantization is given in {server.name}",
+                R.QUANT_IMPLICIT, f"{server.model} is quantized with {method.upper()} (from "
+                f"{seen_from}) but {server.name} gives no quantization",
                 fix=f"Name the kernel explicitly ({best} for {method.upper()} weights).",
                 replacement=server.set_text("quantization", best), path=path,
                 line=server.model_line))
         elif quant is not None and method in _KERNELS and quant.lower() not in _KERNELS[method]:
             out.append(Finding(
-                R.QUANT_MISMATCH, f"{server.model} is a {method.upper()} checkpoint (from "
+                R.QUANT_MISMATCH, f"{server.model} is quantized with {method.upper()} (from "
                 f"{seen_from}) but quantization is {quant}",
                 fix=f"Use a kernel for {method.upper()} weights: "
                 f"{', '.join(sorted(_KERNELS[method]))}.",
