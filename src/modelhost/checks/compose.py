@@ -81,9 +81,11 @@ class Service:
     vllm: VllmServer | None = None
     variables: Mapping[str, str] = field(default_factory=dict)  # for interpolation
 
+    key_line: int = 0  # the line of the service's name
+
     @property
     def line(self) -> int:
-        return self.node.line
+        return self.key_line or self.node.line
 
     def text(self, key: str) -> str | None:
         node = self.node.get(key)
@@ -156,7 +158,11 @@ def load(path: Path, display: str, environ: Mapping[str, str], text: str) -> Com
     services = root.get("services")
     for name, node in (services.mapping() if services else {}).items():
         if isinstance(node.value, dict):
-            compose.services.append(_service(compose, name, node))
+            service = _service(compose, name, node)
+            service.key_line = services.key_line(name) if services else node.line
+            if service.vllm is not None:
+                service.vllm.line = service.line
+            compose.services.append(service)
     return compose
 
 
@@ -338,7 +344,7 @@ def check_service(service: Service, pins: Mapping[str, str]) -> list[Finding]:
             R.RUNS_AS_ROOT, f"service {service.name} sets no user: the image's user "
             "(root for most images) runs it",
             fix="Set `user:` to an unprivileged uid that can read the model cache.",
-            replacement='user: "1000:1000"', path=path, line=node.line))
+            replacement='user: "1000:1000"', path=path, line=service.line))
     return out
 
 
@@ -359,7 +365,7 @@ def _server(service: Service) -> list[Finding]:
             replacement='healthcheck:\n  test: ["CMD", "curl", "-f", '
             '"http://localhost:8000/health"]\n  interval: 30s\n  timeout: 15s\n'
             f"  retries: 5\n  start_period: {_needed(service)}s",
-            path=path, line=node.line))
+            path=path, line=service.line))
     elif service.vllm is not None:
         start = health.get("start_period")
         seconds = duration_seconds(start.scalar() or "") if start is not None else 0.0
@@ -377,7 +383,7 @@ def _server(service: Service) -> list[Finding]:
         out.append(Finding(
             R.CONTAINER_NAME, f"service {service.name} has no container_name",
             fix="Name the container so that monitoring and runbooks find it.",
-            replacement=f"container_name: {service.name}", path=path, line=node.line))
+            replacement=f"container_name: {service.name}", path=path, line=service.line))
     if service.ports and not _has_key(service):
         for port in service.ports:
             if port.all_interfaces:
@@ -396,10 +402,16 @@ def _needed(service: Service) -> int:
 
 
 def _has_key(service: Service) -> bool:
+    """An API key is configured: vLLM's --api-key, a key variable (or its _FILE form, read
+    by modelhost's image), or a compose secret named like a key."""
     if service.vllm is not None and "api_key" in service.vllm.args:
         return True
-    return any(service.env.get(name, ("", 0))[0] or name in service.env
-               for name in _KEY_VARS)
+    if any(name in service.env or f"{name}_FILE" in service.env for name in _KEY_VARS):
+        return True
+    declared = service.node.get("secrets")
+    names = [(item.get("source") if isinstance(item.value, dict) else item)
+             for item in (declared.sequence() if declared else [])]
+    return any("key" in (n.scalar() or "").lower() for n in names if n is not None)
 
 
 def _vllm_service(service: Service) -> list[Finding]:
@@ -412,7 +424,7 @@ def _vllm_service(service: Service) -> list[Finding]:
             "capabilities: [gpu]) or use runtime: nvidia.",
             replacement="deploy:\n  resources:\n    reservations:\n      devices:\n"
             "        - driver: nvidia\n          device_ids: ['0', '1']\n"
-            "          capabilities: [gpu]", path=path, line=node.line))
+            "          capabilities: [gpu]", path=path, line=service.line))
     ipc = service.text("ipc")
     shm = size_bytes(service.text("shm_size") or "") if node.get("shm_size") else None
     if ipc != "host" and (shm is None or shm < 2**30):
@@ -422,7 +434,7 @@ def _vllm_service(service: Service) -> list[Finding]:
                else "no ipc: host and no shm_size (Docker's default is 64 MB)"),
             fix="Share the host's IPC namespace, or give /dev/shm a few GB.",
             replacement="ipc: host", path=path, line=node.key_line("shm_size")
-            if node.get("shm_size") else node.line))
+            if node.get("shm_size") else service.line))
     out += secrets.in_command(service.raw_tokens, path)
     deploy = node.get("deploy")
     resources = deploy.get("resources") if deploy else None

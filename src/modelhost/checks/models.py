@@ -34,7 +34,8 @@ def check(path: Path, text: str, display: str, cache_dirs: list[Path]) -> list[F
     try:
         root = load_yaml(text, display)
     except YamlError as exc:
-        return [Finding(R.INPUT_UNREADABLE, str(exc), path=display)]
+        return [Finding(R.INPUT_UNREADABLE, str(exc), fix="Fix the syntax at the line named.",
+                        path=display, line=exc.line)]
     try:
         models_file = load_models_file(path)
     except ConfigError as exc:

@@ -92,8 +92,8 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            findings.append(Finding(R.INPUT_UNREADABLE, f"cannot read {display}: {exc}",
-                                    path=display))
+            findings.append(_unreadable(display, f"cannot read {display}: {exc}", None,
+                                        "Make the file readable (UTF-8 text)."))
             continue
         kind = kind_of(path, text)
         if kind == "dockerfile":
@@ -106,7 +106,7 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
             try:
                 parsed = compose.load(path, display, environ, text)
             except YamlError as exc:
-                findings.append(Finding(R.INPUT_UNREADABLE, str(exc), path=display))
+                findings.append(_unreadable(display, str(exc), exc.line))
                 continue
             composes.append(parsed)
             services += parsed.services
@@ -114,11 +114,12 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
             try:
                 load_yaml(text, display)
             except YamlError as exc:
-                findings.append(Finding(R.INPUT_UNREADABLE, str(exc), path=display))
+                findings.append(_unreadable(display, str(exc), exc.line))
         else:
-            findings.append(Finding(
-                R.INPUT_UNREADABLE, f"{display} is neither a compose file (services:), a "
-                "models file (models:), a Dockerfile nor an .env file", path=display))
+            findings.append(_unreadable(
+                display, f"{display} is neither a compose file (services:), a models file "
+                "(models:), a Dockerfile nor an .env file", None,
+                "Name a compose file, a models file, a Dockerfile or an .env file."))
     pins = _pins(services)
     for service in services:
         findings += compose.check_service(service, pins)
@@ -136,6 +137,12 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
         inputs.append("(environment: modelhost settings)")
         findings += models.check_settings(settings)
     return Report("check", _dedupe(findings), inputs)
+
+
+def _unreadable(display: str, message: str, line: int | None,
+                fix: str = "Fix the syntax at the line named (`docker compose config` "
+                "names it too).") -> Finding:
+    return Finding(R.INPUT_UNREADABLE, message, fix=fix, path=display, line=line)
 
 
 def _pins(services: list[compose.Service]) -> dict[str, str]:

@@ -17,6 +17,7 @@ SECRET_NAME = re.compile(
 # Token shapes that are secrets whatever the variable is called.
 TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|"
                    r"xox[bpas]-[A-Za-z0-9-]{10,})")
+_REFERENCE = re.compile(r"_(FILE|PATH|DIR|URL|NAME|ID)$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"^(|<.*>|\*+|x+|changeme|none|null|false|true|0|1)$", re.IGNORECASE)
 
 
@@ -25,6 +26,8 @@ def is_secret(name: str, value: str) -> bool:
     value = value.strip().strip("'\"")
     if "$" in value or _PLACEHOLDER.match(value):
         return False
+    if _REFERENCE.search(name):  # HF_TOKEN_FILE=/run/secrets/hf_token names where it is
+        return bool(TOKEN.search(value))
     return bool(SECRET_NAME.search(name)) or bool(TOKEN.search(value))
 
 

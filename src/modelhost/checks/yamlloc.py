@@ -62,7 +62,11 @@ class Node:
 
 
 class YamlError(Exception):
-    """A file that is not YAML; the message has the line."""
+    """A file that is not YAML; `line` is where the parser gave up (1-based), if known."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 _constructor = yaml.constructor.SafeConstructor()
@@ -108,7 +112,11 @@ def load_yaml(text: str, name: str = "<string>") -> Node | None:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        raise YamlError(f"{name}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark is not None else None
+        raise YamlError(f"{name} is not valid YAML: {problem}"
+                        + (f" (line {line})" if line else ""), line) from None
     return None if root is None else _convert(root)
 
 
