@@ -115,10 +115,11 @@ class Machine:
                                   "api_port": self.port, "config_file": self.config}
         return Settings.with_overrides(**{**values, **overrides})
 
-    def diagnose(self, nvml: Any = None, **overrides: Any) -> Report:
+    def diagnose(self, nvml: Any = None, sys_path: tuple[str, ...] | None = None,
+                 **overrides: Any) -> Report:
         # Without a stand-in, a driver that cannot load (what this machine has).
         nvml = nvml if nvml is not None else HostNvml([], init_error=12)
-        host = Host(root=self.root, environ=self.environ, nvml=nvml)
+        host = Host(root=self.root, environ=self.environ, nvml=nvml, sys_path=sys_path)
         return diagnose(self.settings(**overrides), host)
 
     def engines(self, torch: str | None = "2.5.1+cu124", cuda: str | None = "12.4",
@@ -248,7 +249,16 @@ def test_report_forms(tmp_path: Path) -> None:
     assert [r["ruleId"] for r in results] == ["doctor.hf.token"]
     assert json.loads(run("--format", "json", env=env).output)["score"] == 80
     both = run("--json", "--format", "sarif", env=env)
-    assert both.exit_code == 2 and "exclusive" in both.output
+    assert both.exit_code == 2 and "disagree" in both.output
+    # An info fails only when asked: no token while a hub model is still to download.
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"include_builtin": False, "models": [
+        {"id": "m", "backend": "llamacpp", "source": {"hf": "org/m"}}]}))
+    quiet = {**base_env(tmp_path), "MODELHOST_CONFIG": str(models)}
+    assert run(env=quiet).exit_code == 0
+    written = tmp_path / "report.json"
+    assert run("--fail-on", "info", "--json", "-o", str(written), env=quiet).exit_code == 1
+    assert json.loads(written.read_text())["summary"]["info"] == 2
 
 
 # -- ports -----------------------------------------------------------------------------------
@@ -514,6 +524,20 @@ def test_a_cpu_build_of_torch_for_a_gpu_model(machine: Machine) -> None:
     machine.models(vllm_model(python=python, hf="org/model"))
     assert "is a CPU-only build, but model 'qwen' runs on GPUs" in found(
         machine.diagnose(HostNvml([a100()])), "doctor.gpu.cuda")
+
+
+def test_the_gateways_own_environment(machine: Machine) -> None:
+    """Without GPU models, the gateway's own torch is still compared with the driver."""
+    site = str(next(Path(machine.engines(vllm=None)).parent.parent.glob(
+        "lib/python*/site-packages")))
+    report = machine.diagnose(HostNvml([a100()], cuda=11080), sys_path=(site,))
+    assert "torch 2.5.1+cu124 (the gateway's environment) needs CUDA 12.4" in found(
+        report, "doctor.gpu.cuda")
+    assert outcomes(report, "doctor.vllm.install") == ["not_applicable"]
+    (Path(site) / "torch" / "version.py").write_text("cuda = None\n")
+    report = machine.diagnose(HostNvml([a100()]), sys_path=(site,))
+    assert "no CUDA build of torch or vLLM is installed (torch 2.5.1+cu124 (the gateway's " \
+        "environment): CPU only)" in found(report, "doctor.gpu.cuda", "not_applicable")
 
 
 def test_versions_are_read_from_files(machine: Machine) -> None:

@@ -94,7 +94,7 @@ def check_cuda(ctx: Context) -> list[Finding]:
     elif builds:
         findings.append(passed(GPU_CUDA, f"{driver} runs {seen}"))
     else:
-        findings.append(not_applicable(GPU_CUDA, "neither torch nor vLLM is installed"))
+        findings.append(not_applicable(GPU_CUDA, _no_builds(ctx)))
     if minor:
         findings.append(failed(GPU_CUDA_MINOR, f"{', '.join(minor)}, newer than {driver}: "
                                                "it runs through CUDA minor-version "
@@ -102,8 +102,16 @@ def check_cuda(ctx: Context) -> list[Finding]:
     elif builds:
         findings.append(passed(GPU_CUDA_MINOR, f"no build needs a newer CUDA than {driver}"))
     else:
-        findings.append(not_applicable(GPU_CUDA_MINOR, "neither torch nor vLLM is installed"))
+        findings.append(not_applicable(GPU_CUDA_MINOR, _no_builds(ctx)))
     return findings
+
+
+def _no_builds(ctx: Context) -> str:
+    cpu = [f"torch {env.get('torch')} ({env.name})" for env in ctx.environments.values()
+           if env.get("torch") is not None]
+    if cpu:
+        return f"no CUDA build of torch or vLLM is installed ({', '.join(cpu)}: CPU only)"
+    return "neither torch nor vLLM is installed"
 
 
 def _public(version: str | None) -> str | None:
