@@ -1,0 +1,315 @@
+"""`modelhost check` on the audit's two compose files (tests/fixtures/check/audit, written
+from ../shared/seeds/000_*: every defect the audit names is found) and on their corrected
+versions (nothing at warning level or above); formatting variants of the same files; the
+text, JSON and SARIF reports; the command's exit statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from modelhost.checks.report import Finding, Outcome, Report, Rule, Severity, render
+from modelhost.checks.rules import RULES
+from modelhost.checks.runner import run_check
+from modelhost.cli_check import check
+
+FIXTURES = Path(__file__).parent / "fixtures" / "check"
+FILE1 = "docker-compose-qwen3-medium.yml"
+FILE2 = "configs/docker/profiles/medium.yml"
+
+# Every defect the audit names: (rule id, words of the message, the file it is in).
+AUDIT_DEFECTS = [
+    ("compose.image-unpinned", ["latest"], FILE2),
+    ("compose.conflicting-definitions", ["image", "v0.9.2", "latest"], FILE2),
+    ("compose.conflicting-definitions", ["max-model-len", "70000", "131072"], FILE2),
+    ("compose.conflicting-definitions", ["quantization", "(not set)", "awq_marlin"], FILE2),
+    ("vllm.quantization-implicit", ["AWQ"], FILE1),
+    ("vllm.executor-backend", ["ray"], FILE1),
+    ("compose.conflicting-definitions", ["distributed-executor-backend", "ray", "mp"], FILE2),
+    ("compose.healthcheck-start-period", ["30s", "Qwen/Qwen3-32B-AWQ"], FILE1),
+    ("compose.container-name-missing", ["vllm-medium-qwen3"], FILE1),
+    ("vllm.swap-space", ["swap"], FILE1),
+    ("compose.gpu-device-ids", ["${CUDA_VISIBLE_DEVICES}"], FILE2),
+    ("vllm.gpu-memory-utilization", ["0.97"], FILE2),
+    ("secrets.plaintext", ["HUGGING_FACE_HUB_TOKEN"], FILE1),
+    ("vllm.tensor-parallel-gpus", ["tensor-parallel-size 2", "given 1"], FILE1),
+    ("vllm.tensor-parallel-gpus", ["tensor-parallel-size 2", "given 1"], FILE2),
+]
+
+
+def copy(name: str, tmp: Path) -> Path:
+    """A fixture folder copied out of git (so that .env is not a committed file), with its
+    .env readable by its owner only, as the audit's own checklist wants."""
+    target = tmp / name
+    shutil.copytree(FIXTURES / name, target)
+    (target / ".env").chmod(0o600)
+    return target
+
+
+def check_folder(folder: Path, environ: dict[str, str] | None = None,
+                 files: tuple[str, ...] = (FILE1, FILE2)) -> Report:
+    return run_check([folder / f for f in files], environ=environ or {}, cache_dirs=[])
+
+
+def has(report: Report, rule: str, words: list[str], file: str) -> bool:
+    return any(f.rule.id == rule and f.path is not None and f.path.endswith(file)
+               and f.line is not None and all(w in f.message for w in words)
+               for f in report.failed())
+
+
+@pytest.mark.parametrize(("rule", "words", "file"), AUDIT_DEFECTS,
+                         ids=[f"{r}-{w[0]}" for r, w, _ in AUDIT_DEFECTS])
+def test_every_audit_defect_is_found(tmp_path: Path, rule: str, words: list[str],
+                                     file: str) -> None:
+    report = check_folder(copy("audit", tmp_path))
+    assert has(report, rule, words, file), report.as_text()
+    assert report.exit_status() == 1
+
+
+def test_device_ids_from_the_env_file_say_the_one_id(tmp_path: Path) -> None:
+    report = check_folder(copy("audit", tmp_path), {"CUDA_VISIBLE_DEVICES": "0,1"})
+    found = [f for f in report.failed() if f.rule.id == "compose.gpu-device-ids"]
+    assert found and "'0,1'" in found[0].message
+    assert found[0].replacement == "device_ids: ['0', '1']"
+
+
+def test_the_unpinned_image_gets_the_other_files_version(tmp_path: Path) -> None:
+    report = check_folder(copy("audit", tmp_path))
+    found = next(f for f in report.failed() if f.rule.id == "compose.image-unpinned")
+    assert found.replacement == "image: vllm/vllm-openai:v0.9.2"
+    assert found.line == 8
+
+
+def test_each_audit_file_alone_still_shows_its_own_defects(tmp_path: Path) -> None:
+    folder = copy("audit", tmp_path)
+    alone = {f.rule.id for f in check_folder(folder, files=(FILE1,)).failed()}
+    assert {"compose.healthcheck-start-period", "compose.container-name-missing",
+            "vllm.swap-space", "vllm.executor-backend", "vllm.quantization-implicit",
+            "secrets.plaintext", "vllm.tensor-parallel-gpus"} <= alone
+    alone = {f.rule.id for f in check_folder(folder, files=(FILE2,)).failed()}
+    assert {"compose.image-unpinned", "compose.gpu-device-ids",
+            "vllm.gpu-memory-utilization", "vllm.tensor-parallel-gpus"} <= alone
+
+
+def test_corrected_files_have_no_error_or_warning(tmp_path: Path) -> None:
+    report = check_folder(copy("corrected", tmp_path))
+    serious = [f for f in report.failed() if f.severity is not Severity.INFO]
+    assert serious == [], report.as_text()
+    assert report.exit_status() == 0
+    # The .env beside the root compose file is examined too.
+    assert any(i.endswith(".env") for i in report.inputs)
+
+
+# ------------------------------------------------------------------ formatting variants
+
+def _variant(folder: Path, change: Any) -> None:
+    path = folder / FILE1
+    data = yaml.safe_load(path.read_text())
+    change(data["services"]["vllm-medium-qwen3"])
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _command_list(service: dict[str, Any]) -> None:
+    service["command"] = service["command"].split()
+
+
+def _command_equals(service: dict[str, Any]) -> None:
+    words, out = service["command"].split(), []
+    while words:
+        word = words.pop(0)
+        if word.startswith("--") and words and not words[0].startswith("--"):
+            word = f"{word}={words.pop(0)}"
+        out.append(word)
+    service["command"] = " ".join(out)
+
+
+def _vllm_serve(service: dict[str, Any]) -> None:
+    words = service["command"].split()
+    model = words[words.index("--model") + 1]
+    rest = [w for i, w in enumerate(words) if w != "--model" and w != model]
+    service["command"] = ["vllm", "serve", model, *rest]
+
+
+def _env_mapping(service: dict[str, Any]) -> None:
+    service["environment"] = dict(item.split("=", 1) for item in service["environment"])
+
+
+def _long_ports(service: dict[str, Any]) -> None:
+    service["ports"] = [{"target": 8000, "published": "${VLLM_PORT_MEDIUM:-5002}"}]
+
+
+@pytest.mark.parametrize("change", [_command_list, _command_equals, _vllm_serve, _env_mapping,
+                                    _long_ports])
+def test_formatting_variants_find_the_same(tmp_path: Path, change: Any) -> None:
+    baseline = {f.rule.id for f in check_folder(copy("audit", tmp_path)).failed()}
+    folder = copy("audit", tmp_path / "variant")
+    _variant(folder, change)
+    found = {f.rule.id for f in check_folder(folder).failed()}
+    assert baseline == found, baseline ^ found
+
+
+# ------------------------------------------------------------------ report forms
+
+RULE = Rule("demo.rule", "A demo rule", Severity.WARNING, "Because.")
+ERR = Rule("demo.error", "An error", Severity.ERROR, "It breaks.")
+
+
+def sample() -> Report:
+    return Report("check", [
+        Finding(ERR, "broken", fix="mend it", replacement="a: 1", path="x.yml", line=3),
+        Finding(RULE, "iffy", fix="look", path="x.yml", line=1),
+        Finding(RULE, "fine", outcome=Outcome.PASSED),
+        Finding(ERR, "no GPU", outcome=Outcome.NOT_APPLICABLE),
+    ], ["x.yml"])
+
+
+def test_score_and_exit_status() -> None:
+    report = sample()
+    assert report.score() == 100 - 20 - 5
+    assert report.exit_status() == 1
+    assert [f.message for f in report.failed()] == ["iffy", "broken"]  # by file, then line
+    assert Report("check", [Finding(RULE, "x")] * 30, []).score() == 0
+    assert Report("check", [Finding(RULE, "x")], []).exit_status() == 0
+
+
+def test_text_form() -> None:
+    text = render(sample(), "text")
+    assert "x.yml\n" in text
+    assert "ERROR [demo.error] x.yml:3" in text and "WARNING [demo.rule] x.yml:1" in text
+    assert "why: It breaks." in text and "fix: mend it" in text and "a: 1" in text
+    assert text.splitlines()[-1] == ("modelhost check: 1 input(s), 1 error(s), 1 warning(s), "
+                                     "0 info; score 75/100")
+    assert "\x1b[" not in text and "\x1b[31m" in sample().as_text(color=True)
+
+
+def test_json_form() -> None:
+    data = json.loads(render(sample(), "json"))
+    assert data["tool"] == "check" and data["score"] == 75 and data["exit_status"] == 1
+    assert data["summary"]["error"] == 1 and data["summary"]["passed"] == 1
+    assert data["summary"]["not_applicable"] == 1
+    first = data["findings"][0]
+    assert set(first) >= {"rule", "severity", "outcome", "path", "line", "message", "why",
+                          "fix", "replacement"}
+
+
+def validate_sarif(sarif: dict[str, Any]) -> None:
+    assert sarif["version"] == "2.1.0"
+    assert sarif["$schema"].endswith("sarif-2.1.0.json")
+    assert len(sarif["runs"]) == 1
+    run = sarif["runs"][0]
+    rules = run["tool"]["driver"]["rules"]
+    ids = [r["id"] for r in rules]
+    assert len(ids) == len(set(ids))
+    for rule in rules:
+        assert rule["shortDescription"]["text"] and rule["fullDescription"]["text"]
+        assert rule["defaultConfiguration"]["level"] in ("error", "warning", "note")
+    assert {r["ruleId"] for r in run["results"]} == set(ids)
+    for result in run["results"]:
+        assert ids[result["ruleIndex"]] == result["ruleId"]
+        assert result["level"] in ("error", "warning", "note")
+        assert result["message"]["text"]
+        for location in result.get("locations", []):
+            physical = location["physicalLocation"]
+            assert physical["artifactLocation"]["uri"]
+            assert physical.get("region", {"startLine": 1})["startLine"] >= 1
+
+
+def test_sarif_form() -> None:
+    sarif = json.loads(render(sample(), "sarif"))
+    validate_sarif(sarif)
+    results = sarif["runs"][0]["results"]
+    assert len(results) == 2  # passed and not-applicable findings are no results
+    located = next(r for r in results if r["ruleId"] == "demo.error")
+    assert located["locations"][0]["physicalLocation"] == {
+        "artifactLocation": {"uri": "x.yml"}, "region": {"startLine": 3}}
+
+
+def test_sarif_of_the_audit(tmp_path: Path) -> None:
+    sarif = check_folder(copy("audit", tmp_path)).as_sarif()
+    validate_sarif(sarif)
+    assert {r["ruleId"] for r in sarif["runs"][0]["results"]} <= set(RULES)
+
+
+def test_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format"):
+        render(sample(), "xml")
+
+
+# ------------------------------------------------------------------ the command
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODELHOST_CONFIG", "API_HOST", "MODELHOST_API_HOST", "OPENAI_API_KEYS",
+                 "MODELHOST_OPENAI_API_KEYS", "MODELHOST_ADMIN_KEYS", "CUDA_VISIBLE_DEVICES",
+                 "HUGGING_FACE_HUB_TOKEN", "VLLM_PORT_MEDIUM", "VLLM_API_KEY_MEDIUM",
+                 "CUDA_VISIBLE_DEVICES_MEDIUM"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_command_exit_statuses(tmp_path: Path) -> None:
+    runner = CliRunner()
+    audit = copy("audit", tmp_path)
+    result = runner.invoke(check, [str(audit / FILE1), str(audit / FILE2)])
+    assert result.exit_code == 1, result.output
+    assert "score" in result.output and "compose.image-unpinned" in result.output
+    corrected = copy("corrected", tmp_path)
+    result = runner.invoke(check, [str(corrected / FILE1), str(corrected / FILE2)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(check, ["--fail-on", "info", str(corrected / FILE1)])
+    assert result.exit_code == 1
+    result = runner.invoke(check, [str(tmp_path / "missing.yml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_command_forms(tmp_path: Path) -> None:
+    runner = CliRunner()
+    audit = copy("audit", tmp_path)
+    paths = [str(audit / FILE1), str(audit / FILE2)]
+    as_json = runner.invoke(check, ["--json", *paths])
+    as_format = runner.invoke(check, ["--format", "json", *paths])
+    assert json.loads(as_json.output) == json.loads(as_format.output)
+    assert json.loads(as_json.output)["exit_status"] == 1
+    sarif = runner.invoke(check, ["--format", "sarif", *paths])
+    validate_sarif(json.loads(sarif.output))
+    out = tmp_path / "report.sarif"
+    runner.invoke(check, ["--format", "sarif", "-o", str(out), *paths])
+    validate_sarif(json.loads(out.read_text()))
+    assert runner.invoke(check, ["--json", "--format", "sarif", *paths]).exit_code == 2
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_command_with_no_path_examines_the_folder_and_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = copy("audit", tmp_path)
+    (folder / "Dockerfile").write_text("FROM vllm/vllm-openai\n")
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  - id: q\n    backend: vllm\n    source: {hf: Qwen/Qwen3-32B}\n"
+                      "    gpus: [0]\n    engine_args: {gpu_memory_utilization: 0.99}\n")
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MODELHOST_CONFIG", str(models))
+    monkeypatch.setenv("API_HOST", "0.0.0.0")
+    result = CliRunner().invoke(check, ["--json"])
+    data = json.loads(result.output)
+    rules = {f["rule"] for f in data["findings"]}
+    assert {"compose.healthcheck-start-period", "dockerfile.base-image-unpinned",
+            "vllm.gpu-memory-utilization", "settings.exposed-without-keys"} <= rules
+    assert FILE1 in data["inputs"] and ".env" in data["inputs"] and "Dockerfile" in data["inputs"]
+    assert result.exit_code == 1
+
+
+def test_docs_list_every_rule() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "check.md").read_text()
+    for rule in RULES.values():
+        assert f"`{rule.id}`" in docs, f"{rule.id} is missing from docs/check.md"
+        row = next((line for line in docs.splitlines() if line.startswith(f"| `{rule.id}`")),
+                   "")
+        assert f"| {rule.severity.value} |" in row, f"{rule.id}: severity not in its row"
