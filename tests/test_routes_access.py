@@ -48,6 +48,8 @@ OWNERS: dict[tuple[str, str], str] = {
     ("POST", "/api/admin/models/{model_id:path}/load"): ADMIN,
     ("POST", "/api/admin/models/{model_id:path}/unload"): ADMIN,
     ("DELETE", "/api/admin/models/{model_id:path}/cache"): ADMIN,
+    ("POST", "/api/admin/models/{model_id:path}/rollback"): ADMIN,
+    ("POST", "/api/admin/reload"): ADMIN,
     ("GET", "/api/admin/models/{model_id:path}"): ADMIN,
     ("PUT", "/api/admin/models/{model_id:path}"): ADMIN,
     ("DELETE", "/api/admin/models/{model_id:path}"): ADMIN,

@@ -7,9 +7,12 @@ on the admin API's bodies (`AdminBodyLimit`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -137,6 +140,41 @@ TAGS = [
 ]
 
 
+@contextlib.contextmanager
+def _on_hangup(gateway: Gateway) -> Iterator[None]:
+    """SIGHUP reloads the models file (`Gateway.reload`), as `modelhost reload` does, while
+    the app runs. Only where the app runs on the main thread's loop (`modelhost serve`);
+    elsewhere (a test server in a thread) signals are not this app's to take."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        log.info("SIGHUP: reloading the models file")
+        try:
+            await gateway.reload()
+        except ModelhostError as exc:  # an invalid file: logged by the reload
+            log.error("SIGHUP: reload refused: %s", exc.message)
+        except Exception:
+            log.exception("SIGHUP: reload failed")
+
+    def hangup() -> None:
+        task = loop.create_task(reload(), name="sighup-reload")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        yield  # not the main thread, or no SIGHUP on this platform
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in tasks:
+            task.cancel()
+
+
 def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     if catalog is None:
         catalog = Catalog.from_file(settings.config_file)
@@ -189,7 +227,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         gc.collect()
         gc.freeze()
         try:
-            yield
+            with _on_hangup(gateway):
+                yield
         finally:
             await ledger.stop()  # what was counted goes to the database before it closes
             await gateway.close()

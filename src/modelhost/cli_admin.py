@@ -171,12 +171,48 @@ def rm(client: GatewayClient, model: str, yes: bool) -> None:
     click.echo(f"{model}: freed {_gib(freed) if freed >= 2**30 else f'{freed / 2**20:.1f} MiB'}")
 
 
+@models.command()
+@click.argument("model")
+@click.option("--to", "version", type=click.IntRange(min=1),
+              help="The version to go back to (`modelhost models history MODEL`); default: "
+                   "the spec before the current one.")
+@json_option
+@click.pass_obj
+@_gateway_errors
+def rollback(client: GatewayClient, model: str, version: int | None, as_json: bool) -> None:
+    """Serve an earlier spec of MODEL again, through a blue-green update (the new version
+    is probed before it serves; a failure keeps the current one)."""
+    card = client.call("POST", f"/api/admin/models/{model}/rollback",
+                       json={"version": version})
+    _print_card(card, as_json)
+
+
+@models.command()
+@click.argument("model")
+@json_option
+@click.pass_obj
+@_gateway_errors
+def history(client: GatewayClient, model: str, as_json: bool) -> None:
+    """Every version of MODEL's spec: created, updated, rolled back (and why), deleted."""
+    data = client.call("GET", f"/api/admin/models/{model}/history")["data"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("VERSION", "ACTION", "ACTOR", "AT", "REASON")]
+    rows += [(str(h["version"]), h["action"], h["actor"], h["created_at"][:19] + "Z",
+              h.get("reason") or "-") for h in data]
+    _table(rows)
+
+
 def _print_card(card: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(card, indent=2))
         return
     gpus = ",".join(map(str, card.get("gpus") or [])) or "cpu"
     click.echo(f"{card['id']}: {card['state']} ({gpus})")
+    rollout = card.get("rollout") or {}
+    if rollout.get("warning"):
+        click.echo(f"warning: {rollout['warning']}", err=True)
 
 
 @click.command()
@@ -328,8 +364,35 @@ def usage(url: str | None, since: str | None, until: str | None, group_by: str,
     _table(rows)
 
 
+@click.command()
+@url_option
+@json_option
+@_gateway_errors
+def reload(url: str | None, as_json: bool) -> None:
+    """Make a running gateway read its models file again (as SIGHUP does): an invalid file
+    changes nothing; changed models are updated blue-green, new ones added, removed ones
+    removed."""
+    result = GatewayClient(url).call("POST", "/api/admin/reload")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for model_id in result["added"]:
+        click.echo(f"{model_id}: added")
+    for model_id in result["removed"]:
+        click.echo(f"{model_id}: removed")
+    for model_id, rollout in result["changed"].items():
+        outcome = f"rolled back: {rollout['reason']}" if rollout["state"] == "rolled_back" \
+            else f"updated ({rollout['mode']}, {rollout['state']})"
+        click.echo(f"{model_id}: {outcome}")
+        if rollout.get("warning"):
+            click.echo(f"warning: {rollout['warning']}", err=True)
+    click.echo(f"{len(result['unchanged'])} model(s) unchanged")
+    if any(r["state"] == "rolled_back" for r in result["changed"].values()):
+        raise click.exceptions.Exit(1)
+
+
 def register(cli: click.Group) -> None:
-    for command in (models, gpus, token, audit, usage):
+    for command in (models, gpus, token, audit, usage, reload):
         cli.add_command(command)
 
 

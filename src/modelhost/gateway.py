@@ -4,9 +4,11 @@ Every operation goes through a model's owner (`Model.want`), so an admin load, a
 idle unload and a request can never race each other.
 
 What the admin API may set is `admin_policy`'s (code on the host, remote URLs); secrets are
-redacted in every answer, event and log line (`redaction`); a spec change (PUT, DELETE) is
-answered only once it is committed to the state database, and changes nothing when that
-write fails (503, `state_not_saved`).
+redacted in every answer, event and log line (`redaction`); a spec change (PUT, DELETE, a
+rollback, a reload) is committed to the state database before it is applied, and changes
+nothing when that write fails (503, `state_not_saved`). A loaded model whose spec changes is
+updated blue-green (`registry.rollout`): the answer comes once the new version serves, or
+once the update was rolled back (409 `update_rolled_back`, with the reason).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from pydantic import ValidationError
 
 from modelhost.admin_policy import RemotePolicy, check_code, remote_url
 from modelhost.catalog import Catalog
-from modelhost.config import UNION_TAGS, HubSource, ModelSpec
+from modelhost.config import (
+    UNION_TAGS,
+    ConfigError,
+    HubSource,
+    ModelsFile,
+    ModelSpec,
+    load_models_file,
+)
 from modelhost.downloads import DownloadError
 from modelhost.errors import (
     InvalidRequest,
@@ -37,10 +46,19 @@ from modelhost.events import EventBus
 from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
-from modelhost.redaction import Scrubber, ScrubFilter, redact_spec, restore_masked, secret_texts
+from modelhost.redaction import (
+    MASK,
+    Scrubber,
+    ScrubFilter,
+    redact_spec,
+    restore_masked,
+    secret_texts,
+)
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, Pin, Target
 from modelhost.registry.registry import Registry
+from modelhost.registry.reload import ReloadError, plan
+from modelhost.registry.rollout import Callbacks, Rollout, Rollouts, RolloutSettings
 from modelhost.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +85,12 @@ class Conflict(ModelhostError):
     code = "conflict"
 
 
+class RolledBack(Conflict):
+    """An update that failed and was undone: the old version serves."""
+
+    code = "update_rolled_back"
+
+
 class Gateway:
     def __init__(self, registry: Registry, events: EventBus, persistence: Persistence,
                  hub: HubService, settings: Settings) -> None:
@@ -91,6 +115,10 @@ class Gateway:
         # Remote models added through the API are checked again at every load.
         registry.ctx = dataclasses.replace(registry.ctx, remote_policy=self._remote_policy)
         registry.add_listener(self._remember_desired)
+        # Blue-green updates; the models file's specs as last read (what a reload compares).
+        self.rollouts = Rollouts(registry, RolloutSettings.from_settings(settings),
+                                 Callbacks(self._rollout_step, self._rolled_back))
+        self.file_specs: dict[str, ModelSpec] = {}
 
     def _remote_policy(self, spec: ModelSpec) -> RemotePolicy | None:
         return self.remote_policy if spec.id in self.api_models else None
@@ -115,6 +143,7 @@ class Gateway:
         await p.open()
         await p.move_secrets_out()
         await p.record_specs(list(self.catalog.models), actor="config-file", source="file")
+        self.file_specs = {spec.id: spec for spec in self.catalog.models}
         for spec in await p.api_specs():
             try:
                 self.catalog.put(spec)
@@ -142,6 +171,7 @@ class Gateway:
     async def close(self) -> None:
         self.closing = True  # a shutdown is not an unload: desired states stay as they are
         await self.hub.downloader.close()  # partial files stay; the next start resumes them
+        await self.rollouts.close()
         await self.registry.close()
         await self.persistence.close()
         for handler in logging.getLogger().handlers:
@@ -167,6 +197,7 @@ class Gateway:
                            code="model_not_found")
         return [{"version": r.version, "action": r.action, "actor": r.actor,
                  "created_at": r.created_at.isoformat(),
+                 "reason": self.scrub(r.reason) if r.reason else None,
                  "spec": self.scrub.value(redact_spec(json.loads(r.spec_json)))
                  if r.spec_json else None}
                 for r in rows]
@@ -221,6 +252,8 @@ class Gateway:
                 "uptime_seconds": round(time.monotonic() - worker.started_at, 1),
             },
             "spec": redact_spec(spec_dict(model.spec)),
+            "rollout": self.scrub.value(rollout.as_dict())
+            if (rollout := self.rollouts.last.get(model.spec.id)) is not None else None,
         }
 
     def cards(self) -> list[dict[str, Any]]:
@@ -347,8 +380,9 @@ class Gateway:
         return spec
 
     async def put_model(self, spec: ModelSpec) -> dict[str, Any]:
-        """Add a model or change one; a loaded model whose spec changes is restarted.
-        Answers once the change is committed; a failed write changes nothing (503)."""
+        """Add a model or change one; a loaded model whose spec changes is updated
+        blue-green (module docstring). The change is committed first; a failed write changes
+        nothing (503)."""
         async with self._changes:
             existing = self.catalog.get(spec.id)
             if existing is not None and existing.id != spec.id:
@@ -362,6 +396,7 @@ class Gateway:
                     raise Conflict(f"name '{name}' is already used by model '{owner.id}'")
             if existing is not None:
                 spec = self._keep_secrets(existing, spec)
+                self._not_updating(spec.id)
             url = remote_url(spec)
             if url is not None:
                 await self.remote_policy.check(url)
@@ -370,12 +405,140 @@ class Gateway:
                 body, spec.id, source="api", actor="admin-api"))
             self.api_models.add(spec.id)
             try:
-                model = await self.registry.put(spec)
+                if existing is None:
+                    return self.card(await self.registry.put(spec))
+                return self._updated(await self.rollouts.update(spec))
             except ValueError as exc:  # cannot happen: the names were checked above
                 raise Conflict(str(exc)) from None
             finally:
                 self._refresh_secrets()
-            return self.card(model)
+
+    def _not_updating(self, model_id: str) -> None:
+        running = self.rollouts.running(model_id)
+        if running is not None:
+            raise Conflict(f"model '{model_id}' is being updated ({running.state}); try "
+                           f"again once its update is done (its card's `rollout`)",
+                           retry_after=max(1, int(self.rollouts.settings.watch_seconds)))
+
+    def _updated(self, rollout: Rollout) -> dict[str, Any]:
+        """The answer to an update: the card with its rollout, or 409 when rolled back."""
+        if rollout.rolled_back:
+            raise RolledBack(f"the update of model '{rollout.model}' was rolled back: "
+                             f"{self.scrub(rollout.reason or '')}")
+        return self.card(self.registry.models[rollout.model])
+
+    def _rollout_step(self, rollout: Rollout) -> None:
+        self.events.publish("rollout", **rollout.as_dict())
+
+    async def _rolled_back(self, rollout: Rollout, spec: ModelSpec) -> None:
+        """A failed update restored `spec`: recorded as a rollback revision, with why."""
+        api = spec.id in self.api_models
+        body, reason = spec_json(spec), rollout.reason or "the update failed"
+        await self._commit(spec.id, spec_secrets(spec) if api else None,
+                           lambda store: store.upsert_model(
+                               body, spec.id, source="api" if api else "file",
+                               actor="rollout", rollback=reason))
+        self._refresh_secrets()
+
+    async def rollback(self, model_id: str, version: int | None) -> dict[str, Any]:
+        """Serve an earlier version's spec again (default: the one before the current
+        spec), through the same blue-green path as any update."""
+        async with self._changes:
+            model = self.model(model_id)
+            current = model.spec
+            rows = await self.persistence.now(lambda store: store.history(current.id))
+            now = spec_json(current)
+            candidates = [r for r in rows if r.spec_json is not None
+                          and (version is None or r.version == version)]
+            if version is None:  # the latest spec before the current one
+                candidates = [r for r in candidates
+                              if json.loads(r.spec_json or "") != json.loads(now)][-1:]
+            if not candidates:
+                raise NotFound(f"model '{current.id}' has no version {version} to go back "
+                               f"to" if version is not None else
+                               f"model '{current.id}' has no earlier spec", param="version")
+            row = candidates[0]
+            data = restore_masked(row.spec() or {}, spec_secrets(current))
+            if MASK in json.dumps(data):
+                raise Conflict(f"version {row.version} of model '{current.id}' had secrets "
+                               "that are no longer known; PUT its spec with them instead")
+            try:
+                spec = ModelSpec.model_validate(data)
+            except ValidationError as exc:
+                details, _ = validation_message(exc.errors(), drop=UNION_TAGS, whole="spec")
+                raise Conflict(f"version {row.version} of model '{current.id}' is no longer "
+                               f"a valid spec: {details}") from None
+            if json.loads(spec_json(spec)) == json.loads(now):
+                raise Conflict(f"model '{current.id}' already serves the spec of version "
+                               f"{row.version}")
+            for name in spec.names:
+                owner = self.catalog.get(name)
+                if owner is not None and owner.id != spec.id:
+                    raise Conflict(f"name '{name}' is now used by model '{owner.id}'")
+            self._not_updating(spec.id)
+            api = spec.id in self.api_models
+            body = spec_json(spec)
+            await self._commit(spec.id, spec_secrets(spec) if api else None,
+                               lambda store: store.upsert_model(
+                                   body, spec.id, source="api" if api else "file",
+                                   actor="admin-api",
+                                   rollback=f"rollback to version {row.version}, asked"))
+            try:
+                return self._updated(await self.rollouts.update(spec))
+            finally:
+                self._refresh_secrets()
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the models file again and apply what changed in it (`registry.reload`):
+        nothing at all when it is invalid (400 `invalid_models_file`, logged)."""
+        path = self.settings.config_file
+        try:
+            models_file = await asyncio.to_thread(load_models_file, path) \
+                if path is not None else ModelsFile()
+            declared = Catalog.build(models_file).models
+            async with self._changes:
+                current = {m.spec.id: m.spec for m in self.registry.models.values()}
+                todo = plan(self.file_specs, declared, current, self.api_models)
+                for spec in todo.changed:
+                    self._not_updating(spec.id)
+                return await self._apply(todo, declared)
+        except (ConfigError, ReloadError) as exc:
+            log.error("reload: the models file is not applied, nothing changed: %s", exc)
+            raise InvalidRequest(f"the models file was not applied, nothing changed: {exc}",
+                                 code="invalid_models_file") from None
+
+    async def _apply(self, todo: Any, declared: tuple[ModelSpec, ...]) -> dict[str, Any]:
+        specs = [*todo.added, *todo.changed]
+
+        def write(store: Any) -> None:
+            for spec in specs:
+                store.upsert_model(spec_json(spec), spec.id, source="file",
+                                   actor="config-file")
+            for model_id in todo.removed:
+                store.delete_model(model_id, actor="config-file")
+
+        try:
+            await self.persistence.now(write)
+        except Exception as exc:
+            log.error("reload: could not record the models file: %s", self.scrub(str(exc)))
+            raise NotSaved("the models file could not be recorded in the state database, so "
+                           "it was not applied; retry later", retry_after=5) from None
+        for model_id in todo.taken_over:
+            self.api_models.discard(model_id)
+        for model_id in todo.removed:
+            await self.registry.remove(model_id)
+        for spec in todo.added:
+            await self.registry.put(spec)
+        self.file_specs = {spec.id: spec for spec in declared}
+        rollouts = await asyncio.gather(*(self.rollouts.update(s) for s in todo.changed))
+        self._refresh_secrets()
+        result = {"added": [s.id for s in todo.added], "removed": todo.removed,
+                  "unchanged": todo.unchanged,
+                  "changed": {r.model: self.scrub.value(r.as_dict()) for r in rollouts}}
+        log.info("reload: %d added, %d changed (%d rolled back), %d removed, %d unchanged",
+                 len(todo.added), len(rollouts), sum(r.rolled_back for r in rollouts),
+                 len(todo.removed), len(todo.unchanged))
+        return result
 
     @staticmethod
     def _keep_secrets(existing: ModelSpec, spec: ModelSpec) -> ModelSpec:

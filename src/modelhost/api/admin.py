@@ -29,6 +29,12 @@ class LoadRequest(BaseModel):
                           "asked before.")
 
 
+class RollbackRequest(BaseModel):
+    version: int | None = Field(
+        None, ge=1, description="The version (from the model's history) whose spec serves "
+                                "again; null: the spec before the current one.")
+
+
 class TokenBody(BaseModel):
     token: str = Field(description="A Hugging Face access token (hf_...). Never returned.")
 
@@ -77,6 +83,17 @@ def admin_router(gateway: Gateway) -> APIRouter:
                  summary="Stop a model's worker")
     async def unload(model_id: str, wait: bool = Query(True)) -> dict[str, Any]:
         return await gateway.unload(model_id, wait=wait)
+
+    @router.post("/models/{model_id:path}/rollback", tags=["models"],
+                 summary="Serve an earlier version's spec again (blue-green, like any update)")
+    async def rollback(model_id: str, body: RollbackRequest | None = Body(None)  # noqa: B008
+                       ) -> dict[str, Any]:
+        return await gateway.rollback(model_id, body.version if body is not None else None)
+
+    @router.post("/reload", tags=["models"],
+                 summary="Read the models file again and apply what changed in it")
+    async def reload() -> dict[str, Any]:
+        return await gateway.reload()
 
     @router.delete("/models/{model_id:path}/cache", tags=["downloads"],
                    summary="Delete a model's files from the cache")

@@ -58,3 +58,15 @@ class NotReadyYet(LifecycleError):
 
 class UnloadedWhileLoading(LifecycleError):
     """The model was unloaded (or the gateway began to stop) while the caller waited."""
+
+
+def not_downloaded(model_id: str, state: str, progress: dict[str, object] | None
+                   ) -> LifecycleError:
+    """Why a model whose weights are not cached (`state`: absent, downloading or failed)
+    cannot serve: downloading (with the percentage done when known) or not downloaded."""
+    if state == "downloading":
+        done, total = (progress or {}).get("bytes_done"), (progress or {}).get("bytes_total")
+        percent = 100 * done / total \
+            if isinstance(done, int) and isinstance(total, int) and total else None
+        return Downloading(model_id, retry_after=30, percent=percent)
+    return NotDownloaded(model_id, retry_after=60, download_failed=state == "failed")

@@ -21,34 +21,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from modelhost.admin_policy import RemotePolicy
 from modelhost.admission import Admission
 from modelhost.catalog import SourceUnavailable, local_weights
 from modelhost.config import Backend, HubSource, ModelSpec
 from modelhost.gpu.placement import PlacementError
 from modelhost.gpu.scheduler import Scheduler
+from modelhost.registry.context import (
+    DownloadCancelled,
+    DownloadFn,
+    ModelContext,
+    Pin,
+    Progress,
+    Target,
+)
 from modelhost.registry.errors import (
-    Downloading,
-    LifecycleError,
     ModelFailed,
-    NotDownloaded,
     NotReadyYet,
     UnloadedWhileLoading,
+    not_downloaded,
 )
 from modelhost.registry.lifecycle import State, check_transition
-from modelhost.upstream import UpstreamClient
-from modelhost.workers.launchers import (
-    Launcher,
-    LocalProcessLauncher,
-    RemoteLauncher,
-    Worker,
-)
+from modelhost.workers.launchers import Launcher, RemoteLauncher, Worker
 from modelhost.workers.process import BackendConfigError, WorkerStartError
+
+__all__ = ["DownloadCancelled", "DownloadFn", "Listener", "Model", "ModelContext", "Pin",
+           "Progress", "Target"]
 
 log = logging.getLogger(__name__)
 
@@ -57,54 +58,6 @@ HEALTHY_UPTIME = 60.0
 MAX_BACKOFF = 30.0
 # A failed model is retried by the next request only after this many seconds.
 FAILED_RETRY_AFTER = 10.0
-
-
-class Target(StrEnum):
-    """What the owner drives the model towards."""
-
-    stopped = "stopped"  # no worker (weights left where they are)
-    cached = "cached"    # weights on disk, no worker (a download was asked for)
-    ready = "ready"      # a worker answering requests
-
-
-@dataclass(frozen=True)
-class Pin:
-    """The GPUs a load request asks for (`gpu_device_ids`); None: the spec's own again."""
-
-    gpus: tuple[int, ...] | None
-
-
-class DownloadCancelled(Exception):
-    """The download was cancelled; the model goes back to `absent`."""
-
-
-Progress = Callable[[dict[str, object]], None]
-# Fetches a model's weights into the cache, reporting progress (HubService.download).
-DownloadFn = Callable[[str, HubSource, Progress], Awaitable[Path]]
-
-
-@dataclass(frozen=True)
-class ModelContext:
-    cache_dir: Path
-    log_dir: Path
-    stop_timeout: float
-    download: DownloadFn
-    hf_token: Callable[[], str | None] = lambda: None
-    # Longest audio a speech or diarization worker accepts (settings.max_audio_seconds).
-    max_audio_seconds: float = 4 * 3600.0
-    # Worker log rotation (settings.worker_log_bytes, settings.worker_log_backups).
-    worker_log_bytes: int = 10 * 1024 * 1024
-    worker_log_backups: int = 3
-    # Where a remote model may connect (None: anywhere, as the models file says); the
-    # gateway gives the policy of `admin_policy` for the models added through the API.
-    remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
-    # The gateway's HTTP client (the relay's): remote servers' readiness probes.
-    client: UpstreamClient = field(default_factory=UpstreamClient)
-
-    def local_launcher(self) -> LocalProcessLauncher:
-        return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
-                                    self.max_audio_seconds, self.worker_log_bytes,
-                                    self.worker_log_backups)
 
 
 Listener = Callable[["Model", State], None]
@@ -128,6 +81,7 @@ class Model:
         self.last_used = time.monotonic()  # requests mark their uses (ready_upstream, release)
         self.usage: dict[str, float] = {}  # audio_seconds, input_tokens (`count`)
         self.listeners: list[Listener] = []
+        self.name = spec.id  # in log lines (a rollout names its versions: "m (new version)")
         # The owner's own: read through the properties below.
         self._state = State.cached
         self._last_error: str | None = None
@@ -145,6 +99,14 @@ class Model:
         self._target = Target.stopped
         self._retry = False
         self._recheck: asyncio.Future[None] | None = None
+        # Blue-green updates (`rollout`): a trial version gets one start attempt, and the
+        # rollout decides (`trial_error`); see `hold`, `gate`, `retire`.
+        self.trial = False
+        self.trial_error: BaseException | None = None
+        self._gated = self._held = False
+        self._successor: Model | None = None
+        # What the rollout's watch reads: answers (and 5xx among them), worker crashes.
+        self.answers = self.errors = self.crashes = 0
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -175,6 +137,8 @@ class Model:
     def connect_to(self) -> tuple[str, ...] | None:
         """A remote added through the admin API: the addresses its URL was checked to
         resolve to at load, where the relay connects (None: resolve the name)."""
+        if self._successor is not None:
+            return self._successor.connect_to
         return self._worker.connect_to if self._worker is not None else None
 
     @property
@@ -206,8 +170,8 @@ class Model:
 
     @property
     def busy(self) -> bool:
-        """Requests at the worker or queued for it."""
-        return bool(self.admission.active or self.admission.waiting)
+        """Requests at the worker or queued for it (or held by a rollout: never evicted)."""
+        return bool(self.admission.active or self.admission.waiting) or self._held
 
     @property
     def starting(self) -> bool:
@@ -242,8 +206,11 @@ class Model:
         load. Waits at most `timeout` seconds (NotReadyYet); a load that fails raises
         ModelFailed; a model not downloaded (requests never download) NotDownloaded or
         Downloading: the `LifecycleError`s of `registry.errors`, which the API layer turns
-        into HTTP answers (`api.lifecycle`).
+        into HTTP answers (`api.lifecycle`). A model retired by a rollout hands its callers
+        to the version that replaced it.
         """
+        if self._successor is not None:
+            return await self._successor.ensure_ready(timeout)
         upstream = self.ready_upstream()
         if upstream is not None:
             return upstream
@@ -256,11 +223,13 @@ class Model:
                 self._state is State.failed and self._weights is None
                 and isinstance(self.spec.source, HubSource)):
             # Requests never download: a failed download is retried by the admin API only.
-            raise self._not_downloaded()
+            raise not_downloaded(self.spec.id, self._state.value, self._download_progress)
         failures = self._failures
         self.want(Target.ready)
         deadline = time.monotonic() + timeout
         while True:
+            if self._successor is not None:
+                return await self._successor.ensure_ready(max(deadline - time.monotonic(), 0))
             if self._state is State.ready and self._upstream is not None:
                 return self._upstream
             if self._state is State.failed and self._failures != failures:
@@ -277,6 +246,8 @@ class Model:
     def ready_upstream(self) -> str | None:
         """The worker's base URL if the model is ready now (counting as a use), else None;
         never waits and never starts a load."""
+        if self._successor is not None:
+            return self._successor.ready_upstream()
         self.last_used = time.monotonic()
         if self._state is State.ready:
             return self._upstream
@@ -291,15 +262,35 @@ class Model:
         """Add what a request consumed (`audio_seconds`, `input_tokens`) to the usage."""
         self.usage[key] = self.usage.get(key, 0.0) + amount
 
-    def _not_downloaded(self) -> LifecycleError:
-        if self._state is State.downloading:
-            progress = self._download_progress or {}
-            done, total = progress.get("bytes_done"), progress.get("bytes_total")
-            percent = 100 * done / total \
-                if isinstance(done, int) and isinstance(total, int) and total else None
-            return Downloading(self.spec.id, retry_after=30, percent=percent)
-        return NotDownloaded(self.spec.id, retry_after=60,
-                             download_failed=self._state is State.failed)
+    def answered(self, status: int) -> None:
+        """A request relayed to this version ended with `status` (a rollout's watch reads
+        the share of 5xx)."""
+        self.answers += 1
+        if status >= 500:
+            self.errors += 1
+
+    # -- what a rollout asks (`rollout`) -----------------------------------------------
+
+    def hold(self, held: bool) -> None:
+        """While held, never evicted for room nor unloaded for idleness."""
+        self._held = held
+
+    def gate(self) -> None:
+        """Do not start a worker until `open_gate` (requests may wait for it meanwhile)."""
+        self._gated = True
+
+    def open_gate(self) -> None:
+        self._gated = False
+        self._wake.set()
+
+    def retire(self, successor: Model) -> None:
+        """This version no longer serves: callers that still hold it (a request resolved a
+        moment before the switch, one queued for a worker that crashed) are handed to
+        `successor`; those already at its worker finish there."""
+        self._successor = successor
+        self.listeners = []
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def changed(self) -> None:
         """Return at the next state change."""
@@ -350,6 +341,8 @@ class Model:
         """After a connection to the worker at `base` failed: wait briefly for the owner to
         notice the worker's exit. True once it has (a restart is under way, and the next
         `ensure_ready` waits for it instead of returning the dead worker's URL)."""
+        if self._successor is not None:
+            return await self._successor.worker_lost(base, grace)
         worker = self._worker
         if worker is not None and not worker.watched:  # a remote server: nothing to restart
             return False
@@ -377,11 +370,11 @@ class Model:
             self._failures += 1
             self._failed_at = time.monotonic()
             self._last_error = error
-            log.error("model %s failed: %s", self.spec.id, error)
+            log.error("model %s failed: %s", self.name, error)
         elif error:
             self._last_error = error
         if old is not new:
-            log.info("model %s: %s -> %s", self.spec.id, old, new)
+            log.info("model %s: %s -> %s", self.name, old, new)
         self._changed.set()
         self._changed = asyncio.Event()
         for listener in self.listeners:
@@ -396,7 +389,7 @@ class Model:
                     await self._look_again()
                 elif state is State.absent and target is not Target.stopped:
                     await self._download()
-                elif state is State.cached and target is Target.ready:
+                elif state is State.cached and target is Target.ready and not self._gated:
                     await self._launch()
                 elif state is State.ready and target is Target.ready and not self.moving:
                     await self._watch()
@@ -472,6 +465,9 @@ class Model:
             try:
                 self._upstream = await self._start_once()
             except (WorkerStartError, BackendConfigError, PlacementError, OSError) as exc:
+                if self.trial:
+                    await self._trial_failed(exc)
+                    continue
                 permanent = isinstance(exc, BackendConfigError | PlacementError | OSError) or \
                     (isinstance(exc, WorkerStartError) and exc.permanent)
                 if permanent:
@@ -490,6 +486,13 @@ class Model:
         self._set(State.stopping)
         await self._stop_worker()
         self._set(State.cached)
+
+    async def _trial_failed(self, exc: BaseException) -> None:
+        """A trial version's start failed: no retry, no `failed` (callers that wait for it
+        keep waiting), until the rollout retires it (its callers then go elsewhere)."""
+        self.trial_error = exc
+        self._set(State.starting, str(exc))
+        await self._until_unwanted()
 
     def _start_failed(self, error: str) -> None:
         """The start failed for good. A load that asked for a new pin leaves the model as
@@ -534,7 +537,7 @@ class Model:
         self._restarts += 1
         delay = min(0.5 * 2 ** (self._restarts - 1), MAX_BACKOFF)
         self._last_error = reason
-        log.warning("model %s: %s; restart %d/%d in %.1f s", self.spec.id, reason,
+        log.warning("model %s: %s; restart %d/%d in %.1f s", self.name, reason,
                     self._restarts, self.spec.max_restarts, delay)
         self._set(State.starting)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -563,6 +566,7 @@ class Model:
         if not exited.done() or exited.cancelled():
             return
         code = exited.result()
+        self.crashes += 1
         uptime = time.monotonic() - worker.started_at
         reason = f"worker exited with status {code}"
         tail = worker.tail(8)
@@ -570,7 +574,7 @@ class Model:
         self._upstream = None
         if uptime > HEALTHY_UPTIME:
             self._restarts = 0
-        log.warning("model %s: %s after %.0f s%s", self.spec.id, reason, uptime,
+        log.warning("model %s: %s after %.0f s%s", self.name, reason, uptime,
                     f"; last output:\n{tail}" if tail else "")
         if self._restarts >= self.spec.max_restarts:
             self._set(State.failed, f"{reason}; gave up after {self._restarts} restart(s)")

@@ -1,5 +1,11 @@
 """The registry: every model (its owner, `model.Model`), the GPU scheduler they share, the
-idle reaper, start and shutdown."""
+idle reaper, start and shutdown.
+
+A blue-green update (`rollout`) runs a second version of a model beside the one that serves:
+the versions out of service (`extras`: the new one on trial, the old one standing by) are
+seen by GPU placement like any worker, and `switch` makes one of them the served one, in one
+step with the catalog, so that a request resolves either the old version or the new one,
+never a mix."""
 
 from __future__ import annotations
 
@@ -12,9 +18,10 @@ from modelhost.catalog import Catalog
 from modelhost.config import ModelSpec
 from modelhost.errors import ModelNotFound
 from modelhost.gpu.inventory import GpuMonitor
-from modelhost.gpu.scheduler import Scheduler
+from modelhost.gpu.scheduler import Scheduler, Tenant
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Listener, Model, ModelContext, Target
+from modelhost.registry.tenants import seen_by
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +36,10 @@ class Registry:
         self.ctx = ctx
         self.listeners: list[Listener] = []
         self.models: dict[str, Model] = {}
-        # Placement and evictions, over these models (the same dict, kept up to date).
-        self.scheduler = Scheduler(self.gpus, self.models)
+        # The versions a rollout runs beside the served ones (not served, never evicted).
+        self.extras: list[Model] = []
+        # Placement and evictions, over every version (`VersionScheduler`).
+        self.scheduler: Scheduler = VersionScheduler(self)
         self.rebuild()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -48,10 +57,40 @@ class Registry:
         self.models.clear()
         self.models.update({s.id: self._new(s) for s in self.catalog.models})
 
-    def _new(self, spec: ModelSpec) -> Model:
+    def _new(self, spec: ModelSpec, listening: bool = True) -> Model:
         model = Model(spec, self.ctx, self.scheduler)
-        model.listeners.extend(self.listeners)
+        if listening:
+            model.listeners.extend(self.listeners)
         return model
+
+    def version(self, spec: ModelSpec) -> Model:
+        """A version of a model beside the served one (a rollout's): seen by placement, not
+        served, nobody listening to it until it is switched in. Start it."""
+        model = self._new(spec, listening=False)
+        self.extras.append(model)
+        return model
+
+    def switch(self, model: Model) -> Model | None:
+        """Serve `model` (a version in `extras`) under its id and names, at once: the catalog
+        and the served models change in the same step. Returns the version it replaces, now
+        in `extras` (its requests in flight go on), or None."""
+        spec = model.spec
+        self.catalog.put(spec)  # raises ValueError when a name clashes: nothing changed
+        old = self.models.get(spec.id)
+        self.extras.remove(model)
+        if old is not None:
+            old.listeners = []  # its later states are no longer the model's
+            self.extras.append(old)
+        model.listeners = list(self.listeners)
+        self.models[spec.id] = model
+        return old
+
+    async def drop(self, model: Model) -> None:
+        """Stop a version out of service (its owner, then its worker) and forget it."""
+        model.listeners = []
+        await model.close()
+        if model in self.extras:
+            self.extras.remove(model)
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -92,7 +131,8 @@ class Registry:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(model.close() for model in self.models.values()))
+        await asyncio.gather(*(model.close() for model in [*self.models.values(),
+                                                           *self.extras]))
         await self.gpus.stop()
 
     def not_ready_required(self) -> list[str]:
@@ -114,3 +154,19 @@ class Registry:
                     log.info("model %s idle for %.0f s: unloading", model.spec.id,
                              now - model.last_used)
                     model.want(Target.stopped)
+
+
+class VersionScheduler(Scheduler):
+    """The registry's scheduler: placement sees every worker, a rollout's versions included.
+
+    Placement knows a model by its id, and two versions of one model share it: each place
+    is asked over the models as the one placed sees them (`tenants.seen_by`: the other
+    versions renamed)."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry.gpus, registry.models)
+        self.registry = registry
+
+    async def place(self, tenant: Tenant) -> list[int]:
+        seen = seen_by(tenant, [*self.registry.models.values(), *self.registry.extras])
+        return await Scheduler(self.monitor, seen).place(tenant)

@@ -1,0 +1,64 @@
+"""What a model's owner is given and asked: its target, a pin, the context it runs in.
+
+Kept apart from `model` (the owner itself), which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from modelhost.admin_policy import RemotePolicy
+from modelhost.config import HubSource, ModelSpec
+from modelhost.upstream import UpstreamClient
+from modelhost.workers.launchers import LocalProcessLauncher
+
+
+class Target(StrEnum):
+    """What the owner drives the model towards."""
+
+    stopped = "stopped"  # no worker (weights left where they are)
+    cached = "cached"    # weights on disk, no worker (a download was asked for)
+    ready = "ready"      # a worker answering requests
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The GPUs a load request asks for (`gpu_device_ids`); None: the spec's own again."""
+
+    gpus: tuple[int, ...] | None
+
+
+class DownloadCancelled(Exception):
+    """The download was cancelled; the model goes back to `absent`."""
+
+
+Progress = Callable[[dict[str, object]], None]
+# Fetches a model's weights into the cache, reporting progress (HubService.download).
+DownloadFn = Callable[[str, HubSource, Progress], Awaitable[Path]]
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    cache_dir: Path
+    log_dir: Path
+    stop_timeout: float
+    download: DownloadFn
+    hf_token: Callable[[], str | None] = lambda: None
+    # Longest audio a speech or diarization worker accepts (settings.max_audio_seconds).
+    max_audio_seconds: float = 4 * 3600.0
+    # Worker log rotation (settings.worker_log_bytes, settings.worker_log_backups).
+    worker_log_bytes: int = 10 * 1024 * 1024
+    worker_log_backups: int = 3
+    # Where a remote model may connect (None: anywhere, as the models file says); the
+    # gateway gives the policy of `admin_policy` for the models added through the API.
+    remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
+    # The gateway's HTTP client (the relay's): remote servers' readiness probes.
+    client: UpstreamClient = field(default_factory=UpstreamClient)
+
+    def local_launcher(self) -> LocalProcessLauncher:
+        return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
+                                    self.max_audio_seconds, self.worker_log_bytes,
+                                    self.worker_log_backups)
