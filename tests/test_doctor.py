@@ -356,7 +356,8 @@ def test_token_for_a_mirror_and_missing_token(machine: Machine) -> None:
     machine.models(vllm_model())
     report = machine.diagnose()
     assert outcomes(report, "doctor.hf.token") == ["not_applicable"]
-    assert "'qwen' are still to download" in found(report, "doctor.hf.token-missing")
+    assert "still to download from the hub: model 'qwen';" in found(
+        report, "doctor.hf.token-missing")
     assert [f.severity.value for f in report.failed()
             if f.rule.id == "doctor.hf.token-missing"] == ["info"]
 
@@ -382,8 +383,9 @@ def test_disk_space_against_the_models_to_download(machine: Machine) -> None:
     machine.listed("org/big", {"model.safetensors": 1 << 60, "config.json": 100})
     machine.listed("org/done", {"model.safetensors": 4096}, have=("model.safetensors",))
     report = machine.diagnose()
-    assert "models 'big' still need 1073741824.0 GiB" in found(report, "doctor.disk.cache")
-    assert "models 'new'" in found(report, "doctor.disk.model-sizes")
+    assert "1073741824.0 GiB still to download (model 'big')" in found(report,
+                                                                       "doctor.disk.cache")
+    assert "model 'new'" in found(report, "doctor.disk.model-sizes")
     # What is already there is not counted; the cache must be writable for the rest.
     assert "'done'" not in found(report, "doctor.disk.cache")
     assert "model cache" in found(report, "doctor.dirs.writable", "passed")
@@ -444,14 +446,25 @@ def test_an_awq_model_on_compute_capability_7_5(machine: Machine) -> None:
     assert "quantization awq_marlin needs compute capability 8.0" in message
     assert "GPU 0 (Tesla T4): 7.5" in message
     assert report.exit_status() == 1
-    # With an A100 beside it, the fix pins the model there; pinned there, it passes.
-    report = machine.diagnose(HostNvml([t4(), a100()]))
+    # Beside an A100 it passes: vLLM asks 0.9 of the largest GPU, so the scheduler never
+    # places it on the T4.
+    assert outcomes(machine.diagnose(HostNvml([t4(), a100()])),
+                    "doctor.gpu.capability") == ["passed"]
+    # Beside a GPU of the same size, it may land on either: the fix pins it; pinned, it
+    # passes.
+    gpus = [HostGpu("Quadro RTX 8000", "GPU-rtx", 48 * GIB, GIB, capability=(7, 5)),
+            HostGpu("NVIDIA RTX A6000", "GPU-a6000", 48 * GIB, GIB, capability=(8, 6))]
+    report = machine.diagnose(HostNvml(gpus))
     [failure] = [f for f in report.failed() if f.rule.id == "doctor.gpu.capability"]
     assert "places by free memory only" in failure.message and "`gpus: [1]`" in failure.fix
     machine.models(vllm_model(python=python, gpus=[1],
                               engine_args={"quantization": "awq_marlin"}))
-    assert outcomes(machine.diagnose(HostNvml([t4(), a100()])),
-                    "doctor.gpu.capability") == ["passed"]
+    assert outcomes(machine.diagnose(HostNvml(gpus)), "doctor.gpu.capability") == ["passed"]
+    # The AWQ fallback's fix names a GPU with Marlin kernels, not the slow one.
+    machine.models(vllm_model(python=python))
+    [warning] = [f for f in machine.diagnose(HostNvml(gpus)).failed()
+                 if f.rule.id == "doctor.gpu.kernels"]
+    assert "Quadro RTX 8000" in warning.message and "`gpus: [1]`" in warning.fix
 
 
 def test_the_checkpoint_config_says_awq(machine: Machine) -> None:

@@ -72,4 +72,6 @@ def gib(n: int) -> str:
 
 
 def names(needs: list[ModelNeed]) -> str:
-    return ", ".join(f"'{n.spec.id}'" for n in needs)
+    """"model 'a'" or "models 'a', 'b'"."""
+    listed = ", ".join(f"'{n.spec.id}'" for n in needs)
+    return f"model {listed}" if len(needs) == 1 else f"models {listed}"

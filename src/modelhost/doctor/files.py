@@ -95,20 +95,20 @@ def check_disk(ctx: Context) -> list[Finding]:
     findings = []
     if todo + RESERVE > free:
         findings.append(failed(
-            DISK, f"models {names(pending)} still need {gib(todo)}; {gib(free)} is free in "
+            DISK, f"{gib(todo)} still to download ({names(pending)}); {gib(free)} is free in "
                   f"{cache}, and {gib(RESERVE)} must stay free",
             "delete unused models (`modelhost models rm ID`), or point MODEL_CACHE_DIR at a "
             "larger disk"))
     elif pending:
-        findings.append(passed(DISK, f"models {names(pending)} need {gib(todo)}; "
+        findings.append(passed(DISK, f"{gib(todo)} to download ({names(pending)}); "
                                      f"{gib(free)} free in {cache}"))
     else:
         findings.append(passed(DISK, f"no known download pending; {gib(free)} free in "
                                      f"{cache}"))
     if unknown:
         findings.append(failed(
-            DISK_SIZES, f"the size of models {names(unknown)} is unknown until their file "
-                        f"listing is in the cache; {gib(free)} free in {cache}",
+            DISK_SIZES, f"size unknown until the file listing is in the cache: "
+                        f"{names(unknown)}; {gib(free)} free in {cache}",
             "start their download (`modelhost models download ID`) to learn it, or check "
             "their size on the hub"))
     else:

@@ -9,7 +9,8 @@ that qualify.
 
 Compute capability: the least that vLLM's kernels for a model need (`required_capability`);
 models of other backends are not checked. The scheduler places by memory only, so with
-`gpu_count` every GPU of the machine must qualify, or the model be pinned to those that do.
+`gpu_count` every GPU of the machine large enough for the model must qualify, or the model
+be pinned to those that do.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def _pin_fix(qualified: list[Gpu], n: int, what: str) -> str:
     return f"run the model on GPUs that have {what}, or give it fewer, larger GPUs"
 
 
+def per_gpu_need(ctx: Context, need: ModelNeed, gpus: list[Gpu]) -> int:
+    """Bytes the scheduler would ask on each GPU (from the largest of `gpus`, as it does).
+    Raises PlacementError when the model cannot fit at all."""
+    spec = need.spec
+    largest = max(g.sample.memory_total for g in gpus)
+    return estimate_bytes_per_gpu(spec.backend.value, need.weights_bytes or 0,
+                                  spec.engine_args, largest, need.gpu_count)
+
+
 def _memory(ctx: Context, need: ModelNeed) -> list[Finding]:
     spec, n = need.spec, need.gpu_count
     gpus, absent = _candidates(ctx, need)
@@ -73,13 +83,14 @@ def _memory(ctx: Context, need: ModelNeed) -> list[Finding]:
         return [failed(GPU_MEMORY, f"model '{spec.id}' is pinned to GPU(s) {absent}, which "
                        f"this machine does not have (it has {len(ctx.gpus.gpus)})",
                        "pin `gpus:` to GPUs this machine has (`modelhost doctor` lists them)")]
-    largest = max(g.sample.memory_total for g in gpus)
     try:
-        per_gpu = estimate_bytes_per_gpu(spec.backend.value, need.weights_bytes or 0,
-                                         spec.engine_args, largest, n)
+        per_gpu = per_gpu_need(ctx, need, gpus)
     except PlacementError as exc:
         return [failed(GPU_MEMORY, f"model '{spec.id}': {exc}")]
-    size = "" if need.weights_bytes is not None else " (weights of unknown size)"
+    notes = [] if need.weights_bytes is not None else ["weights of unknown size"]
+    if need.is_vllm:
+        notes.append("vLLM takes gpu_memory_utilization of the largest GPU")
+    size = f" ({'; '.join(notes)})" if notes else ""
     large = [g for g in gpus if g.sample.memory_total >= per_gpu]
     free = [g for g in large if g.sample.memory_free >= per_gpu]
     wants = f"model '{spec.id}' needs {gib(per_gpu)} on each of {n} GPU(s){size}"
@@ -121,14 +132,20 @@ def check_memory(ctx: Context) -> list[Finding]:
 def _capability(ctx: Context, need: ModelNeed) -> list[Finding]:
     spec, n = need.spec, need.gpu_count
     gpus, _ = _candidates(ctx, need)
+    if spec.gpus is None and gpus:
+        # Only the GPUs large enough for it: the scheduler places nothing on the others.
+        try:
+            per_gpu = per_gpu_need(ctx, need, gpus)
+        except PlacementError:
+            per_gpu = 0
+        gpus = [g for g in gpus if g.sample.memory_total >= per_gpu] or gpus
     known = [g for g in gpus if g.capability is not None]
     if not known:
         return [not_applicable(GPU_CAPABILITY, f"model '{spec.id}': NVML does not tell the "
                                                "GPUs' compute capability")]
     least, why = required_capability(need)
     short = [g for g in known if g.capability is not None and g.capability < least]
-    qualified = [g for g in ctx.gpus.gpus if g.capability is not None
-                 and g.capability >= least]
+    qualified = [g for g in gpus if g.capability is not None and g.capability >= least]
     findings = []
     if short:
         listed = ", ".join(f"{g.label}: {g.capability_text}" for g in short)
@@ -144,7 +161,8 @@ def _capability(ctx: Context, need: ModelNeed) -> list[Finding]:
         findings.append(failed(GPU_KERNELS, f"model '{spec.id}' is an AWQ checkpoint: on "
                                f"{', '.join(g.label for g in slow)} (compute capability "
                                f"below 8.0) vLLM runs it with its older AWQ kernels, not "
-                               "Marlin", _pin_fix(qualified, n, "compute capability 8.0+")))
+                               "Marlin", _pin_fix([g for g in qualified if g not in slow], n,
+                                                  "compute capability 8.0+")))
     elif need.awq_checkpoint or need.quantization is not None:
         findings.append(passed(GPU_KERNELS, f"model '{spec.id}': quantized kernels as "
                                             "configured"))

@@ -33,7 +33,7 @@ def check_driver(ctx: Context) -> list[Finding]:
     if reading.absent:
         message = f"no NVIDIA GPU on this machine: {reading.reason}"
         if ctx.gpu_models:
-            message += f" (models {names(ctx.gpu_models)} need one: see doctor.gpu.memory)"
+            message += f" (GPU {names(ctx.gpu_models)}: see doctor.gpu.memory)"
         return [not_applicable(GPU_DRIVER, message)]
     return [failed(GPU_DRIVER, f"the NVIDIA driver does not answer: {reading.reason}",
                    "check `nvidia-smi`; after a driver upgrade, reboot (or reload the nvidia "
@@ -126,7 +126,7 @@ def check_vllm(ctx: Context) -> list[Finding]:
     for python in sorted({n.spec.python for n in models}, key=lambda p: p or ""):
         users = [n for n in models if n.spec.python == python]
         env = ctx.environments[python]
-        who = f"models {names(users)}"
+        who = names(users)
         if env.error is not None:
             findings.append(failed(VLLM_INSTALL, f"{who}: cannot read {env.name}: {env.error}",
                                    "point `python:` at an interpreter that runs"))
@@ -135,7 +135,7 @@ def check_vllm(ctx: Context) -> list[Finding]:
         script = Path(vllm_executable(python))
         if vllm is None:
             findings.append(failed(
-                VLLM_INSTALL, f"vLLM is not installed in {env.name}, which {who} use",
+                VLLM_INSTALL, f"vLLM is not installed in {env.name} ({who})",
                 "pip install vllm in that environment (`pip install modelhost[vllm]`), or "
                 "point the models' `python:` at the interpreter of the environment that has "
                 "it"))
@@ -148,7 +148,8 @@ def check_vllm(ctx: Context) -> list[Finding]:
         elif not script.exists():
             findings.append(failed(
                 VLLM_INSTALL, f"vLLM {vllm} is installed in {env.name}, but its `vllm` "
-                f"command is not beside the interpreter ({script}); {who} start it from there",
+                f"command is not beside the interpreter ({script}), where the worker of "
+                f"{who} is started from",
                 "point the models' `python:` at the interpreter inside the environment "
                 "(its bin/python), not at a link to another one"))
         else:

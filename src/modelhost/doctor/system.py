@@ -65,19 +65,19 @@ def check_container(ctx: Context) -> list[Finding]:
     if not models:
         return [passed(CONTAINER, f"in a container: {kind}; {seen}; no configured model uses "
                                   "a GPU")]
-    who = f"models {names(models)} need GPUs"
+    who = f"GPUs wanted by {names(models)}"
     if visible is not None and visible.strip().lower() in ("", "void", "none"):
         return [failed(CONTAINER, f"in a container: {kind}; NVIDIA_VISIBLE_DEVICES={visible} "
-                                  f"hides every GPU, and {who}",
+                                  f"hides every GPU; {who}",
                        "give the container GPUs (NVIDIA_VISIBLE_DEVICES=all or their ids)")]
     if not devices or not control:
         return [failed(CONTAINER, f"in a container: {kind}, but no NVIDIA device is visible "
-                                  f"(/dev/nvidiactl and /dev/nvidia<N>), and {who}",
+                                  f"(/dev/nvidiactl and /dev/nvidia<N>); {who}",
                        _RUNTIME_FIX)]
     if not ctx.gpus.available:
         return [failed(CONTAINER, f"in a container: {kind}; {seen}, but NVML does not answer "
                                   f"({ctx.gpus.reason}): the driver's libraries were not "
-                                  f"mounted, and {who}",
+                                  f"mounted; {who}",
                        _RUNTIME_FIX + "; NVIDIA_DRIVER_CAPABILITIES must include compute and "
                        "utility")]
     return [passed(CONTAINER, f"in a container: {kind}; {seen}; NVML sees "
@@ -97,7 +97,7 @@ def check_shm(ctx: Context) -> list[Finding]:
     size = stat.f_blocks * stat.f_frsize
     if size < SHM_WANTED:
         return [failed(SHM, f"/dev/shm is {gib(size)}, less than the {gib(SHM_WANTED)} vLLM "
-                            f"wants (models {names(models)})",
+                            f"wants ({names(models)})",
                        "in Docker: `--ipc=host` or `--shm-size=16g`; in compose: `ipc: host` "
                        "or `shm_size: 16gb`; elsewhere remount /dev/shm larger")]
     return [passed(SHM, f"/dev/shm is {gib(size)} (vLLM wants {gib(SHM_WANTED)} at least)")]

@@ -30,8 +30,8 @@ def check_token(ctx: Context) -> list[Finding]:
         findings.append(not_applicable(HF_TOKEN, "no Hugging Face token is set"))
         if downloads:
             findings.append(failed(
-                HF_TOKEN_MISSING, f"no Hugging Face token, and models {names(downloads)} are "
-                                  "still to download: gated or private repositories need one",
+                HF_TOKEN_MISSING, f"no Hugging Face token, and still to download from the hub: "
+                                  f"{names(downloads)}; gated or private repositories need one",
                 "set HF_TOKEN (or `modelhost token set`) with a token from "
                 "https://huggingface.co/settings/tokens"))
         else:
