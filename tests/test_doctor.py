@@ -312,6 +312,16 @@ def test_a_data_dir_that_cannot_be_created_fails(tmp_path: Path) -> None:
         findings[0]["message"]
 
 
+def test_the_folder_of_a_sqlite_database(machine: Machine) -> None:
+    blocker = machine.tmp / "a-file"
+    blocker.write_text("")
+    report = machine.diagnose(database_url=f"sqlite:///{blocker}/state.db")
+    assert f"database folder (MODELHOST_DATABASE_URL) {blocker}: {blocker} is not a " \
+        "directory" in found(report, "doctor.dirs.writable")
+    report = machine.diagnose(database_url="postgresql://db.example/modelhost")
+    assert "database folder" not in " ".join(f.message for f in report.findings)
+
+
 def test_existing_and_missing_directories_are_written_and_left_clean(machine: Machine) -> None:
     data = machine.tmp / "data"
     data.mkdir()

@@ -57,10 +57,23 @@ def writable(path: Path) -> str | None:
     return None
 
 
+def sqlite_folder(url: str | None) -> Path | None:
+    """The folder of a SQLite database file given by MODELHOST_DATABASE_URL, else None."""
+    if not url or not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).parent
+
+
 def check_dirs(ctx: Context) -> list[Finding]:
     settings = ctx.settings
     folders = [("data directory (MODELHOST_DATA_DIR)", settings.data_dir),
                ("log directory (LOG_DIR)", settings.logs_path)]
+    database = sqlite_folder(settings.database_url)
+    if database is not None and database != settings.data_dir:
+        folders.append(("database folder (MODELHOST_DATABASE_URL)", database))
     downloads = [n for n in ctx.needs if n.from_hub and n.download_bytes != 0]
     if downloads:
         folders.append(("model cache (MODEL_CACHE_DIR)", settings.model_cache_dir))
