@@ -150,9 +150,10 @@ ENV_COMMITTED = Rule(
     "Everything in the repository's history is readable by whoever can clone it, for "
     "ever; keep .env out of git (.gitignore) and commit an example without values.")
 ENV_PERMISSIONS = Rule(
-    "env.permissions", "Secrets in a file others can read", W,
+    "env.permissions", "Secrets in a file others can read", N,
     "A token in a group- or world-readable file is readable by every user of the host; "
-    "chmod 600.")
+    "chmod 600. (An info: an .env file is where the audit keeps the token, and a fresh "
+    "checkout makes files readable by all.)")
 TOKEN_FORMAT = Rule(
     "env.hf-token-format", "Hugging Face token is not well-formed", W,
     "Hugging Face user access tokens start with hf_; anything else is refused at the "

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from modelhost.checks import compose, conflicts, dockerfile, envfile, models
+from modelhost.checks import compose, conflicts, dockerfile, envfile, models, services
 from modelhost.checks import rules as R
 from modelhost.checks.report import Finding, Report
 from modelhost.checks.vllm import check as check_vllm
@@ -84,7 +84,7 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
 
     findings: list[Finding] = []
     inputs: list[str] = []
-    services: list[compose.Service] = []
+    declared: list[compose.Service] = []
     composes: list[compose.ComposeFile] = []
     for path in files:
         display = _display(path)
@@ -109,7 +109,7 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
                 findings.append(_unreadable(display, str(exc), exc.line))
                 continue
             composes.append(parsed)
-            services += parsed.services
+            declared += parsed.services
         elif kind == "yaml-broken":
             try:
                 load_yaml(text, display)
@@ -120,12 +120,12 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
                 display, f"{display} is neither a compose file (services:), a models file "
                 "(models:), a Dockerfile nor an .env file", None,
                 "Name a compose file, a models file, a Dockerfile or an .env file."))
-    pins = _pins(services)
-    for service in services:
-        findings += compose.check_service(service, pins)
+    pins = _pins(declared)
+    for service in declared:
+        findings += services.check_service(service, pins)
         if service.vllm is not None:
             findings += check_vllm(service.vllm, cache_dirs)
-    findings += conflicts.check(services)
+    findings += conflicts.check(declared)
     for parsed in composes:
         for name, line in parsed.undefined.items():
             findings.append(Finding(
@@ -145,10 +145,10 @@ def _unreadable(display: str, message: str, line: int | None,
     return Finding(R.INPUT_UNREADABLE, message, fix=fix, path=display, line=line)
 
 
-def _pins(services: list[compose.Service]) -> dict[str, str]:
+def _pins(declared: list[compose.Service]) -> dict[str, str]:
     """A pinned tag per image repository, from any service that pins it."""
     pins: dict[str, str] = {}
-    for service in services:
+    for service in declared:
         if service.image:
             repo, tag = compose.image_ref(service.image)
             if tag not in (None, "latest", "@digest"):
