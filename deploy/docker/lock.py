@@ -23,9 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = Path(__file__).with_name("constraints-cpu.txt")
 EXTRAS = "llamacpp,speech,embeddings,diarization"
-# Pinned by the Dockerfile's build args, or CUDA-only parts of PyPI's torch.
-LEFT_OUT = re.compile(r"^(modelhost|torch|triton|llama[-_]cpp[-_]python|nvidia-.*|cuda-.*)$",
-                      re.IGNORECASE)
+# Pinned by the Dockerfile's build args, or CUDA-only parts of PyPI's torch (nvidia-ml-py,
+# NVML's bindings, is modelhost's own dependency).
+LEFT_OUT = re.compile(
+    r"^(modelhost|torch|triton|llama[-_]cpp[-_]python|nvidia-(?!ml-py$).*|cuda-.*)$",
+    re.IGNORECASE)
 
 
 def resolve() -> dict[str, str]:
