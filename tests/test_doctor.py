@@ -312,6 +312,18 @@ def test_a_data_dir_that_cannot_be_created_fails(tmp_path: Path) -> None:
         findings[0]["message"]
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only directory")
+def test_a_read_only_data_dir_fails(machine: Machine) -> None:
+    data = machine.tmp / "data"
+    data.mkdir()
+    data.chmod(0o500)
+    try:
+        assert f"cannot write in {data}: Permission denied" in found(machine.diagnose(),
+                                                                     "doctor.dirs.writable")
+    finally:
+        data.chmod(0o700)
+
+
 def test_the_folder_of_a_sqlite_database(machine: Machine) -> None:
     blocker = machine.tmp / "a-file"
     blocker.write_text("")
