@@ -33,7 +33,7 @@ from modelhost.downloads.cache import RemoteFile, repo_folder, write_listing
 from modelhost.settings import Settings
 from modelhost.workers.process import free_port
 from tests.conftest import GatewayFactory, fake_model
-from tests.test_gpu import HAS_DRIVER, FakeGpu, FakeNvml
+from tests.test_gpu import HAS_DRIVER, FakeGpu, FakeNvml, FakeNVMLError
 
 GIB = 1024**3
 ROOT = Path(__file__).parent.parent
@@ -64,7 +64,8 @@ class HostGpu(FakeGpu):
 
 
 class HostNvml(FakeNvml):
-    def __init__(self, gpus: list[HostGpu], cuda: int = 12040, driver: str = "550.54.15",
+    def __init__(self, gpus: list[HostGpu], cuda: int | None = 12040,
+                 driver: str = "550.54.15",
                  init_error: int | None = None) -> None:
         super().__init__(list(gpus), init_error=init_error)
         self.cuda = cuda
@@ -74,6 +75,8 @@ class HostNvml(FakeNvml):
         return self.driver
 
     def nvmlSystemGetCudaDriverVersion(self) -> int:
+        if self.cuda is None:  # a driver that does not say
+            raise FakeNVMLError(self.NVML_ERROR_NOT_SUPPORTED)
         return self.cuda
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: HostGpu) -> tuple[int, int]:
@@ -534,6 +537,8 @@ def test_cuda_against_the_driver(machine: Machine) -> None:
     assert outcomes(older_minor, "doctor.gpu.cuda") == ["passed"]
     assert "needs CUDA 12.4, newer than the driver (CUDA up to 12.2)" in found(
         older_minor, "doctor.gpu.cuda-minor")
+    unknown = machine.diagnose(HostNvml([a100()], cuda=None))
+    assert "does not say which CUDA" in found(unknown, "doctor.gpu.cuda", "not_applicable")
     older_major = machine.diagnose(HostNvml([a100()], cuda=11080))
     assert "needs CUDA 12.4" in found(older_major, "doctor.gpu.cuda")
     assert older_major.exit_status() == 1
@@ -557,8 +562,9 @@ def test_vllm_install(machine: Machine) -> None:
 def test_a_cpu_build_of_torch_for_a_gpu_model(machine: Machine) -> None:
     python = machine.engines(torch="2.5.1+cpu", cuda=None)
     machine.models(vllm_model(python=python, hf="org/model"))
-    assert "is a CPU-only build, but model 'qwen' runs on GPUs" in found(
-        machine.diagnose(HostNvml([a100()])), "doctor.gpu.cuda")
+    for cuda in (12040, None):
+        assert "is a CPU-only build, but model 'qwen' runs on GPUs" in found(
+            machine.diagnose(HostNvml([a100()], cuda=cuda)), "doctor.gpu.cuda")
 
 
 def test_the_gateways_own_environment(machine: Machine) -> None:

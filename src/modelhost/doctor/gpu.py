@@ -75,15 +75,14 @@ def check_cuda(ctx: Context) -> list[Finding]:
         env = ctx.environment(need)
         errors.append(f"torch {env.get('torch')} ({env.name}) is a CPU-only build, but "
                       f"model '{need.spec.id}' runs on GPUs with it")
-    builds = [b for env in ctx.environments.values() for b in _built_for(env)]
-    if reading.cuda is None:
-        return [not_applicable(GPU_CUDA, "the driver does not say which CUDA it supports"),
-                not_applicable(GPU_CUDA_MINOR, "the driver does not say which CUDA it "
-                                               "supports")]
+    # Without the driver's CUDA version only the CPU-only builds can be judged.
+    builds = [b for env in ctx.environments.values() for b in _built_for(env)] \
+        if reading.cuda is not None else []
+    limit = reading.cuda or (0, 0)
     driver = f"the driver (CUDA up to {reading.cuda_text})"
-    major = [f"{what} needs CUDA {c[0]}.{c[1]}" for what, c in builds if c[0] > reading.cuda[0]]
+    major = [f"{what} needs CUDA {c[0]}.{c[1]}" for what, c in builds if c[0] > limit[0]]
     minor = [f"{what} needs CUDA {c[0]}.{c[1]}" for what, c in builds
-             if c[0] == reading.cuda[0] and c[1] > reading.cuda[1]]
+             if c[0] == limit[0] and c[1] > limit[1]]
     fix = ("upgrade the NVIDIA driver, or install the builds made for the driver's CUDA "
            "(e.g. pip install torch --index-url https://download.pytorch.org/whl/cuXYZ)")
     seen = "; ".join(f"{what}: CUDA {c[0]}.{c[1]}" for what, c in builds)
@@ -107,6 +106,8 @@ def check_cuda(ctx: Context) -> list[Finding]:
 
 
 def _no_builds(ctx: Context) -> str:
+    if ctx.gpus.cuda is None:
+        return "the driver does not say which CUDA it supports"
     cpu = [f"torch {env.get('torch')} ({env.name})" for env in ctx.environments.values()
            if env.get("torch") is not None]
     if cpu:
