@@ -313,3 +313,81 @@ def test_docs_list_every_rule() -> None:
         row = next((line for line in docs.splitlines() if line.startswith(f"| `{rule.id}`")),
                    "")
         assert f"| {rule.severity.value} |" in row, f"{rule.id}: severity not in its row"
+
+
+# ------------------------------------------------------------------ where facts come from
+
+QWEN_CONFIG = {"max_position_embeddings": 40960, "num_attention_heads": 64,
+               "quantization_config": {"quant_method": "awq", "bits": 4}}
+
+
+def _snapshot(cache: Path, repo: str, config: dict[str, Any]) -> None:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("c0ffee")
+    (folder / "snapshots" / "c0ffee").mkdir(parents=True)
+    (folder / "snapshots" / "c0ffee" / "config.json").write_text(json.dumps(config))
+
+
+def _rules(report: Report) -> set[str]:
+    return {f.rule.id for f in report.failed()}
+
+
+def test_config_json_from_a_cache_mounted_into_the_container(tmp_path: Path) -> None:
+    _snapshot(tmp_path / "hf" / "hub", "Qwen/Qwen3-32B-AWQ", QWEN_CONFIG)
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(
+        "services:\n  llm:\n    image: vllm/vllm-openai:v0.9.2\n"
+        "    volumes: [./hf:/root/.cache/huggingface]\n"
+        "    command: --model Qwen/Qwen3-32B-AWQ --max-model-len 131072 "
+        "--quantization gptq --tensor-parallel-size 3\n")
+    report = run_check([compose], environ={}, cache_dirs=[])
+    assert {"vllm.max-model-len-exceeds-model", "vllm.quantization-mismatch",
+            "vllm.tensor-parallel-heads"} <= _rules(report), report.as_text()
+    found = next(f for f in report.failed() if f.rule.id == "vllm.max-model-len-exceeds-model")
+    assert "40960" in found.message and found.replacement == "--max-model-len 40960"
+
+
+def test_config_json_of_a_local_model_path(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "qwen"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps(QWEN_CONFIG))
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(
+        "services:\n  llm:\n    image: vllm/vllm-openai:v0.9.2\n"
+        "    volumes: ['./models:/models:ro']\n"
+        "    entrypoint: [sh, -c, 'exec vllm serve /models/qwen --max-model-len=50000']\n")
+    report = run_check([compose], environ={}, cache_dirs=[])
+    assert {"vllm.max-model-len-exceeds-model",
+            "vllm.quantization-implicit"} <= _rules(report), report.as_text()
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  - id: q\n    backend: vllm\n    source: {path: models/qwen}\n"
+                      "    gpus: [0]\n    engine_args: {max_model_len: 50000, swap_space: 4, "
+                      "quantization: awq}\n    start_timeout: 600\n")
+    assert _rules(run_check([models], environ={}, cache_dirs=[])) == {
+        "vllm.max-model-len-exceeds-model"}
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_command_reads_the_settings_cache(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _snapshot(tmp_path / "cache", "Qwen/Qwen3-32B-AWQ", QWEN_CONFIG)
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("services:\n  llm:\n    image: vllm/vllm-openai:v0.9.2\n"
+                       "    command: [--model, Qwen/Qwen3-32B-AWQ, --max-model-len, '65536']\n")
+    result = CliRunner().invoke(check, ["--json", str(compose)])
+    rules = {f["rule"] for f in json.loads(result.output)["findings"]}
+    assert "vllm.max-model-len-exceeds-model" in rules
+    assert "settings.exposed-without-keys" not in rules  # paths given: settings not judged
+
+
+def test_secrets_wherever_they_are(tmp_path: Path) -> None:
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(
+        "services:\n  app:\n    image: example/app:1.0\n    user: app\n    environment:\n"
+        "      - HF_TOKEN=${HF_TOKEN:-hf_abcdefghijklmnopqrstuvwxyz0123}\n"
+        "      - MODELHOST_ADMIN_KEYS_FILE=/run/secrets/admin_keys\n"
+        "    labels:\n      token: sk-abcdefghijklmnopqrstuvwxyz\n")
+    found = [(f.rule.id, f.line) for f in run_check([compose], environ={}).failed()]
+    assert found == [("secrets.plaintext", 6), ("secrets.plaintext", 9)]

@@ -43,18 +43,20 @@ def check(paths: tuple[Path, ...], config_file: Path | None, fmt: str | None,
     if as_json and fmt not in (None, "json"):
         raise click.UsageError("--json and --format disagree")
     fmt = "json" if as_json else fmt or "text"
-    settings = None
-    if not paths or config_file is not None:
-        try:
-            settings = Settings.with_overrides(config_file=config_file)
-        except ValidationError as exc:
-            message, _ = validation_message(exc.errors(), whole="settings")
-            raise click.ClickException(f"invalid settings: {message}") from None
+    try:
+        settings = Settings.with_overrides(config_file=config_file)
+    except ValidationError as exc:
+        message, _ = validation_message(exc.errors(), whole="settings")
+        raise click.ClickException(f"invalid settings: {message}") from None
+    # The settings are judged when the deployment is this one (no path, or --config); their
+    # model cache is where config.json files are looked for in any case.
+    judged = not paths or config_file is not None
     models_file = config_file
-    if models_file is None and settings is not None and settings.config_file is not None \
+    if models_file is None and not paths and settings.config_file is not None \
             and settings.config_file.is_file():
         models_file = settings.config_file
-    report = run_check(list(paths), settings=settings, models_file=models_file)
+    report = run_check(list(paths), settings=settings if judged else None,
+                       models_file=models_file, cache_dirs=[settings.model_cache_dir])
     color = fmt == "text" and output is None and sys.stdout.isatty()
     text = report.as_text(color=color) if fmt == "text" else render(report, fmt)
     if output is not None:

@@ -180,7 +180,8 @@ def _service(compose: ComposeFile, name: str, node: Node) -> Service:
             model=model[0] if model else service.env.get("VLLM_MODEL", (None, 0))[0],
             model_line=model[1] if model else node.line, args=args, env=service.env,
             gpus=service.gpu_count, gpus_what=service.gpu_what, gpus_line=service.gpu_line,
-            local_model=_local_model(compose, node, model[0] if model else None))
+            local_model=_local_model(compose, node, model[0] if model else None),
+            cache_dirs=_mounted_caches(compose, node))
     return service
 
 
@@ -278,20 +279,37 @@ def _gpus(compose: ComposeFile, service: Service) -> None:
         service.gpu_count, service.gpu_what, service.gpu_line = min(counts)
 
 
-def _local_model(compose: ComposeFile, node: Node, model: str | None) -> Path | None:
-    """The host folder of a model given by its path in the container (a bind mount)."""
-    if not model or not model.startswith("/"):
-        return None
+def _binds(compose: ComposeFile, node: Node) -> list[tuple[Path, str]]:
+    """(host folder, container path) of the service's bind mounts."""
+    out = []
     volumes = node.get("volumes")
     for item in volumes.sequence() if volumes else []:
         text = compose.interp(item) if not isinstance(item.value, dict) else \
             f"{compose.interp(item.get('source'))}:{compose.interp(item.get('target'))}"
         source, _, rest = (text or "").partition(":")
         target = rest.split(":", 1)[0]
-        if target and source.startswith((".", "/", "~")) and \
-                (model == target or model.startswith(target.rstrip("/") + "/")):
+        if target and source.startswith((".", "/", "~")):
             host = Path(source).expanduser()
-            host = host if host.is_absolute() else compose.folder / host
+            out.append((host if host.is_absolute() else compose.folder / host, target))
+    return out
+
+
+def _mounted_caches(compose: ComposeFile, node: Node) -> list[Path]:
+    """Host Hugging Face caches mounted into the container (~/.cache/huggingface:...)."""
+    caches = []
+    for host, target in _binds(compose, node):
+        if "huggingface" in target or target.rstrip("/").endswith("/hub"):
+            # Either the hub folder itself or HF_HOME, which holds it.
+            caches += [host, host / "hub"]
+    return caches
+
+
+def _local_model(compose: ComposeFile, node: Node, model: str | None) -> Path | None:
+    """The host folder of a model given by its path in the container (a bind mount)."""
+    if not model or not model.startswith("/"):
+        return None
+    for host, target in _binds(compose, node):
+        if model == target or model.startswith(target.rstrip("/") + "/"):
             return host / model[len(target):].lstrip("/")
     return None
 

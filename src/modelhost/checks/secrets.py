@@ -9,7 +9,7 @@ import re
 
 from modelhost.checks import rules as R
 from modelhost.checks.report import Finding
-from modelhost.checks.yamlloc import Node
+from modelhost.checks.yamlloc import Node, walk
 
 SECRET_NAME = re.compile(
     r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEYS?$|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)",
@@ -17,6 +17,7 @@ SECRET_NAME = re.compile(
 # Token shapes that are secrets whatever the variable is called.
 TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|"
                    r"xox[bpas]-[A-Za-z0-9-]{10,})")
+_KEY_FLAGS = {"--api-key": "VLLM_API_KEY", "--hf-token": "HF_TOKEN"}
 _REFERENCE = re.compile(r"_(FILE|PATH|DIR|URL|NAME|ID)$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"^(|<.*>|\*+|x+|changeme|none|null|false|true|0|1)$", re.IGNORECASE)
 
@@ -24,6 +25,8 @@ _PLACEHOLDER = re.compile(r"^(|<.*>|\*+|x+|changeme|none|null|false|true|0|1)$",
 def is_secret(name: str, value: str) -> bool:
     """A literal value of a secret-named variable, or a value shaped like a token."""
     value = value.strip().strip("'\"")
+    if TOKEN.search(value):  # also a token given as a ${VAR:-default}
+        return True
     if "$" in value or _PLACEHOLDER.match(value):
         return False
     if _REFERENCE.search(name):  # HF_TOKEN_FILE=/run/secrets/hf_token names where it is
@@ -68,17 +71,34 @@ def in_command(tokens: list[tuple[str, int]], path: str) -> list[Finding]:
     out: list[Finding] = []
     for i, (text, line) in enumerate(tokens):
         name, eq, value = text.partition("=")
-        if name != "--api-key":
+        if name not in _KEY_FLAGS:
             continue
         if not eq:
             value = tokens[i + 1][0] if i + 1 < len(tokens) else ""
         if value and not value.startswith("-") and "$" not in value and \
                 not _PLACEHOLDER.match(value):
             out.append(Finding(
-                R.KEY_IN_COMMAND, f"--api-key is written in the command ({mask(value)})",
-                fix="Pass it from a variable defined in an uncommitted .env, or set "
-                "VLLM_API_KEY in the environment.",
-                replacement="--api-key ${VLLM_API_KEY}", path=path, line=line))
+                R.KEY_IN_COMMAND, f"{name} is written in the command ({mask(value)})",
+                fix="Pass it from a variable defined in an uncommitted .env (or set "
+                "VLLM_API_KEY / HF_TOKEN in the environment).",
+                replacement=f"{name} ${{{_KEY_FLAGS[name]}}}", path=path, line=line))
+    return out
+
+
+def tokens_in(node: Node, path: str, skip: set[int]) -> list[Finding]:
+    """Token-shaped values anywhere under `node` (labels, args, ...), but in `skip`'s nodes."""
+    out: list[Finding] = []
+    for child in walk(node):
+        text = child.scalar()
+        if id(child) in skip or text is None:
+            continue
+        match = TOKEN.search(text)
+        if match:
+            out.append(Finding(
+                R.PLAINTEXT, f"a token is written in plain text ({mask(match[1])})",
+                fix="Take it from the environment (an uncommitted .env file or a secret "
+                "store), and rotate the token that was written here.",
+                path=path, line=child.line))
     return out
 
 

@@ -10,7 +10,7 @@ from modelhost.checks import secrets
 from modelhost.checks.compose import Service, duration_seconds, image_ref, size_bytes, split_ids
 from modelhost.checks.report import Finding
 from modelhost.checks.vllm import needed_start_seconds
-from modelhost.checks.yamlloc import interpolate
+from modelhost.checks.yamlloc import interpolate, walk
 
 _KEY_VARS = ("VLLM_API_KEY", "OPENAI_API_KEYS", "MODELHOST_OPENAI_API_KEYS",
              "MODELHOST_ADMIN_KEYS", "API_KEY")
@@ -32,6 +32,11 @@ def check_service(service: Service, pins: Mapping[str, str]) -> list[Finding]:
             replacement=f"image: {repo}:{pinned}" if pinned else None,
             path=path, line=image_node.line))
     out += secrets.in_environment(service.node, path)
+    environment, command = node.get("environment"), node.get("command")
+    reported = {id(n) for n in (walk(environment) if environment is not None else [])}
+    if service.vllm is not None and command is not None:
+        reported |= {id(n) for n in walk(command)}  # secrets.key-in-command's
+    out += secrets.tokens_in(node, path, reported)
     if service.vllm is not None:
         out += _vllm_service(service)
     if service.is_server:

@@ -31,8 +31,9 @@ _BARE = {"enforce_eager", "trust_remote_code", "enable_prefix_caching",
          "enable_sleep_mode", "disable_fastapi_docs", "headless", "use_v2_block_manager"}
 _SHORT = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
           "dp": "data_parallel_size", "q": "quantization"}
-# Launchers before the arguments: `vllm serve`, `python -m vllm.entrypoints.openai.api_server`.
-_LAUNCHER = re.compile(r"(^|/)(vllm|python[0-9.]*|-m|serve|vllm\.entrypoints\.[\w.]+)$")
+# Where the launcher ends and the arguments start: `vllm serve`, `python -m
+# vllm.entrypoints.openai.api_server` (the vllm/vllm-openai image's entry point).
+_LAUNCHER_END = re.compile(r"serve|vllm\.entrypoints\.[\w.]+")
 
 
 def normal(flag: str) -> str:
@@ -52,9 +53,10 @@ def parse_argv(tokens: list[tuple[str, int]]) -> tuple[dict[str, Arg], tuple[str
                 words = text.split()
             tokens = [(word, line) for word in words] + tokens[index + 1:]
             break
-    i = 0
-    while i < len(tokens) and _LAUNCHER.search(tokens[i][0]) and not tokens[i][0].startswith("--"):
-        i += 1
+    i = next((n + 1 for n, (text, _) in enumerate(tokens[:6])
+              if _LAUNCHER_END.fullmatch(text)), 0)
+    if i == 0 and tokens and tokens[0][0].rsplit("/", 1)[-1] == "vllm":
+        i = 1
     while i < len(tokens):
         text, line = tokens[i]
         i += 1
@@ -103,6 +105,7 @@ class VllmServer:
     gpus_line: int | None = None
     local_model: Path | None = None
     revision: str = "main"
+    cache_dirs: list[Path] = field(default_factory=list)  # hub caches mounted into it
 
     def value(self, name: str) -> str | None:
         arg = self.args.get(name)
@@ -219,7 +222,8 @@ def check(server: VllmServer, cache_dirs: list[Path]) -> list[Finding]:
 
     facts: ModelFacts | None = None
     if server.model:
-        facts = model_facts(server.model, cache_dirs, server.local_model, server.revision)
+        facts = model_facts(server.model, [*server.cache_dirs, *cache_dirs],
+                            server.local_model, server.revision)
     quant = server.value("quantization")
     if facts is not None and facts.quant_method:
         method = facts.quant_method
