@@ -391,3 +391,25 @@ def test_secrets_wherever_they_are(tmp_path: Path) -> None:
         "    labels:\n      token: sk-abcdefghijklmnopqrstuvwxyz\n")
     found = [(f.rule.id, f.line) for f in run_check([compose], environ={}).failed()]
     assert found == [("secrets.plaintext", 6), ("secrets.plaintext", 9)]
+
+
+def test_two_files_claiming_one_port_gpu_and_name(tmp_path: Path) -> None:
+    """Different services (other name, model and image) in two files: their shared port,
+    GPU and container name are conflicts; services of disjoint profiles are not."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    common = ("    user: '1000'\n    container_name: llm\n    ports: ['127.0.0.1:8000:8000']\n"
+              "    healthcheck: {test: [CMD, 'true']}\n    runtime: nvidia\n"
+              "    environment: [NVIDIA_VISIBLE_DEVICES=1]\n")
+    first = tmp_path / "a" / "compose.yaml"
+    first.write_text("services:\n  chat:\n    image: ollama/ollama:0.5.7\n" + common)
+    second = tmp_path / "b" / "compose.yaml"
+    second.write_text("services:\n  embed:\n    image: ghcr.io/huggingface/"
+                      "text-embeddings-inference:1.6\n" + common)
+    report = run_check([first, second], environ={})
+    assert {(f.rule.id, f.path) for f in report.failed()} == {
+        ("compose.port-conflict", str(second)), ("compose.gpu-conflict", str(second)),
+        ("compose.container-name-conflict", str(second))}, report.as_text()
+    second.write_text(second.read_text().replace("  embed:\n", "  embed:\n    profiles: [b]\n"))
+    first.write_text(first.read_text().replace("  chat:\n", "  chat:\n    profiles: [a]\n"))
+    assert run_check([first, second], environ={}).failed() == []

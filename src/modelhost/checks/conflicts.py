@@ -3,7 +3,7 @@ disagree (the audit's two compose files), and different services claiming the sa
 port, container name or GPU.
 
 Services are "the same" when, in different files, they share a service name, the model they
-serve, a container name, or an image and a host port: such files are alternatives for one
+serve, or an image and a container name or host port: such files are alternatives for one
 deployment, so that their shared port and GPUs are expected, and what matters is where they
 disagree. Services whose profiles do not
 overlap are alternatives too (`--profile cpu` or `--profile gpu`).
@@ -20,16 +20,16 @@ from modelhost.checks.report import Finding
 
 def _keys(service: Service) -> set[tuple[str, ...]]:
     """What makes two services in different files one service described twice: the service
-    name, the model served, the container name, or the same image on the same host port."""
+    name, the model served, or the same image with the same container name or host port."""
     keys: set[tuple[str, ...]] = {("name", service.name)}
     if service.vllm is not None and service.vllm.model:
         keys.add(("model", service.vllm.model.rstrip("/").rsplit("/", 1)[-1].lower()))
-    name = service.text("container_name")
-    if name:
-        keys.add(("container", name))
     if service.image:
         repo = image_ref(service.image)[0]
         keys |= {("port", repo, p.published) for p in service.ports if p.published}
+        name = service.text("container_name")
+        if name:
+            keys.add(("container", repo, name))
     return keys
 
 
