@@ -174,6 +174,9 @@ CASES = [
     Case("models.start-timeout", {"models.yaml": models_file(
         {}, model="org/model-70B", start_timeout=60)}, line=11),
     Case("settings.exposed-without-keys", {}, settings={"api_host": "0.0.0.0"}),
+    Case("settings.admin-allow-code", {}, settings={
+        "api_host": "10.0.0.5", "admin_keys": "k", "admin_allow_code": True}),
+    Case("settings.allowed-hosts-any", {}, settings={"allowed_hosts": "*"}),
 ]
 
 

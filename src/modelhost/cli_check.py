@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def check(paths: tuple[Path, ...], config_file: Path | None, fmt: str | None,
         models_file = settings.config_file
     report = run_check(list(paths), settings=settings if judged else None,
                        models_file=models_file, cache_dirs=[settings.model_cache_dir])
-    color = fmt == "text" and output is None and sys.stdout.isatty()
+    # Colours on a terminal, unless NO_COLOR (no-color.org) says otherwise.
+    color = fmt == "text" and output is None and sys.stdout.isatty() and \
+        not os.environ.get("NO_COLOR")
     text = report.as_text(color=color) if fmt == "text" else render(report, fmt)
     if output is not None:
         output.write_text(text + "\n", encoding="utf-8")

@@ -124,6 +124,18 @@ def check_settings(settings: Settings) -> list[Finding]:
             fix="Set OPENAI_API_KEYS and MODELHOST_ADMIN_KEYS, or listen on 127.0.0.1 "
             "behind a reverse proxy.", replacement="API_HOST=127.0.0.1",
             path="(environment)"))
+    if settings.admin_allow_code and not is_loopback(settings.api_host):
+        out.append(Finding(
+            R.ALLOW_CODE, f"MODELHOST_ADMIN_ALLOW_CODE is on and API_HOST is "
+            f"{settings.api_host}",
+            fix="Declare what runs code in the models file (and `modelhost reload`) instead, "
+            "or keep the admin API on loopback.", replacement="MODELHOST_ADMIN_ALLOW_CODE=0",
+            path="(environment)"))
+    if "*" in settings.allowed_host_names:
+        out.append(Finding(
+            R.ANY_HOST, "MODELHOST_ALLOWED_HOSTS accepts any host name (*)",
+            fix="List the names clients use (e.g. llm.example.com, .example.com).",
+            path="(environment)"))
     if settings.config_file is not None and not settings.config_file.is_file():
         out.append(Finding(
             R.MODELS_MISSING, f"MODELHOST_CONFIG is {settings.config_file}, which does not "

@@ -177,6 +177,16 @@ EXPOSED = Rule(
     "anyone who can reach it uses every model and the admin API (modelhost refuses to "
     "serve so, unless MODELHOST_INSECURE_NO_AUTH says otherwise).")
 
+ALLOW_CODE = Rule(
+    "settings.admin-allow-code", "Admin API may run code on a public address", W,
+    "With MODELHOST_ADMIN_ALLOW_CODE the admin API may set commands, interpreters, "
+    "environment and local paths: an admin key reachable from the network runs code on "
+    "the host.")
+ANY_HOST = Rule(
+    "settings.allowed-hosts-any", "Any Host header is accepted", W,
+    "MODELHOST_ALLOWED_HOSTS=* turns off the Host check that stops DNS rebinding: a web page "
+    "can then reach a gateway on loopback or a private network through the browser.")
+
 RULES: dict[str, Rule] = {
     rule.id: rule for rule in (
         INPUT_UNREADABLE,
@@ -188,6 +198,6 @@ RULES: dict[str, Rule] = {
         TP_HEADS, KEY_IN_COMMAND, PLAINTEXT,
         BASE_UNPINNED, DOCKER_ROOT, DOCKER_HEALTH,
         ENV_COMMITTED, ENV_PERMISSIONS, TOKEN_FORMAT,
-        MODELS_INVALID, MODELS_MISSING, START_TIMEOUT, EXPOSED,
+        MODELS_INVALID, MODELS_MISSING, START_TIMEOUT, EXPOSED, ALLOW_CODE, ANY_HOST,
     )
 }
