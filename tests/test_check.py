@@ -413,3 +413,13 @@ def test_two_files_claiming_one_port_gpu_and_name(tmp_path: Path) -> None:
     second.write_text(second.read_text().replace("  embed:\n", "  embed:\n    profiles: [b]\n"))
     first.write_text(first.read_text().replace("  chat:\n", "  chat:\n    profiles: [a]\n"))
     assert run_check([first, second], environ={}).failed() == []
+
+
+def test_only_model_servers_are_judged_as_servers(tmp_path: Path) -> None:
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("services:\n  db:\n    image: postgis/postgis:16-3.4\n    user: postgres\n"
+                       "    ports: ['5432:5432']\n  llm:\n    image: ollama/ollama:0.5.7\n"
+                       "    user: '1000'\n    ports: ['11434:11434']\n"
+                       "    healthcheck: {test: [CMD, ollama, ls], start_period: '${WAIT:-60s}'}\n")
+    found = [(f.rule.id, f.line) for f in run_check([compose], environ={}).failed()]
+    assert found == [("compose.port-exposed-without-key", 9)]

@@ -15,8 +15,10 @@ from pathlib import Path
 from modelhost.checks.vllm import VllmServer, parse_argv
 from modelhost.checks.yamlloc import Node, interpolate, load_yaml, read_env_file
 
-_SERVER = re.compile(r"vllm|modelhost|llama|ollama|text-generation-inference|sglang|tgi|"
-                     r"triton|openai", re.IGNORECASE)
+# Model servers, by a word of their image or command (not inside a word: postgis is no tgi).
+_SERVER = re.compile(r"(?<![a-z0-9])(vllm|modelhost|llama|ollama|text-generation-inference|"
+                     r"text-embeddings-inference|sglang|tgi|tritonserver|openai|localai)"
+                     r"(?![a-z0-9])", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)

@@ -77,12 +77,14 @@ def _server(service: Service) -> list[Finding]:
             path=path, line=service.line))
     elif service.vllm is not None:
         start = health.get("start_period")
-        seconds = duration_seconds(start.scalar() or "") if start is not None else 0.0
+        written = interpolate(start.scalar() or "", service.variables).text \
+            if start is not None else "0s"
+        seconds = duration_seconds(written)
         needed = _needed(service)
         if seconds is not None and seconds < needed:
             out.append(Finding(
                 R.HEALTHCHECK_START, f"healthcheck start_period is "
-                f"{start.scalar() if start is not None else 'not set (0s)'} for "
+                f"{written if start is not None else 'not set (0s)'} for "
                 f"{service.vllm.model or 'a vLLM model'}, which needs about {needed}s to load",
                 fix=f"Give the model time to load: start_period of at least {needed}s.",
                 replacement=f"start_period: {needed}s", path=path,
