@@ -423,3 +423,15 @@ def test_only_model_servers_are_judged_as_servers(tmp_path: Path) -> None:
                        "    healthcheck: {test: [CMD, ollama, ls], start_period: '${WAIT:-60s}'}\n")
     found = [(f.rule.id, f.line) for f in run_check([compose], environ={}).failed()]
     assert found == [("compose.port-exposed-without-key", 9)]
+
+
+def test_flags_of_a_folded_command_point_at_their_lines(tmp_path: Path) -> None:
+    report = check_folder(copy("audit", tmp_path))
+    lines = {f.rule.id: f.line for f in report.failed() if f.path == str(
+        tmp_path / "audit" / FILE1)}
+    text = (FIXTURES / "audit" / FILE1).read_text().splitlines()
+    assert "--distributed-executor-backend ray" in text[lines["vllm.executor-backend"] - 1]
+    assert "start_period: 30s" in text[lines["compose.healthcheck-start-period"] - 1]
+    assert "HUGGING_FACE_HUB_TOKEN=" in text[lines["secrets.plaintext"] - 1]
+    assert any("70000 in " in f.message and f"{FILE1}:25" in f.message
+               for f in report.failed()) and "70000" in text[24]

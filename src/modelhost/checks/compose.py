@@ -133,14 +133,14 @@ class ComposeFile:
             words = text.split()
         out, line = [], node.line
         for word in words:
-            line = self._find(word, line)
+            line = self._find(word, line, max(node.end_line, node.line))
             out.append((word, line))
         return out
 
-    def _find(self, word: str, start: int) -> int:
+    def _find(self, word: str, start: int, end: int) -> int:
         # The line a word of a multi-line command string is on (for pointing at a flag).
         probe = word.split("=", 1)[0]
-        for number in range(start, min(len(self.lines), start + 200) + 1):
+        for number in range(start, min(len(self.lines), end) + 1):
             if probe in self.lines[number - 1]:
                 return number
         return start

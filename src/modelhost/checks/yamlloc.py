@@ -26,6 +26,7 @@ class Node:
     line: int
     raw: str | None = None  # a scalar's text as written (before YAML typing)
     items: dict[str, Node] = field(default_factory=dict)  # a mapping's keys' nodes
+    end_line: int = 0  # the last line the value spans
 
     def get(self, key: str) -> Node | None:
         if isinstance(self.value, dict):
@@ -94,9 +95,10 @@ def _convert(node: yaml.Node) -> Node:
             keys[name] = key
         for k, v in merged.items():
             values.setdefault(k, v)
-        return Node(values, line, items=keys)
+        return Node(values, line, items=keys, end_line=node.end_mark.line + 1)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(child) for child in node.value], line)
+        return Node([_convert(child) for child in node.value], line,
+                    end_line=node.end_mark.line + 1)
     assert isinstance(node, yaml.ScalarNode)
     try:
         value = _constructor.construct_object(node, deep=True)
@@ -104,7 +106,7 @@ def _convert(node: yaml.Node) -> Node:
         value = node.value
     if not isinstance(value, str | int | float | bool) and value is not None:
         value = node.value  # dates, binary: their text is enough here
-    return Node(value, line, raw=node.value)
+    return Node(value, line, raw=node.value, end_line=node.end_mark.line + 1)
 
 
 def load_yaml(text: str, name: str = "<string>") -> Node | None:
