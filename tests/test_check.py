@@ -427,7 +427,7 @@ def test_only_model_servers_are_judged_as_servers(tmp_path: Path) -> None:
 
 def test_flags_of_a_folded_command_point_at_their_lines(tmp_path: Path) -> None:
     report = check_folder(copy("audit", tmp_path))
-    lines = {f.rule.id: f.line for f in report.failed() if f.path == str(
+    lines = {f.rule.id: f.line or 0 for f in report.failed() if f.path == str(
         tmp_path / "audit" / FILE1)}
     text = (FIXTURES / "audit" / FILE1).read_text().splitlines()
     assert "--distributed-executor-backend ray" in text[lines["vllm.executor-backend"] - 1]
