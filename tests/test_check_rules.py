@@ -80,6 +80,7 @@ class Case:
 
 CASES = [
     Case("input.unreadable", {"compose.yaml": "services:\n  a: [\n"}),
+    Case("input.not-recognised", {"prometheus.yml": "scrape_configs: []\n"}),
     Case("compose.image-unpinned", {"compose.yaml": "services:\n  web:\n    image: nginx\n"},
          line=3),
     Case("compose.container-name-missing",

@@ -18,6 +18,11 @@ INPUT_UNREADABLE = Rule(
     "A file that does not parse is refused by docker compose, docker build or modelhost "
     "itself; nothing else in it can be checked.")
 
+NOT_RECOGNISED = Rule(
+    "input.not-recognised", "File skipped: not a kind check knows", N,
+    "Only compose files, models files, Dockerfiles and .env files are checked; a file named "
+    "on the command line that is none of them (a Prometheus configuration, ...) is skipped.")
+
 # ----------------------------------------------------------------------------- compose
 IMAGE_UNPINNED = Rule(
     "compose.image-unpinned", "Image not pinned to a version", E,
@@ -189,7 +194,7 @@ ANY_HOST = Rule(
 
 RULES: dict[str, Rule] = {
     rule.id: rule for rule in (
-        INPUT_UNREADABLE,
+        INPUT_UNREADABLE, NOT_RECOGNISED,
         IMAGE_UNPINNED, CONTAINER_NAME, HEALTHCHECK_MISSING, HEALTHCHECK_START,
         GPU_DEVICE_IDS, NO_GPU, SHARED_MEMORY, PORT_EXPOSED, PORT_CONFLICT, GPU_CONFLICT,
         NAME_CONFLICT, CONFLICTING, DUPLICATE_SERVICE, RUNS_AS_ROOT, EXPLICIT_ROOT,

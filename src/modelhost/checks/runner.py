@@ -116,10 +116,11 @@ def run_check(paths: list[Path], *, settings: Settings | None = None,
             except YamlError as exc:
                 findings.append(_unreadable(display, str(exc), exc.line))
         else:
-            findings.append(_unreadable(
-                display, f"{display} is neither a compose file (services:), a models file "
-                "(models:), a Dockerfile nor an .env file", None,
-                "Name a compose file, a models file, a Dockerfile or an .env file."))
+            findings.append(Finding(
+                R.NOT_RECOGNISED, f"{display} is neither a compose file (services:), a "
+                "models file (models:), a Dockerfile nor an .env file: skipped",
+                fix="Name only compose files, models files, Dockerfiles and .env files.",
+                path=display))
     pins = _pins(declared)
     for service in declared:
         findings += services.check_service(service, pins)
