@@ -21,7 +21,8 @@
 
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
 ARG TORCH_VERSION=2.13.0
-ARG VLLM_VERSION=0.34.0
+# 0.34.0 pins flashinfer-python==0.7.3, which PyPI does not have: it cannot be installed.
+ARG VLLM_VERSION=0.33.0
 
 # ------------------------------------------------------------------------------ CPU image
 FROM python:3.11.14-slim-bookworm AS cpu-base
@@ -96,8 +97,8 @@ COPY --from=cuda-wheels /wheels /tmp/wheels
 COPY deploy/docker/constraints-cpu.txt /tmp/constraints.txt
 # vLLM pins its own PyTorch (CUDA build) and kernels exactly. The modelhost wheel is installed
 # by path: a package of the same name on PyPI must never replace it. webrtcvad and typing are
-# pinned to the wheels built above.
-RUN pip install --find-links /tmp/wheels \
+# pinned to the wheels built above. Wheels only.
+RUN pip install --only-binary=:all: --find-links /tmp/wheels \
         "vllm==${VLLM_VERSION}" \
         "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
         "$(grep -E '^webrtcvad==' /tmp/constraints.txt)" \
