@@ -301,8 +301,10 @@ def test_command_with_no_path_examines_the_folder_and_settings(
     data = json.loads(result.output)
     rules = {f["rule"] for f in data["findings"]}
     assert {"compose.healthcheck-start-period", "dockerfile.base-image-unpinned",
-            "vllm.gpu-memory-utilization", "settings.exposed-without-keys"} <= rules
-    assert FILE1 in data["inputs"] and ".env" in data["inputs"] and "Dockerfile" in data["inputs"]
+            "vllm.gpu-memory-utilization", "settings.exposed-without-keys",
+            "compose.conflicting-definitions"} <= rules
+    # The second compose file is found below the folder, whatever its name.
+    assert {FILE1, FILE2, ".env", "Dockerfile"} <= set(data["inputs"])
     assert result.exit_code == 1
 
 
@@ -435,3 +437,24 @@ def test_flags_of_a_folded_command_point_at_their_lines(tmp_path: Path) -> None:
     assert "HUGGING_FACE_HUB_TOKEN=" in text[lines["secrets.plaintext"] - 1]
     assert any("70000 in " in f.message and f"{FILE1}:25" in f.message
                for f in report.failed()) and "70000" in text[24]
+
+
+def test_a_folder_is_searched_below(tmp_path: Path) -> None:
+    files = {
+        "compose.yaml": "services:\n  web:\n    image: nginx:1.27\n    user: nginx\n",
+        "deploy/gpu/Dockerfile.cuda": "FROM nvidia/cuda\nUSER app\nHEALTHCHECK CMD true\n",
+        "configs/docker/profiles/medium.yml": "services:\n  llm:\n    image: vllm/vllm-openai\n",
+        "configs/prometheus.yml": "scrape_configs: []\n",
+        "src/app/dockerfile.py": "from __future__ import annotations\n",
+        "tests/fixtures/compose.yaml": "services:\n  bad:\n    image: broken\n",
+        ".venv/lib/compose.yaml": "services:\n  bad:\n    image: broken\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    report = run_check([tmp_path], environ={})
+    assert sorted(Path(i).relative_to(tmp_path).as_posix() for i in report.inputs) == [
+        "compose.yaml", "configs/docker/profiles/medium.yml", "deploy/gpu/Dockerfile.cuda"]
+    unpinned = {(f.rule.id, Path(f.path or "").name) for f in report.failed()}
+    assert {("dockerfile.base-image-unpinned", "Dockerfile.cuda"),
+            ("compose.image-unpinned", "medium.yml")} <= unpinned

@@ -1,10 +1,12 @@
 """`modelhost check`: find the files, read each with its reader, apply the rules, one report.
 
 With no path, the current folder is examined: compose*.y*ml, docker-compose*.y*ml,
-Dockerfile*, *.Dockerfile, .env, the models file (MODELHOST_CONFIG or --config) and the
-settings from the environment. A folder given as a path is examined the same way (without
-the settings); a file is recognised by its name (Dockerfile, .env) or its content
-(`services:` for compose, `models:` for a models file).
+Dockerfile*, *.Dockerfile, .env, and below it (4 folders down) every compose file whatever
+its name and every Dockerfile (not in hidden, environment or test folders); the models
+file (MODELHOST_CONFIG or --config) and the settings from the environment. A folder given
+as a path is examined the same way (without the settings); a file is recognised by its
+name (Dockerfile, .env) or its content (`services:` for compose, `models:` for a models
+file).
 """
 
 from __future__ import annotations
@@ -26,13 +28,70 @@ _DOCKERFILE_GLOBS = ("Dockerfile", "Dockerfile.*", "*.Dockerfile", "*.dockerfile
 _EXAMPLES = (".example", ".sample", ".template", ".dist")
 
 
+# Left out below the folder: environments, caches, and test folders (whose fixtures are
+# broken on purpose; name them to check them).
+_SKIP = {"venv", "node_modules", "__pycache__", "site-packages", "tests", "test", "fixtures"}
+# Dockerfile.<variant>, but not dockerfile.py and its kind.
+_NOT_DOCKERFILE = {".py", ".md", ".txt", ".rst", ".json", ".yml", ".yaml", ".sh", ".toml",
+                   ".cfg", ".ini", ".j2", ".tmpl"}
+_DEPTH = 4
+
+
+def _below(folder: Path) -> list[Path]:
+    """Files under `folder`, at most _DEPTH folders down, leaving out hidden folders,
+    environments and test folders."""
+    found: list[Path] = []
+    stack = [(folder, 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir() and depth < _DEPTH and entry.name not in _SKIP and \
+                    not entry.name.startswith("."):
+                stack.append((entry, depth + 1))
+            elif entry.is_file() and depth > 0:
+                found.append(entry)
+    return sorted(found)
+
+
+def _is_compose(path: Path) -> bool:
+    """A YAML file whose `services:` are compose services (an image, a build, a command)."""
+    try:
+        if path.stat().st_size > 1024 * 1024:
+            return False
+        root = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, YamlError):
+        return False
+    services = root.get("services") if root is not None else None
+    return services is not None and any(
+        isinstance(s.value, dict) and ({"image", "build", "command"} & set(s.value))
+        for s in services.mapping().values())
+
+
 def discover(folder: Path) -> list[Path]:
+    """The folder's compose files, Dockerfiles and .env files; below it, the compose files
+    (whatever their name, e.g. configs/docker/profiles/medium.yml) and Dockerfiles."""
     found: list[Path] = []
     for pattern in (*_COMPOSE_GLOBS, *_DOCKERFILE_GLOBS, ".env", ".env.*"):
         for path in sorted(folder.glob(pattern)):
-            if path.is_file() and path not in found and not path.name.endswith(_EXAMPLES):
+            if path.is_file() and path not in found and not path.name.endswith(_EXAMPLES) \
+                    and (pattern not in _DOCKERFILE_GLOBS or _is_dockerfile(path)):
                 found.append(path)
+    for path in _below(folder):
+        if _is_dockerfile(path) or (path.suffix in (".yml", ".yaml") and _is_compose(path)):
+            found.append(path)
     return found
+
+
+def _is_dockerfile(path: Path) -> bool:
+    name = path.name.lower()
+    if name.endswith(_EXAMPLES) or path.suffix.lower() in _NOT_DOCKERFILE:
+        return False
+    return name in ("dockerfile", "containerfile") or name.startswith("dockerfile.") or \
+        name.endswith(".dockerfile")
 
 
 def kind_of(path: Path, text: str) -> str:
