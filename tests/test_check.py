@@ -458,3 +458,38 @@ def test_a_folder_is_searched_below(tmp_path: Path) -> None:
     unpinned = {(f.rule.id, Path(f.path or "").name) for f in report.failed()}
     assert {("dockerfile.base-image-unpinned", "Dockerfile.cuda"),
             ("compose.image-unpinned", "medium.yml")} <= unpinned
+
+
+def test_sarif_of_a_finding_that_is_in_no_file() -> None:
+    report = Report("check", [Finding(ERR, "exposed", path="(environment)")], [])
+    result = report.as_sarif()["runs"][0]["results"][0]
+    assert "locations" not in result and result["message"]["text"] == "exposed"
+
+
+@pytest.mark.parametrize(("text", "expected", "unresolved"), [
+    ("${A}", "a", []),
+    ("${B}", "", ["B"]),
+    ("${B:-x}", "x", []),
+    ("${E:-x}", "x", []),
+    ("${E-x}", "", []),
+    ("${A:+alt}", "alt", []),
+    ("${B:+alt}", "", []),
+    ("$A/$$A", "a/$A", []),
+    ("${B:-${A}}", "a", []),
+    ("${B:?need B}", "", ["B"]),
+])
+def test_interpolation_as_compose_does(text: str, expected: str,
+                                       unresolved: list[str]) -> None:
+    from modelhost.checks.yamlloc import interpolate
+
+    result = interpolate(text, {"A": "a", "E": ""})
+    assert (result.text, result.unresolved) == (expected, unresolved)
+
+
+def test_env_file_syntax() -> None:
+    from modelhost.checks.yamlloc import parse_env_file
+
+    entries = parse_env_file("# c\nexport A=1\nB='two words' # c\nC=\"x#y\"\nD=v # note\n"
+                             "not a line\nE=\n")
+    assert [(e.name, e.value, e.line) for e in entries] == [
+        ("A", "1", 2), ("B", "two words", 3), ("C", "x#y", 4), ("D", "v", 5), ("E", "", 7)]

@@ -148,7 +148,7 @@ class Report:
                 "level": SARIF_LEVEL[finding.severity],
                 "message": {"text": text},
             }
-            if finding.path is not None:
+            if finding.path is not None and not _pseudo(finding.path):
                 physical: dict[str, Any] = {"artifactLocation": {"uri": _uri(finding.path)}}
                 if finding.line is not None:
                     physical["region"] = {"startLine": max(1, finding.line)}
@@ -211,6 +211,11 @@ class Report:
             f"{counts['error']} error(s), {counts['warning']} warning(s), "
             f"{counts['info']} info; score {self.score()}/100")
         return "\n".join(lines)
+
+
+def _pseudo(path: str) -> bool:
+    """A place that is no file, e.g. "(environment)": no SARIF location."""
+    return path.startswith("(") and path.endswith(")")
 
 
 def _uri(path: str) -> str:

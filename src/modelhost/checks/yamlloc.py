@@ -126,10 +126,8 @@ def load_yaml(text: str, name: str = "<string>") -> Node | None:
 # Interpolation, as `docker compose` does it: ${VAR}, ${VAR:-default}, ${VAR-default},
 # ${VAR:?error}, ${VAR?error}, ${VAR:+alt}, $VAR, and $$ for a literal dollar.
 
-_VAR = re.compile(
-    r"\$(?:(?P<escaped>\$)"
-    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPERATOR = re.compile(r":?[-?+]")
 
 
 @dataclass
@@ -138,41 +136,78 @@ class Interpolated:
     unresolved: list[str]  # variables used with no value and no default
     variables: list[str]  # every variable named
 
-    @property
-    def exact(self) -> bool:
-        return not self.unresolved
+
+def _closing(text: str, start: int) -> int:
+    """The index of the `}` closing the `${` whose content starts at `start` (nesting
+    allowed: ${A:-${B}}), or -1."""
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
 
 
 def interpolate(text: str, env: Mapping[str, str]) -> Interpolated:
-    unresolved: list[str] = []
-    variables: list[str] = []
+    result = Interpolated("", [], [])
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] != "$":
+            out.append(text[i])
+            i += 1
+            continue
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if text.startswith("${", i):
+            end = _closing(text, i + 2)
+            name = _NAME.match(text, i + 2)
+            if end < 0 or name is None:
+                out.append(text[i:])
+                break
+            out.append(_braced(name[0], text[name.end():end], env, result))
+            i = end + 1
+            continue
+        name = _NAME.match(text, i + 1)
+        if name is None:
+            out.append("$")
+            i += 1
+            continue
+        out.append(_braced(name[0], "", env, result))
+        i = name.end()
+    result.text = "".join(out)
+    return result
 
-    def one(match: re.Match[str]) -> str:
-        if match["escaped"]:
-            return "$"
-        name = match["braced"] or match["named"]
-        variables.append(name)
-        op, arg = match["op"], match["arg"] or ""
-        value = env.get(name)
-        present = value is not None
-        nonempty = bool(value)
-        if op in (":-", "-"):
-            use_default = not nonempty if op == ":-" else not present
-            if use_default:
-                return interpolate(arg, env).text
-            return value or ""
-        if op in (":+", "+"):
-            set_ = nonempty if op == ":+" else present
-            return interpolate(arg, env).text if set_ else ""
-        if not present:
-            unresolved.append(name)
-        return value or ""
 
-    return Interpolated(_VAR.sub(one, text), unresolved, variables)
+def _braced(name: str, rest: str, env: Mapping[str, str], result: Interpolated) -> str:
+    result.variables.append(name)
+    operator = _OPERATOR.match(rest)
+    op, arg = (operator[0], rest[operator.end():]) if operator else ("", "")
+    value = env.get(name)
+    present, nonempty = value is not None, bool(value)
 
+    def nested(text: str) -> str:
+        inner = interpolate(text, env)
+        result.unresolved += inner.unresolved
+        result.variables += inner.variables
+        return inner.text
 
-def variables_in(text: str) -> list[str]:
-    return [m["braced"] or m["named"] for m in _VAR.finditer(text) if not m["escaped"]]
+    if op in (":-", "-"):
+        return nested(arg) if (not nonempty if op == ":-" else not present) else value or ""
+    if op in (":+", "+"):
+        return nested(arg) if (nonempty if op == ":+" else present) else ""
+    if not present:
+        result.unresolved.append(name)
+    return value or ""
 
 
 # ---------------------------------------------------------------------------------------------
