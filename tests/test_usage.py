@@ -251,6 +251,25 @@ def test_stream_scan_finds_split_usage_and_drops_only_it(drop: bool) -> None:
     assert scan.rest() == b"data: {"
 
 
+def test_a_stream_without_usage_counts_its_pieces_of_text() -> None:
+    """llama-cpp-python's server streams one token an event and no usage: the scan counts
+    the events that carried text (either JSON spacing; an empty delta is none), split as
+    the chunks come; a usage chunk, when one comes, is what counts instead."""
+    events = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n',
+              b'data: {"choices": [{"delta": {"content": ""}}]}\n\n',
+              b'data: {"choices": [{"delta": {"content": "Red"}}]}\n\n',
+              b'data: {"choices":[{"delta":{"content":", blue"}}]}\n\n',
+              b'data: {"choices": [{"text": " green", "index": 0}]}\n\n',
+              b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n',
+              b"data: [DONE]\n\n"]
+    whole = b"".join(events)
+    for step in (1, 7, 40, len(whole)):
+        scan = UsageScan(True)
+        out = b"".join(scan.feed(whole[i:i + step]) for i in range(0, len(whole), step))
+        assert out + scan.rest() == whole
+        assert (scan.pieces, scan.completion) == (3, 0)
+
+
 def test_a_stream_without_event_boundaries_is_not_piled_up() -> None:
     """A broken or hostile server's 64 MiB with no boundary: passed on, never held past
     MAX_HELD (the stream's back-pressure holds, the gateway's memory stays flat)."""

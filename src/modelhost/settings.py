@@ -61,8 +61,8 @@ class Settings(BaseSettings):
                                validation_alias=_env("LOG_FILE_NAME", "LOG_FILE_NAME"))
     log_file_bytes: int = Field(20 * 1024 * 1024, gt=0, validation_alias=_env("LOG_FILE_BYTES"))
     log_file_backups: int = Field(5, ge=0, validation_alias=_env("LOG_FILE_BACKUPS"))
-    # One log line per HTTP request (uvicorn's access log). Off by default: on a busy gateway
-    # it is a measurable share of the time spent per request (see docs/benchmarks.md).
+    # One log line per HTTP request (uvicorn's access log; the fast path's lines are written
+    # from a timer, serving/access.py). Off by default: the lines cost CPU on a busy gateway.
     access_log: bool = Field(False, validation_alias=_env("ACCESS_LOG"))
     # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed
     # (comma-separated IPs or networks, or *). Empty: the headers are ignored, and the

@@ -63,22 +63,25 @@ class AudioRoutes:
                                        self.max_parts, self.max_part_header_bytes)
         try:
             spec = self._check(upload, task)
+            authorization = next((v for k, v in request.scope["headers"]
+                                  if k == b"authorization"), None)
             if task is Task.transcription and _true(upload.get("diarize")):
-                return await self._diarized(upload, spec, path)
+                return await self._diarized(upload, spec, path, authorization)
             # The body goes to the worker exactly as it came; its `model` field may be an
             # alias, which our worker apps ignore (each serves one model).
             call = self.relay.call(self.registry.models[spec.id], path, upload.body,
                                    {"Content-Type": upload.content_type}, rid,
-                                   next((v for k, v in request.scope["headers"]
-                                         if k == b"authorization"), None))
+                                   authorization)
             # Answered, errors included, and counted as the relayed JSON routes are.
             return await RelayEndpoint.settle(call.answer, request.scope, call)
         finally:
             upload.close()
 
-    async def _diarized(self, upload: Upload, speech: ModelSpec, path: str) -> ASGIApp:
+    async def _diarized(self, upload: Upload, speech: ModelSpec, path: str,
+                        authorization: bytes | None) -> ASGIApp:
         """A transcript whose segments and words carry speakers: the speech worker's
-        verbose_json and the diarization worker's turns, asked for at once and aligned."""
+        verbose_json and the diarization worker's turns, asked for at once and aligned (each
+        worker's usage counted under the client's key id)."""
         if upload.get("response_format") not in (None, "json", "verbose_json"):
             raise InvalidRequest("diarize=true returns verbose_json; drop response_format or "
                                  "set it to verbose_json", param="response_format")
@@ -99,9 +102,10 @@ class AudioRoutes:
                                                          "max_speakers"))
             turns_form.add("model", diarizer.id)
             transcript = await self.relay.fetch_json(self.registry.models[speech.id], path,
-                                                     transcript_form)
+                                                     transcript_form, authorization)
             diarized = await self.relay.fetch_json(self.registry.models[diarizer.id],
-                                                   "/audio/diarization", turns_form)
+                                                   "/audio/diarization", turns_form,
+                                                   authorization)
         finally:
             audio.close()
         return JSONResponse(assign_speakers(transcript, diarized.get("segments", [])))

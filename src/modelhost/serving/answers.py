@@ -26,7 +26,9 @@ class ClientGone(Exception):
 
 
 class Answer:
-    """A complete (not streamed) answer."""
+    """A complete (not streamed) answer. Its first header is its content type, the only one
+    that may come from elsewhere (a worker's answer); the others are the gateway's own (the
+    wire path writes them unchecked: `wire.HotCycle.answer`)."""
 
     __slots__ = ("body", "headers", "status")
 

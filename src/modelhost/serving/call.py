@@ -109,12 +109,15 @@ class Relay:
             call.key = self.usage.who(authorization)
         return call
 
-    async def fetch_json(self, model: Model, path: str, form: Multipart) -> Any:
+    async def fetch_json(self, model: Model, path: str, form: Multipart,
+                         authorization: bytes | None = None) -> Any:
         """Post a form the gateway built to the model's worker and return its JSON answer
-        (for requests the gateway composes, such as diarized transcripts)."""
+        (for requests the gateway composes, such as diarized transcripts). Its usage is
+        counted under `authorization`'s key id, as the model's request; it is not a request
+        of the metrics' (a part of the client's, which is not relayed as one)."""
         call = Call(self, model, path, form, {"Content-Type": form.content_type})
-        call.tally = None  # a part of another request: not counted as one
-        call.key = None
+        call.tally = None
+        call.key = self.usage.who(authorization) if self.usage is not None else None
         await model.admission.acquire()
         try:
             resp = await call.send()
@@ -127,7 +130,8 @@ class Relay:
             except ValueError as exc:
                 raise UpstreamError(f"worker of '{model.spec.id}' gave no JSON answer: "
                                     f"{describe(exc)}") from exc
-            content_type_and_usage(model, resp)
+            content_type_and_usage(model, resp, call)
+            call._use(call.prompt, 0)
             return data
         finally:
             model.release()
@@ -230,7 +234,7 @@ class Call:
         completion = 0
         if scan is not None:
             self.prompt = scan.prompt or self.prompt
-            completion = scan.completion
+            completion = scan.completion or scan.pieces
         if not complete:
             self._use(self.prompt, completion)
         self.counted(200 if complete else 502, completion=completion)

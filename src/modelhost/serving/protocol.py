@@ -33,6 +33,7 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
 from modelhost.errors import error_body
+from modelhost.serving.access import AccessBuffer, access_buffer
 from modelhost.serving.answers import Answer
 from modelhost.serving.limits import (
     BODY,
@@ -92,8 +93,11 @@ class GatewayProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.writer: CoalescingWriter = None  # type: ignore[assignment]
         self.hot: Mapping[bytes, HotRoute] = {}
-        if not config.access_log and self.limit_concurrency is None:
+        if self.limit_concurrency is None:
             self.hot = hot_routes_of(self.app)
+        # The hot routes' complete answers note their access lines here (`access.py`).
+        self.access: AccessBuffer | None = access_buffer(
+            server_state, self.access_logger, self.loop) if self.access_log else None
         front = front_of(self.app)
         self.gate: Gate | None = getattr(front, "gate", None)
         if self.gate is not None and hasattr(front, "server_gates"):

@@ -10,6 +10,7 @@ the workers). A second signal ends the drain at once.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from types import FrameType
 
@@ -58,3 +59,9 @@ class GatewayServer(uvicorn.Server):
                     conn.transport.abort()
                 self.drained = self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        buffer = getattr(self.server_state, "access_buffer", None)
+        if buffer is not None:  # the access lines noted last (`access.py`)
+            buffer.flush()

@@ -39,7 +39,7 @@ class UsageScan:
     `TAIL` bytes are kept, where its `usage` member is (`answer_tokens`), and nothing is
     held back."""
 
-    __slots__ = ("_held", "completion", "drop", "prompt", "whole")
+    __slots__ = ("_held", "completion", "drop", "pieces", "prompt", "whole")
 
     TAIL = 2048
     MAX_HELD = 256 * 1024  # an event longer than this is passed on unread
@@ -48,6 +48,10 @@ class UsageScan:
         self.drop = drop
         self.whole = whole
         self.prompt = self.completion = 0
+        # Events that carried generated text: what a stream whose worker reports no usage
+        # (llama-cpp-python's server ignores `stream_options`) is counted as, an estimate
+        # (one token an event as such a server streams; its prompt tokens stay unknown).
+        self.pieces = 0
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -64,6 +68,8 @@ class UsageScan:
             end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
             if end < len(chunk) and len(chunk) - end <= self.MAX_HELD:
                 chunk, self._held = chunk[:end], chunk[end:]
+        if not self.completion:
+            self.pieces += _pieces(chunk)
         if b'"usage"' not in chunk:
             return chunk
         out = []
@@ -203,6 +209,15 @@ class RelayStream:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _pieces(chunk: bytes) -> int:
+    """How many events of a chat or completions stream's `chunk` carry generated text (a
+    non-empty `content` or `text` string; compact JSON or Python's `json.dumps` spacing)."""
+    count = chunk.count
+    return (count(b'"content":"') + count(b'"content": "') + count(b'"text":"')
+            + count(b'"text": "') - count(b'"content":""') - count(b'"content": ""')
+            - count(b'"text":""') - count(b'"text": ""'))
 
 
 def answer_tokens(body: bytes, prompt: int = 0) -> tuple[int, int]:

@@ -53,6 +53,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from modelhost.logs import request_id as bound_request_id
 from modelhost.requestid import request_id
+from modelhost.serving.access import AccessBuffer
 from modelhost.serving.answers import Answer, error_answer, last_resort, too_large
 from modelhost.serving.call import Call
 from modelhost.serving.endpoint import RelayEndpoint
@@ -67,6 +68,8 @@ class Connection(Protocol):
     flow: Any
     logger: Any
     access_logger: Any
+    access_log: bool
+    access: AccessBuffer | None
     server_state: Any
     expect_100_continue: bool
     writer: CoalescingWriter
@@ -155,7 +158,8 @@ class HotCycle(RequestResponseCycle):
         self.protocol = protocol
         super().__init__(
             scope=protocol.scope, transport=protocol.transport, flow=protocol.flow,
-            logger=protocol.logger, access_logger=protocol.access_logger, access_log=False,
+            logger=protocol.logger, access_logger=protocol.access_logger,
+            access_log=protocol.access_log,  # uvicorn's line, for a stream (when on)
             default_headers=protocol.server_state.default_headers,
             message_event=asyncio.Event(), expect_100_continue=protocol.expect_100_continue,
             keep_alive=keep_alive, on_response=protocol.on_response_complete)
@@ -168,6 +172,7 @@ class HotCycle(RequestResponseCycle):
         self.declared: int | None = None
         self.too_large = False
         self.given_id: bytes | None = None  # the client's X-Request-ID
+        self.request_id = b""  # the request's id, once the route has it
         self.authorization: bytes | None = None  # whose usage it is (`modelhost.usage`)
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit():
@@ -214,9 +219,13 @@ class HotCycle(RequestResponseCycle):
         parts = [STATUS_LINE[status]]
         for name, value in self.default_headers:
             parts += (name, b": ", value, b"\r\n")
+        # An answer's headers are the gateway's own (`answers.Answer`) but for its content
+        # type, which a worker may have given: that one alone is checked as uvicorn checks
+        # every header (two pattern searches a header: a microsecond in all for four).
+        name, value = headers[0]
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            raise RuntimeError("Invalid HTTP header.")
         for name, value in headers:
-            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header.")
             parts += (name, b": ", value, b"\r\n")
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
@@ -224,6 +233,11 @@ class HotCycle(RequestResponseCycle):
         self.response_started = self.response_complete = True
         if not self.disconnected:
             self.writer.write_now(b"".join(parts))
+        access = self.protocol.access
+        if access is not None:  # the line is written later, off the request's path
+            scope = self.scope
+            access.note(scope.get("client"), scope["method"], scope["path"],
+                        scope["http_version"], status, self.request_id)
         self.message_event.set()
         if not self.keep_alive:
             self.transport.close()
@@ -283,11 +297,12 @@ class HotRelay:
         (`RelayEndpoint.start`); False to be awaited instead."""
         if cycle.too_large:
             return False
-        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle),
-                                   request_id(cycle.given_id), cycle.authorization)
+        rid = cycle.request_id = request_id(cycle.given_id)
+        return self.endpoint.start(bytes(cycle.body), _CycleReply(self, cycle), rid,
+                                   cycle.authorization)
 
     async def __call__(self, cycle: HotCycle) -> None:
-        rid = request_id(cycle.given_id)
+        rid = cycle.request_id = cycle.request_id or request_id(cycle.given_id)
         bound_request_id.set(rid)  # this task's lines carry it
         if cycle.too_large:
             answer: Answer | ASGIApp = error_answer(too_large(self.limit, cycle.declared),
