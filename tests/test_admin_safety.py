@@ -317,7 +317,12 @@ def test_secrets_never_leave(gateway_factory: GatewayFactory,
     # A change (new key) and a deletion, seen in the history and the events too.
     source["api_key"] = key + "-rotated"
     secrets.append(key + "-rotated")
-    assert put(gw, "remote", remote).status_code == 200
+    # The remote server refuses the new key: the update (blue-green) is rolled back.
+    answers.append(put(gw, "remote", remote))
+    assert answers[-1].status_code == 409, answers[-1].text
+    assert answers[-1].json()["error"]["code"] == "update_rolled_back"
+    assert chat(gw, "remote").status_code == 200  # the old key still serves
+    answers.append(httpx.get(gw.url + "/api/admin/models/remote/history", timeout=5))
     assert httpx.delete(gw.url + "/api/admin/models/dead", timeout=30).status_code == 200
     stop.set()
     httpx.post(gw.url + "/api/admin/models/remote/unload", timeout=30)
@@ -344,7 +349,7 @@ def test_secrets_never_leave(gateway_factory: GatewayFactory,
     secrets_file = data / "secrets.json"
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     kept = json.loads(secrets_file.read_text())
-    assert kept["remote"]["source.api_key"] == key + "-rotated"
+    assert kept["remote"]["source.api_key"] == key  # the rolled back key is not kept
     assert "dead" not in kept
 
 

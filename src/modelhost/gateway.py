@@ -123,9 +123,11 @@ class Gateway:
     def _remote_policy(self, spec: ModelSpec) -> RemotePolicy | None:
         return self.remote_policy if spec.id in self.api_models else None
 
-    def _refresh_secrets(self) -> None:
-        """The values the scrubber removes from text: every spec's secrets, the keys."""
-        values = [v for spec in self.catalog.models for v in secret_texts(spec_dict(spec))]
+    def _refresh_secrets(self, *also: ModelSpec) -> None:
+        """The values the scrubber removes from text: every spec's secrets (and those of
+        `also`: specs on their way in, whose updates may fail), the keys."""
+        values = [v for spec in (*self.catalog.models, *also)
+                  for v in secret_texts(spec_dict(spec))]
         values += self.settings.api_keys + self.settings.admin_api_keys
         with contextlib.suppress(Exception):
             token = resolve_token(self.settings.huggingface_token,
@@ -404,6 +406,7 @@ class Gateway:
             await self._commit(spec.id, spec_secrets(spec), lambda store: store.upsert_model(
                 body, spec.id, source="api", actor="admin-api"))
             self.api_models.add(spec.id)
+            self._refresh_secrets(spec)
             try:
                 if existing is None:
                     return self.card(await self.registry.put(spec))
@@ -483,6 +486,7 @@ class Gateway:
                                    body, spec.id, source="api" if api else "file",
                                    actor="admin-api",
                                    rollback=f"rollback to version {row.version}, asked"))
+            self._refresh_secrets(spec)
             try:
                 return self._updated(await self.rollouts.update(spec))
             finally:
@@ -523,6 +527,7 @@ class Gateway:
             log.error("reload: could not record the models file: %s", self.scrub(str(exc)))
             raise NotSaved("the models file could not be recorded in the state database, so "
                            "it was not applied; retry later", retry_after=5) from None
+        self._refresh_secrets(*specs)
         for model_id in todo.taken_over:
             self.api_models.discard(model_id)
         for model_id in todo.removed:
