@@ -16,6 +16,8 @@ from pydantic import ValidationError
 
 from modelhost import __version__
 from modelhost.cli_admin import register
+from modelhost.cli_check import check
+from modelhost.cli_doctor import doctor
 from modelhost.config import ConfigError, json_schema, load_models_file
 from modelhost.errors import validation_message
 from modelhost.settings import Settings
@@ -160,6 +162,8 @@ def config_schema() -> None:
 
 
 register(cli)
+cli.add_command(check)
+cli.add_command(doctor)
 
 
 def main() -> None:
