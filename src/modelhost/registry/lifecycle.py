@@ -30,7 +30,8 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.cached, State.absent): "its files were deleted from the cache",
     (State.starting, State.ready): "the worker answers its readiness probe",
     (State.starting, State.starting): "the worker failed to start or crashed; "
-                                      "restart after a backoff",
+                                      "restart after a backoff (a rollout's new version: "
+                                      "no restart, the rollout decides)",
     (State.starting, State.failed): "start failures or crashes exceed max_restarts, or the "
                                     "failure cannot be helped by a retry (bad configuration, "
                                     "missing command)",
