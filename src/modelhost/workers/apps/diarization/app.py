@@ -15,6 +15,15 @@ Routes: `GET /v1/models` (200 once the model is loaded: the port opens only then
      "segments": [{"speaker": "SPEAKER_00", "start": 0.0, "end": 1.2}, ...]}
 
 with the header `X-Audio-Seconds`. Speakers are numbered in order of first appearance.
+
+Known speakers (the gateway's `diarized_json` with `known_speaker_references[]`): with
+`speaker_embeddings=true` the answer also holds `"speaker_embeddings": {"SPEAKER_00": [256
+floats], ...}`, what each speaker's voice sounds like (the mean of its turns' window embeddings,
+L2-normalised: the cosine similarity of two is their dot product), and `POST
+/v1/audio/speaker_embedding` (multipart: `file`, optional `max_seconds`) answers one clip's
+`{"model": ID, "duration": SECONDS, "embedding": [256 floats]}` (400, code `no_speech`, when
+no speech is heard in it; 413 past `max_seconds`). Only engines that embed voices (resemblyzer)
+do either; pyannote answers 400 (code `unsupported_parameter`).
 Bad input is a 400 in the OpenAI error envelope, never a 500; audio longer than
 `--max-audio-seconds` (default 4 hours; the gateway passes settings.max_audio_seconds) is a 413
 (code `audio_too_long`), refused before it is decoded (audio_input.py).
@@ -33,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -56,6 +68,7 @@ from modelhost.workers.apps.diarization.engines import (
     PyannoteEngine,
     ResemblyzerEngine,
     ResemblyzerOptions,
+    VoiceEngine,
     choose_engine,
 )
 from modelhost.workers.apps.diarization.steps import (
@@ -149,6 +162,36 @@ def speaker_bounds(fields: Mapping[str, str]) -> SpeakerBounds:
     return SpeakerBounds(num=num, low=low, high=high)
 
 
+def _true(fields: Mapping[str, str], name: str) -> bool:
+    return fields.get(name, "").strip().lower() in ("true", "1", "yes", "on")
+
+
+def _max_seconds(fields: Mapping[str, str], cap: float | None) -> float | None:
+    raw = fields.get("max_seconds", "").strip()
+    if not raw:
+        return cap
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # also refuses nan
+        raise InvalidRequest(f"max_seconds must be a positive number, got '{raw[:40]}'",
+                             param="max_seconds", code="invalid_value")
+    return value if cap is None else min(value, cap)
+
+
+def _voices(engine: Engine) -> VoiceEngine:
+    if not hasattr(engine, "voice"):
+        raise InvalidRequest(f"the {engine.name} engine does not embed voices: known speakers "
+                             "need the resemblyzer engine", param="speaker_embeddings",
+                             code="unsupported_parameter")
+    return cast(VoiceEngine, engine)
+
+
+def _vector(vector: FloatArray) -> list[float]:
+    return [round(float(x), 5) for x in vector]
+
+
 def response_format(fields: Mapping[str, str]) -> str:
     fmt = fields.get("response_format", "json").strip() or "json"
     if fmt not in RESPONSE_FORMATS:
@@ -174,15 +217,33 @@ def build_app(engine: Engine, served_name: str, max_upload_bytes: int,
         with lock:
             return engine.diarize(audio, bounds)
 
-    async def diarization(request: Request) -> Response:
+    def speaker_voices(voices: VoiceEngine, audio: FloatArray, turns: Sequence[Turn]
+                       ) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        with lock:
+            for speaker in sorted({t.speaker for t in turns}):
+                vector = voices.voice(audio, [(t.start, t.end) for t in turns
+                                              if t.speaker == speaker])
+                if vector is not None:
+                    out[speaker_name(speaker)] = _vector(vector)
+        return out
+
+    def clip_voice(voices: VoiceEngine, audio: FloatArray) -> FloatArray | None:
+        with lock:
+            return voices.voice(audio, None)
+
+    @asynccontextmanager
+    async def upload(request: Request) -> AsyncIterator[tuple[dict[str, str], Path, str]]:
+        """The form's fields (each at most FIELD_BYTES), its `file` spooled to disk (deleted
+        on exit) and the file's name."""
         async with read_form(request, max_files=8, max_fields=64,
                              max_field_bytes=16 * FIELD_BYTES,
                              max_body_bytes=max_upload_bytes + FORM_ROOM,
                              too_large=file_too_large()) as form:
-            upload = _the_file(request, form.getlist("file"))
-            if upload.size is not None and upload.size > max_upload_bytes:
+            part = _the_file(request, form.getlist("file"))
+            if part.size is not None and part.size > max_upload_bytes:
                 raise file_too_large()
-            if not upload.size:
+            if not part.size:
                 raise InvalidRequest("the uploaded file is empty", param="file",
                                      code="empty_file")
             fields: dict[str, str] = {}
@@ -192,29 +253,53 @@ def build_app(engine: Engine, served_name: str, max_upload_bytes: int,
                         raise InvalidRequest(f"field {name} is too long", param=name,
                                              code="invalid_value")
                     fields[name] = value
-            bounds = speaker_bounds(fields)
-            fmt = response_format(fields)
-            filename = upload.filename
-            spool = await asyncio.to_thread(spool_upload, upload)
+            filename = part.filename or ""
+            spool = await asyncio.to_thread(spool_upload, part)
         try:
-            audio = await asyncio.to_thread(decode_audio, spool, SAMPLE_RATE, max_audio_seconds)
+            yield fields, spool, filename
         finally:
             spool.unlink(missing_ok=True)
+
+    async def diarization(request: Request) -> Response:
+        async with upload(request) as (fields, spool, filename):
+            bounds = speaker_bounds(fields)
+            fmt = response_format(fields)
+            voices = _voices(engine) if _true(fields, "speaker_embeddings") else None
+            audio = await asyncio.to_thread(decode_audio, spool, SAMPLE_RATE, max_audio_seconds)
         duration = len(audio) / SAMPLE_RATE
         turns = await asyncio.to_thread(run, audio, bounds)
         headers = {"X-Audio-Seconds": f"{duration:.3f}"}
         if fmt == "rttm":
             file_id = Path(filename).stem if filename else "audio"
             return PlainTextResponse(to_rttm(turns, file_id), headers=headers)
-        return JSONResponse({
+        body = {
             "model": served_name, "duration": round(duration, 3),
             "num_speakers": len({t.speaker for t in turns}),
             "segments": [{"speaker": speaker_name(t.speaker), "start": round(t.start, 3),
-                          "end": round(t.end, 3)} for t in turns]}, headers=headers)
+                          "end": round(t.end, 3)} for t in turns]}
+        if voices is not None:
+            body["speaker_embeddings"] = await asyncio.to_thread(speaker_voices, voices, audio,
+                                                                 turns)
+        return JSONResponse(body, headers=headers)
+
+    async def speaker_embedding(request: Request) -> Response:
+        async with upload(request) as (fields, spool, _filename):
+            voices = _voices(engine)
+            cap = _max_seconds(fields, max_audio_seconds)
+            audio = await asyncio.to_thread(decode_audio, spool, SAMPLE_RATE, cap)
+        duration = len(audio) / SAMPLE_RATE
+        vector = await asyncio.to_thread(clip_voice, voices, audio)
+        if vector is None:
+            raise InvalidRequest("no speech was heard in the audio", param="file",
+                                 code="no_speech")
+        return JSONResponse({"model": served_name, "duration": round(duration, 3),
+                             "embedding": _vector(vector)},
+                            headers={"X-Audio-Seconds": f"{duration:.3f}"})
 
     return build_worker_app(
         name="diarization", served_name=served_name, card={"engine": engine.name},
-        routes=[Route("/v1/audio/diarization", diarization, methods=["POST"])])
+        routes=[Route("/v1/audio/diarization", diarization, methods=["POST"]),
+                Route("/v1/audio/speaker_embedding", speaker_embedding, methods=["POST"])])
 
 
 def _the_file(request: Request, values: Sequence[UploadFile | str]) -> UploadFile:

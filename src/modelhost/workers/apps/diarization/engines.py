@@ -35,7 +35,7 @@ import importlib
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +59,9 @@ from modelhost.workers.apps.diarization.steps import (
 
 MEL_HOP = 160  # samples per mel frame (10 ms): resemblyzer's `mel_window_step`
 VAD_FRAME = 480  # samples per webrtcvad frame (30 ms)
+# A voice is the mean of at most this many window embeddings (spread evenly over its speech):
+# an hour-long speaker costs what a few minutes do, and the mean hardly moves past it.
+MAX_VOICE_WINDOWS = 240
 
 PYANNOTE_MISSING = ("pyannote.audio is not installed: pip install pyannote.audio; it also needs "
                     "a Hugging Face token and the model's terms accepted")
@@ -68,6 +71,14 @@ class Engine(Protocol):
     name: str
 
     def diarize(self, audio: FloatArray, bounds: SpeakerBounds) -> list[Turn]: ...
+
+
+class VoiceEngine(Engine, Protocol):
+    """An engine that can also say what a voice sounds like (known speakers: the gateway
+    compares a reference clip's voice with each diarized speaker's)."""
+
+    def voice(self, audio: FloatArray, spans: Sequence[tuple[float, float]] | None
+              ) -> FloatArray | None: ...
 
 
 class _Encoder(Protocol):
@@ -154,10 +165,47 @@ class ResemblyzerEngine:
                     out[chunk] = embeds.detach().cpu().numpy()
         return out
 
+    def _louder(self, audio: FloatArray) -> FloatArray:
+        return np.asarray(self._normalize(audio, self._target_dbfs, increase_only=True),
+                          dtype=np.float32) if np.any(audio) else audio
+
+    def voice(self, audio: FloatArray, spans: Sequence[tuple[float, float]] | None
+              ) -> FloatArray | None:
+        """What the speech in `spans` (seconds; None: wherever voice activity is heard) sounds
+        like: the mean of the L2-normalised embeddings of its windows (`--window` long, every
+        `--step`, at most MAX_VOICE_WINDOWS), normalised; None when there is no speech (no
+        span of `--min-turn` or more)."""
+        opts = self.options
+        audio = self._louder(audio)
+        if spans is None:
+            regions = self.speech_regions(audio)
+        else:
+            regions = [(round(a * SAMPLE_RATE), round(b * SAMPLE_RATE)) for a, b in spans]
+        min_frames = max(1, round(opts.min_turn * SAMPLE_RATE / MEL_HOP))
+        frames = [(a // MEL_HOP, b // MEL_HOP) for a, b in regions]
+        frames = [(a, b) for a, b in frames if b - a >= min_frames]
+        if not frames:
+            return None
+        mel = self._mel(audio)
+        window = max(1, round(opts.window * SAMPLE_RATE / MEL_HOP))
+        step = max(1, round(opts.step * SAMPLE_RATE / MEL_HOP))
+        windows = [(a + s, min(a + s + window, b, len(mel)))
+                   for a, b in frames if a < len(mel)
+                   for s in window_starts(min(b, len(mel)) - a, window, step)]
+        windows = [(a, b) for a, b in windows if b > a]
+        if not windows:
+            return None
+        if len(windows) > MAX_VOICE_WINDOWS:
+            pick = np.linspace(0, len(windows) - 1, MAX_VOICE_WINDOWS).round().astype(int)
+            windows = [windows[i] for i in pick]
+        embeddings = self.embed(mel, windows)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        mean = embeddings.mean(axis=0)
+        return np.asarray(mean / max(float(np.linalg.norm(mean)), 1e-12), dtype=np.float32)
+
     def diarize(self, audio: FloatArray, bounds: SpeakerBounds) -> list[Turn]:
         opts = self.options
-        audio = np.asarray(self._normalize(audio, self._target_dbfs, increase_only=True),
-                           dtype=np.float32) if np.any(audio) else audio
+        audio = self._louder(audio)
         min_frames = round(opts.min_turn * SAMPLE_RATE / MEL_HOP)
         regions = [(a // MEL_HOP, b // MEL_HOP) for a, b in self.speech_regions(audio)]
         regions = [(a, b) for a, b in regions if b - a >= min_frames]
