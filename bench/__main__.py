@@ -4,6 +4,8 @@
     .venv/bin/python -m bench --full     full mode (longer, more rates and rounds)
     .venv/bin/python -m bench --only overhead,streaming,profile,model,large
     .venv/bin/python -m bench --report   render docs/benchmarks.md from bench/results/ only
+    .venv/bin/python -m bench --scrape 15   the "modelhost (scraped)" arm scraped every 15 s
+                                            (default 1 s; 0 leaves that arm out)
     .venv/bin/python -m bench --commit HEAD   measure a commit's src/ (exported with
                                               git archive), not the working tree
 
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the LiteLLM arm (it is then reported as not run)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not pip install bench/requirements.txt first")
+    parser.add_argument("--scrape", type=float, default=1.0, metavar="S",
+                        help="scrape the /metrics of the 'modelhost (scraped)' arm (a second "
+                             "modelhost, otherwise like the 'modelhost' arm) every S seconds "
+                             "during its overhead and streaming steps, as Prometheus would "
+                             "(default: 1, harsher than Prometheus's usual 15; 0 leaves that "
+                             "arm out)")
     parser.add_argument("--report", action="store_true",
                         help="only render docs/benchmarks.md from bench/results/")
     parser.add_argument("--commit", metavar="REV",
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if args.scrape < 0:
+        parser.error("--scrape must be 0 (no scraped arm) or a positive number of seconds")
     if not args.no_install:
         install_requirements()
     with tempfile.TemporaryDirectory(prefix="modelhost-src-") as export:
@@ -83,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.report:
             try:
-                run_all(full=args.full, parts=parts, litellm=not args.no_litellm)
+                run_all(full=args.full, parts=parts, litellm=not args.no_litellm,
+                        scrape=args.scrape)
             except KeyboardInterrupt:
                 print("benchmark interrupted; partial results are in bench/results/",
                       file=sys.stderr)

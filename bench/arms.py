@@ -1,11 +1,15 @@
-"""The arms of a benchmark: the fake upstream hit directly, modelhost in front of it, and the
-LiteLLM proxy in front of it (installed in its own virtual environment)."""
+"""The arms of a benchmark: the fake upstream hit directly, modelhost in front of it (a second
+one whose /metrics is scraped meanwhile: `bench.scrape`), and the LiteLLM proxy in front of it
+(installed in its own virtual environment)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ MODELHOST_KEY = "sk-bench-modelhost"
 ADMIN_KEY = "sk-bench-admin"  # what a Prometheus scraping /metrics sends
 LITELLM_KEY = "sk-bench-litellm"
 UPSTREAM_KEY = "sk-bench-upstream"
+SCRAPED = "modelhost (scraped)"  # the arm: a second modelhost, its /metrics scraped
 
 
 @dataclass
@@ -29,6 +34,8 @@ class Arm:
     name: str
     target: Target
     proc: Proc  # whose CPU and memory are measured (the gateway; the upstream for direct)
+    # Entered around each of the arm's measured steps: the scraped arm is scraped inside.
+    during: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -79,11 +79,13 @@ async def run_overhead(arms: list[Arm], plan: OverheadPlan, say: Any) -> dict[st
                 if limit is not None and rate > limit:
                     continue
                 client = Client(arm.target)
-                cpu0 = arm.proc.cpu_seconds()
-                res = await open_loop(client, BODY, rate, plan.duration, warmup=plan.warmup,
-                                      seed=plan.seed + 7919 * rnd + rate, timeout=plan.timeout,
-                                      poisson=plan.poisson)
-                cpu = arm.proc.cpu_seconds() - cpu0
+                with arm.during():
+                    cpu0 = arm.proc.cpu_seconds()
+                    res = await open_loop(client, BODY, rate, plan.duration,
+                                          warmup=plan.warmup,
+                                          seed=plan.seed + 7919 * rnd + rate,
+                                          timeout=plan.timeout, poisson=plan.poisson)
+                    cpu = arm.proc.cpu_seconds() - cpu0
                 client.close()
                 step = _step_summary(res, cpu)
                 slot = pooled[arm.name][rate]

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
 COLORS = {"direct": "#555555", "floor": "#2ca02c", "modelhost": "#1f77b4",
-          "litellm": "#d62728"}
+          "modelhost (scraped)": "#9467bd", "litellm": "#d62728"}
 ERROR_RATE_MARK = 0.001
 GAP_FLOOR_MS = 0.1
 

@@ -11,6 +11,7 @@ from . import plots, profiling
 from .report_fmt import cores, f, pct, table
 from .report_large import large_section
 from .report_model import model_section, profile_section
+from .report_scrape import scrape_goals, scrape_section
 from .report_text import ARMS, CAVEATS, HEADER, HISTORY
 
 BENCH = Path(__file__).resolve().parent
@@ -63,6 +64,7 @@ def render() -> Path:
         out.append(_overhead(overhead))
     if streaming:
         out.append(_streaming(streaming))
+    out.append(scrape_section(overhead, streaming, GOAL_RATE, GOAL_P50_MS, GOAL_P99_MS))
     if large:
         out.append(large_section(large))
     if model:
@@ -195,6 +197,10 @@ def _goals(overhead: dict[str, Any] | None, streaming: dict[str, Any] | None,
                 f"{f(cpu, 3)} CPU seconds per 1,000 requests, "
                 f"i.e. about {f(cpu * 1000 if cpu else None, 0)} µs of one core per request"
                 f"{_profile_hint()}.{floor_text}{profile_text}")
+        scraped_rows, scraped_reading = scrape_goals(overhead, GOAL_RATE, GOAL_P50_MS,
+                                                     GOAL_P99_MS)
+        rows += scraped_rows
+        reading += scraped_reading
         ratio = overhead["added"].get("litellm_over_modelhost")
         ll_rows = overhead["arms"].get("litellm")
         if ratio is not None and ll_rows is not None:

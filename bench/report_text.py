@@ -112,6 +112,8 @@ bench/run                 # quick mode: a few minutes (what this page shows unle
 bench/run --full          # full mode: more rates, longer steps, more rounds (about 28 minutes)
 bench/run --only overhead,streaming   # parts: overhead, streaming, profile, model, large
 bench/run --no-litellm    # leave the LiteLLM arm out
+bench/run --scrape 15     # scrape the "modelhost (scraped)" arm's /metrics every 15 s
+                          # (default: every 1 s; --scrape 0 leaves that arm out)
 bench/run --report        # re-render this page from bench/results/ only
 bench/run --commit HEAD   # measure a commit's src/ (exported with git archive), not the
                           # working tree: a clean baseline while src/ is being edited
@@ -151,14 +153,22 @@ ARMS = """
   process the direct arm hits (`max_concurrency` raised, since the per-model queue of a remote
   server is configuration, not gateway overhead). Default logging: level `info`, access log off
   (its default), so the relayed routes take the server's hot path.
+- **modelhost (scraped)**: a second modelhost gateway started exactly like the first (same
+  configuration, same core, same upstream), whose `/metrics` is scraped every second (`--scrape
+  S`) during its overhead and streaming steps by `bench/scrape.py`, a Prometheus stand-in in
+  its own process on the load generator's core (Prometheus's headers, the admin key, one
+  keep-alive connection). Side by side with **modelhost** it shows what being watched costs
+  on the request path: *What being scraped costs* below. It takes no part in the large
+  answers and the profile.
 - **litellm**: the LiteLLM proxy, `litellm --config FILE --num_workers 1`, each model an
   `openai/<name>` entry whose `api_base` is the same upstream, a `master_key`, no database,
   callbacks off, telemetry off, `LITELLM_LOG=ERROR`, the local model cost map.
 
 Cores: the machine has two. The load generator (this benchmark's own process, a small
 asyncio HTTP client that schedules requests by arrival time) and the fake upstream share
-core 0; the gateway under test runs alone on core 1 (both gateways are pinned there and stay
-up for the whole run; the idle one costs next to nothing). The arms are interleaved: every
+core 0; the gateway under test runs alone on core 1 (every gateway is pinned there and stays
+up for the whole run; the idle ones cost next to nothing, and the scraped one is scraped only
+during its own steps). The arms are interleaved: every
 round runs every rate on every arm, in a rotating order, with the same arrival times.
 """
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import psutil
 
 from . import aio
 from .arms import (
+    SCRAPED,
     Arm,
     LiteLLMUnavailable,
     ensure_litellm,
@@ -34,6 +35,7 @@ from .overhead import BODY, OverheadPlan, capacity_check, run_overhead
 from .procs import Procs, pinning_possible, sigterm_as_interrupt
 from .profiling import profile_gateway
 from .realmodel import ModelPlan, run_realmodel
+from .scrape import Scraper, difference, idle_cost, start_scraper, summary
 from .streaming import MODELS as STREAM_MODELS
 from .streaming import PACED, StreamPlan, body, run_streaming
 
@@ -131,12 +133,38 @@ async def _warm(arms: list[Arm]) -> None:
     (LiteLLM in particular still imports modules on its first requests)."""
     for arm in arms:
         client = Client(arm.target)
-        await closed_loop_max(client, BODY, 4, 3.0 if arm.name == "litellm" else 1.0)
-        await closed_loop_streams(client, body(PACED), 4, 1.0)
+        with arm.during():
+            await closed_loop_max(client, BODY, 4, 3.0 if arm.name == "litellm" else 1.0)
+            await closed_loop_streams(client, body(PACED), 4, 1.0)
         client.close()
 
 
-def run_all(full: bool, parts: list[str], litellm: bool = True) -> None:
+def _scraped(procs: Procs, work: Path, models: list[dict[str, Any]], every: float,
+             pin: bool) -> tuple[Arm, Scraper]:
+    """A second modelhost gateway like the first, and a scraper of its /metrics on the load
+    generator's core, on during the arm's steps only: the gateways share core 1, so a scrape
+    of one while another is measured would be charged to that other."""
+    arm = start_modelhost(procs, work / "modelhost-scraped", models,
+                          cpus=GATEWAY_CPUS if pin else None, name="modelhost-scraped")
+    scraper = start_scraper(procs, arm.target.port, every, work / "scraper",
+                            LOAD_CPUS if pin else None)
+    return replace(arm, name=SCRAPED, target=replace(arm.target, name=SCRAPED),
+                   during=scraper.watching), scraper
+
+
+def _scrapes(scraper: Scraper | None, arms: list[Arm], before: dict[str, Any] | None
+             ) -> dict[str, Any] | None:
+    """What the scraper did during a part (the scraped arm's scrapes, their duration and
+    size), and what one scrape then costs the gateway with nothing else going on."""
+    if scraper is None or before is None:
+        return None
+    arm = next(a for a in arms if a.name == SCRAPED)
+    return {"arm": SCRAPED, "baseline": "modelhost",
+            **summary(difference(scraper.counts(), before)),
+            "idle": idle_cost(arm.proc, arm.target.port)}
+
+
+def run_all(full: bool, parts: list[str], litellm: bool = True, scrape: float = 1.0) -> None:
     mode = FULL if full else QUICK
     _raise_fd_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -158,7 +186,8 @@ def run_all(full: bool, parts: list[str], litellm: bool = True) -> None:
                 if pin:
                     os.sched_setaffinity(0, LOAD_CPUS)
                 try:
-                    _relay_benchmarks(procs, work, mode, relay_parts, meta, litellm, pin)
+                    _relay_benchmarks(procs, work, mode, relay_parts, meta, litellm, pin,
+                                      scrape)
                 finally:
                     procs.stop_all()
                     if pin:
@@ -183,22 +212,28 @@ def run_all(full: bool, parts: list[str], litellm: bool = True) -> None:
 
 
 def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
-                      meta: dict[str, Any], litellm: bool, pin: bool) -> None:
+                      meta: dict[str, Any], litellm: bool, pin: bool, scrape: float) -> None:
     names = OVERHEAD_MODELS + STREAM_MODELS + [mode.streaming.long_model] + \
         mode.large.models()
     gateway_cpus = GATEWAY_CPUS if pin else None
+    scraper: Scraper | None = None
     try:
         upstream = start_upstream(procs, LOAD_CPUS if pin else None)
         floor = start_floor(procs, upstream.target.port, gateway_cpus)
         modelhost = start_modelhost(procs, work / "modelhost",
                                     remote_models(upstream.target.port, names),
                                     cpus=gateway_cpus)
+        arms = [upstream, floor, modelhost]
+        if scrape > 0 and any(p in parts for p in ("overhead", "streaming")):
+            scraped, scraper = _scraped(procs, work, remote_models(upstream.target.port, names),
+                                        scrape, pin)
+            arms.append(scraped)
     except RuntimeError as exc:
         for name in parts:
             with part(name, meta):
                 raise exc
         return
-    arms = [upstream, floor, modelhost]
+    meta["scrape_every_s"] = scrape if scraper is not None else None
     litellm_info: dict[str, Any] = {"available": False, "reason": "left out (--no-litellm)"}
     if litellm and any(p in parts for p in ("overhead", "streaming")):
         try:
@@ -214,13 +249,17 @@ def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
     # Where each process under measure runs, read back from the kernel (not what was asked).
     meta["cores_seen"] = {"load generator": sorted(os.sched_getaffinity(0)),
                           **{arm.proc.name: arm.proc.cpus() for arm in arms}}
+    if scraper is not None:
+        meta["cores_seen"]["scraper"] = scraper.proc.cpus()
     say("warming up every arm")
     aio.run(_warm(arms))
 
     if "streaming" in parts:
         say("== streaming")
         with part("streaming", meta):
+            before = scraper.counts() if scraper else None
             result = aio.run(run_streaming(arms, mode.streaming, say))
+            result["scrape"] = _scrapes(scraper, arms, before)
             result["litellm"] = litellm_info
             result["machine"] = meta
             write("streaming", result)
@@ -231,7 +270,9 @@ def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
             say(f"== overhead: {', '.join(a.name for a in arms)}; rates {plan.rates} req/s, "
                 f"{plan.rounds} rounds of {plan.duration:g} s (at most "
                 f"{plan.max_requests(len(arms)):,} requests)")
+            before = scraper.counts() if scraper else None
             result = aio.run(run_overhead(arms, plan, say))
+            result["scrape"] = _scrapes(scraper, arms, before)
             check_rate = 3 * max(plan.rates)
             say(f"  upstream capacity check: direct at {check_rate} req/s")
             result["upstream_check"] = aio.run(capacity_check(upstream, check_rate,
@@ -251,7 +292,8 @@ def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
         say(f"== large answers: {', '.join(f'{s // (1024 * 1024)} MiB' for s in large.sizes)}"
             f", {large.rounds} rounds of {large.duration:g} s per arm")
         with part("large", meta):
-            result = aio.run(run_large(arms, large, say))
+            # The scraped arm is measured in the overhead and streaming parts only.
+            result = aio.run(run_large([a for a in arms if a.name != SCRAPED], large, say))
             result["machine"] = meta
             write("large", result)
 

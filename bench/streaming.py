@@ -65,9 +65,10 @@ async def run_streaming(arms: list[Arm], plan: StreamPlan, say: Any) -> dict[str
         for arm in arms[shift:] + arms[:shift]:
             # Warm-up: a few streams, unrecorded.
             client = Client(arm.target)
-            await closed_loop_streams(client, body(PACED), 4, 0.5)
-            results = await closed_loop_streams(client, body(PACED), plan.paced_concurrency,
-                                                plan.paced_duration)
+            with arm.during():
+                await closed_loop_streams(client, body(PACED), 4, 0.5)
+                results = await closed_loop_streams(client, body(PACED),
+                                                    plan.paced_concurrency, plan.paced_duration)
             client.close()
             paced[arm.name] += results
             ttft = [r.ttft for r in results if r.ok and r.ttft is not None]
@@ -76,12 +77,13 @@ async def run_streaming(arms: list[Arm], plan: StreamPlan, say: Any) -> dict[str
                 f"p99 {percentile(ttft, 99) * 1e3:7.1f} ms  failed {len(_failures(results))}")
         for arm in arms[shift:] + arms[:shift]:
             client = Client(arm.target)
-            cpu0 = arm.proc.cpu_seconds()
-            t0 = time.perf_counter()
-            results = await closed_loop_streams(client, body(BURST), plan.burst_concurrency,
-                                                plan.burst_duration)
-            seconds = time.perf_counter() - t0
-            cpu = arm.proc.cpu_seconds() - cpu0
+            with arm.during():
+                cpu0 = arm.proc.cpu_seconds()
+                t0 = time.perf_counter()
+                results = await closed_loop_streams(client, body(BURST),
+                                                    plan.burst_concurrency, plan.burst_duration)
+                seconds = time.perf_counter() - t0
+                cpu = arm.proc.cpu_seconds() - cpu0
             client.close()
             events = sum(r.events for r in results)
             slot = burst[arm.name]
@@ -115,7 +117,8 @@ async def run_streaming(arms: list[Arm], plan: StreamPlan, say: Any) -> dict[str
             continue
         # The upstream alone is only checked at the top level: it must hold them all.
         levels = plan.levels[-1:] if arm.name == "direct" else plan.levels
-        ramp[arm.name] = await _ramp(arm, levels, plan, say)
+        with arm.during():
+            ramp[arm.name] = await _ramp(arm, levels, plan, say)
     return {"plan": {"rounds": plan.rounds, "paced_model": PACED, "paced_gap_ms": PACED_GAP_MS,
                      "paced_concurrency": plan.paced_concurrency,
                      "paced_duration_s": plan.paced_duration, "burst_model": BURST,
