@@ -43,7 +43,8 @@ def scrape_goals(overhead: dict[str, Any] | None, rate: int, p50: float, p99: fl
         if overhead and overhead.get("scrape") is None and "modelhost" in overhead["arms"]:
             return ([[f"added latency at {rate} req/s with /metrics scraped",
                       f"p50 ≤ {p50} ms, p99 ≤ {p99} ms",
-                      "not measured in this run (--scrape 0)", "-"]],
+                      "not in these results (run with --scrape 0, or before the arm existed)",
+                      "-"]],
                     [])
         return [], []
     every = _interval(overhead)
