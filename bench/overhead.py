@@ -103,7 +103,7 @@ async def run_overhead(arms: list[Arm], plan: OverheadPlan, say: Any) -> dict[st
                     | {"p50_ms": step["latency_ms"].get("p50"),
                        "p99_ms": step["latency_ms"].get("p99")})
                 lat = step["latency_ms"]
-                say(f"  round {rnd + 1} {rate:>5} req/s {arm.name:<9} "
+                say(f"  round {rnd + 1} {rate:>5} req/s {arm.name:<19} "
                     f"p50 {lat.get('p50', float('nan')):8.2f} ms  "
                     f"p99 {lat.get('p99', float('nan')):8.2f} ms  "
                     f"errors {res.error_count:>5}  cpu/1k {step['cpu_s_per_1k'] or 0:.3f} s")

@@ -109,7 +109,7 @@ rewrites this page. Benchmarks print figures; the test suite never asserts timin
 
 ```bash
 bench/run                 # quick mode: a few minutes (what this page shows unless noted)
-bench/run --full          # full mode: more rates, longer steps, more rounds (about 28 minutes)
+bench/run --full          # full mode: more rates, longer steps, more rounds (about 35 minutes)
 bench/run --only overhead,streaming   # parts: overhead, streaming, profile, model, large
 bench/run --no-litellm    # leave the LiteLLM arm out
 bench/run --scrape 15     # scrape the "modelhost (scraped)" arm's /metrics every 15 s

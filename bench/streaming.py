@@ -72,7 +72,7 @@ async def run_streaming(arms: list[Arm], plan: StreamPlan, say: Any) -> dict[str
             client.close()
             paced[arm.name] += results
             ttft = [r.ttft for r in results if r.ok and r.ttft is not None]
-            say(f"  round {rnd + 1} paced  {arm.name:<9} streams {len(results):>4}  "
+            say(f"  round {rnd + 1} paced  {arm.name:<19} streams {len(results):>4}  "
                 f"TTFT p50 {percentile(ttft, 50) * 1e3:7.1f} ms  "
                 f"p99 {percentile(ttft, 99) * 1e3:7.1f} ms  failed {len(_failures(results))}")
         for arm in arms[shift:] + arms[:shift]:
@@ -92,7 +92,7 @@ async def run_streaming(arms: list[Arm], plan: StreamPlan, say: Any) -> dict[str
             slot["cpu"] += cpu
             slot["streams"] += len(results)
             slot["failed"] += sum(1 for r in results if not r.ok)
-            say(f"  round {rnd + 1} burst  {arm.name:<9} {events / seconds:9.0f} chunks/s  "
+            say(f"  round {rnd + 1} burst  {arm.name:<19} {events / seconds:9.0f} chunks/s  "
                 f"cpu {cpu / max(events, 1) * 1e6:6.1f} us/chunk")
 
     paced_out = {name: _paced_summary(results) for name, results in paced.items()}
@@ -183,7 +183,7 @@ async def _ramp(arm: Arm, counts: list[int], plan: StreamPlan, say: Any) -> dict
                "rss_before_level_mb": rss0 / 2**20, "rss_delta_mb": rss_delta / 2**20,
                "kib_per_stream": rss_delta / 1024 / open_then if open_then else None}
         levels.append(row)
-        say(f"  ramp {arm.name:<9} {count:>5} streams  TTFT p99 {p99 * 1e3:8.1f} ms  "
+        say(f"  ramp {arm.name:<19} {count:>5} streams  TTFT p99 {p99 * 1e3:8.1f} ms  "
             f"failed {sum(failures.values()):>4}  "
             f"{(row['kib_per_stream'] or 0):6.1f} KiB/stream")
         if failures:
