@@ -47,13 +47,13 @@ from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
 from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
 from modelhost.redaction import (
-    MASK,
     Scrubber,
     ScrubFilter,
     redact_spec,
     restore_masked,
     secret_texts,
 )
+from modelhost.registry.history import NoSuchVersion, NotServable, earlier_spec
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, Pin, Target
 from modelhost.registry.registry import Registry
@@ -207,7 +207,7 @@ class Gateway:
     def gpus(self) -> dict[str, Any]:
         monitor = self.registry.gpus
         users: dict[int, list[str]] = {}
-        for model in self.registry.models.values():
+        for model in [*self.registry.models.values(), *self.registry.extras]:
             for index in model.gpus:
                 users.setdefault(index, []).append(model.spec.id)
         return {
@@ -447,33 +447,14 @@ class Gateway:
         """Serve an earlier version's spec again (default: the one before the current
         spec), through the same blue-green path as any update."""
         async with self._changes:
-            model = self.model(model_id)
-            current = model.spec
+            current = self.model(model_id).spec
             rows = await self.persistence.now(lambda store: store.history(current.id))
-            now = spec_json(current)
-            candidates = [r for r in rows if r.spec_json is not None
-                          and (version is None or r.version == version)]
-            if version is None:  # the latest spec before the current one
-                candidates = [r for r in candidates
-                              if json.loads(r.spec_json or "") != json.loads(now)][-1:]
-            if not candidates:
-                raise NotFound(f"model '{current.id}' has no version {version} to go back "
-                               f"to" if version is not None else
-                               f"model '{current.id}' has no earlier spec", param="version")
-            row = candidates[0]
-            data = restore_masked(row.spec() or {}, spec_secrets(current))
-            if MASK in json.dumps(data):
-                raise Conflict(f"version {row.version} of model '{current.id}' had secrets "
-                               "that are no longer known; PUT its spec with them instead")
             try:
-                spec = ModelSpec.model_validate(data)
-            except ValidationError as exc:
-                details, _ = validation_message(exc.errors(), drop=UNION_TAGS, whole="spec")
-                raise Conflict(f"version {row.version} of model '{current.id}' is no longer "
-                               f"a valid spec: {details}") from None
-            if json.loads(spec_json(spec)) == json.loads(now):
-                raise Conflict(f"model '{current.id}' already serves the spec of version "
-                               f"{row.version}")
+                number, spec = earlier_spec(rows, current, version)
+            except NoSuchVersion as exc:
+                raise NotFound(str(exc), param="version") from None
+            except NotServable as exc:
+                raise Conflict(str(exc)) from None
             for name in spec.names:
                 owner = self.catalog.get(name)
                 if owner is not None and owner.id != spec.id:
@@ -485,7 +466,7 @@ class Gateway:
                                lambda store: store.upsert_model(
                                    body, spec.id, source="api" if api else "file",
                                    actor="admin-api",
-                                   rollback=f"rollback to version {row.version}, asked"))
+                                   rollback=f"rollback to version {number}, asked"))
             self._refresh_secrets(spec)
             try:
                 return self._updated(await self.rollouts.update(spec))
@@ -503,8 +484,8 @@ class Gateway:
             async with self._changes:
                 current = {m.spec.id: m.spec for m in self.registry.models.values()}
                 todo = plan(self.file_specs, declared, current, self.api_models)
-                for spec in todo.changed:
-                    self._not_updating(spec.id)
+                for model_id in [*(s.id for s in todo.changed), *todo.removed]:
+                    self._not_updating(model_id)
                 return await self._apply(todo, declared)
         except (ConfigError, ReloadError) as exc:
             log.error("reload: the models file is not applied, nothing changed: %s", exc)
@@ -535,8 +516,16 @@ class Gateway:
         for spec in todo.added:
             await self.registry.put(spec)
         self.file_specs = {spec.id: spec for spec in declared}
-        rollouts = await asyncio.gather(*(self.rollouts.update(s) for s in todo.changed))
+        outcomes = await asyncio.gather(*(self.rollouts.update(s) for s in todo.changed),
+                                        return_exceptions=True)
         self._refresh_secrets()
+        rollouts = []
+        for spec, outcome in zip(todo.changed, outcomes, strict=True):
+            if isinstance(outcome, BaseException):  # a bug: the other models go on
+                log.error("reload: the update of model %s failed", spec.id, exc_info=outcome)
+                outcome = Rollout(spec.id, state="rolled_back", reason=f"internal error: "
+                                  f"{type(outcome).__name__}", finished_at=time.time())
+            rollouts.append(outcome)
         result = {"added": [s.id for s in todo.added], "removed": todo.removed,
                   "unchanged": todo.unchanged,
                   "changed": {r.model: self.scrub.value(r.as_dict()) for r in rollouts}}
