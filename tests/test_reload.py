@@ -145,3 +145,27 @@ def test_sighup_reloads_a_running_serve(gateway_factory: GatewayFactory,
     assert wait_for(lambda: "SIGHUP: reload refused" in gw.output(), 10)
     assert {m["id"] for m in admin(gw, "/models")["data"]} == {"a", "b"}
     assert gw.proc.poll() is None
+
+
+def test_a_declared_model_changed_through_the_api_stays_the_files(
+        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    declared = fake_model("a", events)
+    gw = gateway_factory([declared], env=FAST)
+    load(gw, "a")
+    resp = httpx.put(gw.url + "/api/admin/models/a", json={**declared, "idle_ttl": 11},
+                     timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["rollout"]["mode"] == "blue-green"
+    assert resp.json()["spec"]["idle_ttl"] == 11
+    assert httpx.delete(gw.url + "/api/admin/models/a").status_code == 409
+    # The file did not change this entry: a reload leaves the API's change alone...
+    assert reload(gw).json()["unchanged"] == ["a"]
+    assert admin(gw, "/models/a")["spec"]["idle_ttl"] == 11
+    # ... until it does.
+    assert wait_for(lambda: admin(gw, "/models/a")["rollout"]["finished_at"], 20)
+    write(gw, [{**declared, "idle_ttl": 22}])
+    assert list(reload(gw).json()["changed"]) == ["a"]
+    assert admin(gw, "/models/a")["spec"]["idle_ttl"] == 22
+    assert [(h["action"], h["actor"]) for h in admin(gw, "/models/a/history")["data"]] == [
+        ("created", "config-file"), ("updated", "admin-api"), ("updated", "config-file")]

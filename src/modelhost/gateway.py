@@ -121,7 +121,10 @@ class Gateway:
         self.file_specs: dict[str, ModelSpec] = {}
 
     def _remote_policy(self, spec: ModelSpec) -> RemotePolicy | None:
-        return self.remote_policy if spec.id in self.api_models else None
+        """The API's policy for a spec that came through the API: a model added there, or
+        a declared one whose spec is no longer the models file's (a PUT, a rollback)."""
+        trusted = spec.id not in self.api_models and self.file_specs.get(spec.id) == spec
+        return None if trusted else self.remote_policy
 
     def _refresh_secrets(self, *also: ModelSpec) -> None:
         """The values the scrubber removes from text: every spec's secrets (and those of
@@ -382,16 +385,13 @@ class Gateway:
         return spec
 
     async def put_model(self, spec: ModelSpec) -> dict[str, Any]:
-        """Add a model or change one; a loaded model whose spec changes is updated
-        blue-green (module docstring). The change is committed first; a failed write changes
-        nothing (503)."""
+        """Add a model or change one (a declared one too, until the models file changes
+        it); a loaded model whose spec changes is updated blue-green (module docstring).
+        The change is committed first; a failed write changes nothing (503)."""
         async with self._changes:
             existing = self.catalog.get(spec.id)
             if existing is not None and existing.id != spec.id:
                 raise Conflict(f"'{spec.id}' is an alias of model '{existing.id}'")
-            if existing is not None and existing.id not in self.api_models:
-                raise Conflict(f"model '{spec.id}' is declared in the models file; change it "
-                               "there (or choose another id)")
             for name in spec.names:
                 owner = self.catalog.get(name)
                 if owner is not None and owner.id != spec.id:
@@ -402,10 +402,16 @@ class Gateway:
             url = remote_url(spec)
             if url is not None:
                 await self.remote_policy.check(url)
+            # A model of the models file (or a built-in one) stays the file's: the change
+            # lasts until the file changes its entry (a reload) or the gateway restarts.
+            api = existing is None or existing.id in self.api_models
             body = spec_json(spec)
-            await self._commit(spec.id, spec_secrets(spec), lambda store: store.upsert_model(
-                body, spec.id, source="api", actor="admin-api"))
-            self.api_models.add(spec.id)
+            await self._commit(spec.id, spec_secrets(spec) if api else None,
+                               lambda store: store.upsert_model(
+                                   body, spec.id, source="api" if api else "file",
+                                   actor="admin-api"))
+            if api:
+                self.api_models.add(spec.id)
             self._refresh_secrets(spec)
             try:
                 if existing is None:
