@@ -34,6 +34,7 @@ from modelhost.api.metrics import metrics_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
+from modelhost.dashboard import Dashboard
 from modelhost.downloads import Downloader
 from modelhost.errors import ModelhostError, RequestTooLarge, error_body, validation_message
 from modelhost.events import EventBus
@@ -244,7 +245,9 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     app = FastAPI(
         title="modelhost", version=__version__, openapi_tags=TAGS,
         routes=[*health_routes(registry, lambda: front.draining), *openai.routes(),
-                *audio.routes(), *metrics_routes(metrics)],
+                *audio.routes(), *metrics_routes(metrics),
+                # The web console (/ and /ui/...): its calls reach the API through `front`.
+                *Dashboard(gateway, guard, calls, settings, lambda: front).routes()],
         middleware=[*cors, Middleware(AuditLog, gateway=gateway, guard=guard),
                     Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,
