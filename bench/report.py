@@ -64,7 +64,8 @@ def render() -> Path:
         out.append(_overhead(overhead))
     if streaming:
         out.append(_streaming(streaming))
-    out.append(scrape_section(overhead, streaming, GOAL_RATE, GOAL_P50_MS, GOAL_P99_MS))
+    out.append(scrape_section(overhead, streaming, GOAL_RATE, GOAL_P50_MS, GOAL_P99_MS,
+                              machine.get("other_work_cores")))
     if large:
         out.append(large_section(large))
     if model:

@@ -11,6 +11,7 @@ from .report_fmt import f, pct, table
 
 BASE = "modelhost"
 PROMETHEUS_S = 15.0  # the scrape interval of most Prometheus configurations
+SHARED_CORES = 0.2  # other work past this (cores busy, on average): the page says so here
 
 
 def _ratio(scraped: float | None, base: float | None, digits: int = 2) -> str:
@@ -141,7 +142,8 @@ def _streaming_rows(streaming: dict[str, Any]) -> list[list[str]]:
 
 
 def scrape_section(overhead: dict[str, Any] | None, streaming: dict[str, Any] | None,
-                   rate: int, p50: float, p99: float) -> str:
+                   rate: int, p50: float, p99: float, other: float | None) -> str:
+    """`other`: the cores that other work kept busy during the run, on average."""
     parts = [(name, data) for name, data in (("overhead", overhead), ("streaming", streaming))
              if data]
     if not parts:
@@ -203,6 +205,12 @@ def scrape_section(overhead: dict[str, Any] | None, streaming: dict[str, Any] | 
                       "max ms", "mean bytes", "max bytes", "samples", "encoding", "errors",
                       "idle: gateway CPU ms / scrape", "idle: median ms"],
                      scrape_rows))
+    if other is not None and other >= SHARED_CORES:
+        text += (f"\n\n**This run shared the machine:** processes the benchmark did not start "
+                 f"kept {other:.2f} of its cores busy on average (*Machine and versions*). "
+                 f"The gateways' core was taken from them at random moments, so the p99 "
+                 f"figures above and their ratios mostly measure that, not the scraping; the "
+                 f"CPU per request and the idle cost of a scrape hold up better.")
     text += ("\n\nOne run's ratio moves by tens of percent on this machine (see *How to read "
              "these numbers*). For a steadier reading of the "
              "CPU cost alone, `python -m bench.compare HEAD --scrape 1` runs the same "
