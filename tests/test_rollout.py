@@ -174,8 +174,9 @@ def write_models(gw: Gateway, models: list[dict[str, Any]], include_builtin: boo
 def test_smollm2_update_rollback_and_broken_update_under_load(
         gateway_factory: GatewayFactory) -> None:
     """The issue's checks, through the built-in SmolLM2 (llama.cpp) and 4 clients: an update
-    of its spec (a changed context length), `rollback --to 1`, and an update whose worker
-    exits at once: zero failed requests throughout, and the right spec serving after each."""
+    of its spec (a changed context length), `rollback --to 1` (at once: the update's watch
+    ends early), a PUT, and an update whose worker exits at once: zero failed requests
+    throughout, and the right spec serving after each."""
     gw = gateway_factory([], include_builtin=True, env=FAST)
     model = SMOLLM2.id
     assert admin(gw, "POST", f"/models/{model}/load").status_code == 200
@@ -191,31 +192,39 @@ def test_smollm2_update_rollback_and_broken_update_under_load(
         result = run_cli("reload", "--url", gw.url)
         assert result.exit_code == 0, result.output
         assert f"{model}: updated (blue-green" in result.output
-        now = rollout_over(gw, model)
-        assert now["rollout"]["state"] == "done", now["rollout"]
+        now = card(gw, model)
+        assert now["rollout"]["state"] == "watching", now["rollout"]
         assert now["spec"]["engine_args"] == {"n_ctx": 1024}
         assert now["rollout"]["probe"]["new_ms"] > 0
-        # 2. Back to the first spec.
+        # 2. Back to the first spec, while the update is still watched.
         result = run_cli("models", "--url", gw.url, "rollback", model, "--to", "1")
         assert result.exit_code == 0, result.output
+        assert card(gw, model)["spec"]["engine_args"] == {"n_ctx": 2048}
+        # 3. A change through the admin API (a built-in model too), then its watch's end.
+        resp = admin(gw, "PUT", f"/models/{model}",
+                     json={**spec_dict(SMOLLM2), "engine_args": {"n_ctx": 1536}})
+        assert resp.status_code == 200, resp.text
         now = rollout_over(gw, model)
-        assert now["spec"]["engine_args"] == {"n_ctx": 2048}
-        # 3. A new version whose worker exits at once: rolled back by itself.
+        assert now["rollout"]["state"] == "done", now["rollout"]
+        assert now["spec"]["engine_args"] == {"n_ctx": 1536}
+        # 4. A new version whose worker exits at once: rolled back by itself.
         write_models(gw, [broken], include_builtin=True)
         result = run_cli("reload", "--url", gw.url)
         assert result.exit_code == 1, result.output
         assert f"{model}: rolled back: the new version did not start" in result.output
         assert card(gw, model)["state"] == "ready"
-        assert card(gw, model)["spec"] == first
+        assert card(gw, model)["spec"]["engine_args"] == {"n_ctx": 1536}
     assert failures == []
-    actions = [(h["version"], h["action"]) for h in history(gw, model)]
-    assert actions == [(1, "created"), (2, "updated"), (3, "rollback"), (4, "updated"),
-                       (5, "rollback")]
-    last = history(gw, model)[-1]
-    assert "exited with status 3" in last["reason"]
-    assert last["spec"] == history(gw, model)[0]["spec"]
-    assert "rollback to version 1" in history(gw, model)[2]["reason"]
-    # Still answering with the first spec, one worker (the others are gone).
+    steps = history(gw, model)
+    assert [(h["version"], h["action"], h["actor"]) for h in steps] == [
+        (1, "created", "config-file"), (2, "updated", "config-file"),
+        (3, "rollback", "admin-api"), (4, "updated", "admin-api"),
+        (5, "updated", "config-file"), (6, "rollback", "rollout")]
+    assert steps[2]["spec"] == first == steps[0]["spec"]
+    assert "rollback to version 1" in steps[2]["reason"]
+    assert "exited with status 3" in steps[5]["reason"]
+    assert steps[5]["spec"] == steps[3]["spec"]
+    # Still answering, with the spec of the PUT.
     with openai_client(gw) as oa:
         assert oa.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": "Hi"}]).choices
@@ -469,3 +478,30 @@ def test_no_room_for_both_updates_in_place_and_restores_a_failed_one(tmp_path: P
             await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_change_during_a_watch_ends_it_early(gateway_factory: GatewayFactory,
+                                               tmp_path: Path) -> None:
+    """A second change while the first update is watched (30 s) does not wait for the watch:
+    the watched version is kept, the one it replaced stops, and the second change runs."""
+    gw = gateway_factory([], env={**FAST, "MODELHOST_ROLLOUT_WATCH_SECONDS": "30"})
+    events = tmp_path / "events"
+    spec = fake_model("m", events)
+    assert admin(gw, "PUT", "/models/m", json=spec).status_code == 200
+    assert admin(gw, "POST", "/models/m/load").status_code == 200
+    [v1] = started_pids(events)
+    assert admin(gw, "PUT", "/models/m", json={**spec, "idle_ttl": 1000}).json()[
+        "rollout"]["state"] == "watching"
+    v2 = started_pids(events)[-1]
+    started = time.monotonic()
+    resp = admin(gw, "PUT", "/models/m", json={**spec, "idle_ttl": 2000})
+    assert resp.status_code == 200, resp.text
+    assert time.monotonic() - started < 15
+    assert resp.json()["spec"]["idle_ttl"] == 2000
+    assert wait_gone(v1)  # the first update's old version: stopped when its watch ended
+    assert pid_alive(v2)  # the second update's old version, standing by
+    resp = admin(gw, "POST", "/models/m/rollback")  # at once again: back to idle_ttl 1000
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["spec"]["idle_ttl"] == 1000
+    assert [h["action"] for h in history(gw, "m")] == [
+        "created", "updated", "updated", "rollback"]

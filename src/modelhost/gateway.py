@@ -57,7 +57,7 @@ from modelhost.registry.history import NoSuchVersion, NotServable, earlier_spec
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, Pin, Target
 from modelhost.registry.registry import Registry
-from modelhost.registry.reload import ReloadError, plan
+from modelhost.registry.reload import ReloadError, ReloadPlan, plan
 from modelhost.registry.rollout import Callbacks, Rollout, Rollouts, RolloutSettings
 from modelhost.settings import Settings
 
@@ -398,7 +398,8 @@ class Gateway:
                     raise Conflict(f"name '{name}' is already used by model '{owner.id}'")
             if existing is not None:
                 spec = self._keep_secrets(existing, spec)
-                self._not_updating(spec.id)
+                # An update being watched ends first (its outcome is recorded before this).
+                await self.rollouts.settle(spec.id)
             url = remote_url(spec)
             if url is not None:
                 await self.remote_policy.check(url)
@@ -421,13 +422,6 @@ class Gateway:
                 raise Conflict(str(exc)) from None
             finally:
                 self._refresh_secrets()
-
-    def _not_updating(self, model_id: str) -> None:
-        running = self.rollouts.running(model_id)
-        if running is not None:
-            raise Conflict(f"model '{model_id}' is being updated ({running.state}); try "
-                           f"again once its update is done (its card's `rollout`)",
-                           retry_after=max(1, int(self.rollouts.settings.watch_seconds)))
 
     def _updated(self, rollout: Rollout) -> dict[str, Any]:
         """The answer to an update: the card with its rollout, or 409 when rolled back."""
@@ -453,6 +447,7 @@ class Gateway:
         """Serve an earlier version's spec again (default: the one before the current
         spec), through the same blue-green path as any update."""
         async with self._changes:
+            await self.rollouts.settle(self.model(model_id).spec.id)
             current = self.model(model_id).spec
             rows = await self.persistence.now(lambda store: store.history(current.id))
             try:
@@ -465,7 +460,6 @@ class Gateway:
                 owner = self.catalog.get(name)
                 if owner is not None and owner.id != spec.id:
                     raise Conflict(f"name '{name}' is now used by model '{owner.id}'")
-            self._not_updating(spec.id)
             api = spec.id in self.api_models
             body = spec_json(spec)
             await self._commit(spec.id, spec_secrets(spec) if api else None,
@@ -488,17 +482,22 @@ class Gateway:
                 if path is not None else ModelsFile()
             declared = Catalog.build(models_file).models
             async with self._changes:
-                current = {m.spec.id: m.spec for m in self.registry.models.values()}
-                todo = plan(self.file_specs, declared, current, self.api_models)
-                for model_id in [*(s.id for s in todo.changed), *todo.removed]:
-                    self._not_updating(model_id)
-                return await self._apply(todo, declared)
+                def todo() -> ReloadPlan:
+                    current = {m.spec.id: m.spec for m in self.registry.models.values()}
+                    return plan(self.file_specs, declared, current, self.api_models)
+
+                # Updates being watched of the models to change end first (their outcome
+                # recorded before this reload's changes).
+                for model_id in [*(s.id for s in todo().changed), *todo().removed]:
+                    await self.rollouts.settle(model_id)
+                return await self._apply(todo(), declared)
         except (ConfigError, ReloadError) as exc:
             log.error("reload: the models file is not applied, nothing changed: %s", exc)
             raise InvalidRequest(f"the models file was not applied, nothing changed: {exc}",
                                  code="invalid_models_file") from None
 
-    async def _apply(self, todo: Any, declared: tuple[ModelSpec, ...]) -> dict[str, Any]:
+    async def _apply(self, todo: ReloadPlan, declared: tuple[ModelSpec, ...]
+                     ) -> dict[str, Any]:
         specs = [*todo.added, *todo.changed]
 
         def write(store: Any) -> None:
@@ -566,6 +565,7 @@ class Gateway:
                                "in; remove it there")
             await self._commit(model_id, None,
                                lambda store: store.delete_model(model_id, actor="admin-api"))
+            await self.rollouts.settle(model_id)
             await self.registry.remove(model_id)
             self.api_models.discard(model_id)
             self._refresh_secrets()

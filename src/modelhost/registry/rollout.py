@@ -121,6 +121,7 @@ class Rollouts:
         self.probe = probe or Probe(registry.ctx.client, settings.probe_timeout)
         self.last: dict[str, Rollout] = {}  # the latest rollout of each model
         self._watches: dict[str, asyncio.Task[None]] = {}
+        self._cut: set[str] = set()  # watches to end now, the watched version kept
 
     def running(self, model_id: str) -> Rollout | None:
         """The rollout of `model_id` under way (watch included), if any."""
@@ -132,6 +133,7 @@ class Rollouts:
         the new version serves (its watch goes on in the background) or the update was
         rolled back (`Rollout.rolled_back`, with the reason)."""
         registry = self.registry
+        await self.settle(spec.id)
         old = registry.models.get(spec.id)
         rollout = Rollout(spec.id)
         self.last[spec.id] = rollout
@@ -149,6 +151,19 @@ class Rollouts:
                 return rollout
             await self._in_place(rollout, old, spec, failed.reason)
         return rollout
+
+    async def settle(self, model_id: str) -> None:
+        """End the watch of `model_id`'s update now, if one runs (a newer change of the
+        model, its removal): the watched version is kept, unless it fails in this last
+        look; the old one stops once its requests are done."""
+        task = self._watches.get(model_id)
+        if task is None:
+            return
+        self._cut.add(model_id)
+        try:
+            await asyncio.shield(task)
+        finally:
+            self._cut.discard(model_id)
 
     async def close(self) -> None:
         """Stop the watches (at shutdown: every version is stopped by the registry)."""
@@ -267,6 +282,9 @@ class Rollouts:
                         settings.error_threshold:
                     reason = (f"the new version failed {errors} of {answers} answers while "
                               f"watched (more than {settings.error_threshold:.0%})")
+                    break
+                if new.spec.id in self._cut:
+                    rollout.warning = "watch cut short by a newer change of the model"
                     break
             if reason is None:
                 new.trial = False
