@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 from openai.types.audio import TranscriptionDiarized, TranscriptionVerbose
+from starlette.testclient import TestClient
 
 from modelhost.diarized_json import (
     MATCH_THRESHOLD,
@@ -33,6 +34,8 @@ from modelhost.diarized_json import (
     stream_events,
 )
 from modelhost.errors import InvalidRequest
+from modelhost.workers.apps.diarization.app import build_app
+from modelhost.workers.apps.diarization.steps import FloatArray, SpeakerBounds, Turn
 from tests.audio import concat_wavs, have_espeak, have_sox, silence, speak, wav_duration
 from tests.conftest import Gateway, GatewayFactory, openai_client
 
@@ -369,3 +372,24 @@ def test_diarized_json_from_a_labelled_transcript() -> None:
     assert events[-1] == ""
     assert [json.loads(e.removeprefix("data: "))["type"] for e in events[:-1]] == [
         "transcript.text.delta", "transcript.text.segment"] * 2 + ["transcript.text.done"]
+
+
+class TurnsOnly:
+    """An engine that diarizes but cannot embed voices (as the pyannote engine)."""
+
+    name = "pyannote"
+
+    def diarize(self, audio: FloatArray, bounds: SpeakerBounds) -> list[Turn]:
+        return [Turn(0, 0.0, 1.0)]
+
+
+def test_an_engine_without_voices_refuses_known_speakers(meeting: Meeting) -> None:
+    with TestClient(build_app(TurnsOnly(), "pyannote", 1 << 24)) as http:
+        plain = http.post("/v1/audio/diarization", files={"file": meeting.path.read_bytes()})
+        assert plain.status_code == 200, plain.text
+        for path, data in (("/v1/audio/diarization", {"speaker_embeddings": "true"}),
+                           ("/v1/audio/speaker_embedding", {})):
+            resp = http.post(path, data=data, files={"file": meeting.path.read_bytes()})
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["code"] == "unsupported_parameter"
+            assert "resemblyzer" in resp.json()["error"]["message"]

@@ -195,12 +195,17 @@ class AudioRoutes:
                 self.registry.models[diarizer.id], "/audio/speaker_embedding", form,
                 authorization))
         except ModelhostError as exc:
-            if exc.type != "invalid_request_error" or exc.param not in ("file", None):
+            if exc.type != "invalid_request_error":
                 raise
-            message = f"is longer than {REFERENCE_MAX_SECONDS:g} seconds" \
-                if exc.code == "audio_too_long" else f"was refused: {exc.message}"
+            code = "invalid_value"
+            if exc.code == "audio_too_long":
+                message = f"is longer than {REFERENCE_MAX_SECONDS:g} seconds"
+            elif exc.code == "unsupported_parameter":  # an engine that does not embed voices
+                message, code = f"cannot be matched: {exc.message}", exc.code
+            else:
+                message = f"was refused: {exc.message}"
             raise InvalidRequest(f"{where} {message}", param="known_speaker_references",
-                                 code="invalid_value") from exc
+                                 code=code) from exc
         duration = float(answer.get("duration") or 0.0)
         embedding = answer.get("embedding")
         if duration < REFERENCE_MIN_SECONDS:
