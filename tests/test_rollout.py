@@ -10,6 +10,7 @@ no room for two versions.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -228,6 +229,23 @@ def test_smollm2_update_rollback_and_broken_update_under_load(
     with openai_client(gw) as oa:
         assert oa.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": "Hi"}]).choices
+
+
+@pytest.mark.parametrize("model", ["whisper-tiny.en", "resemblyzer"])
+def test_audio_models_are_probed_with_a_tone(gateway_factory: GatewayFactory,
+                                             model: str) -> None:
+    """The smoke request of a transcription and a diarization model (a second of tone as a
+    WAV file), on the built-in worker apps."""
+    package = next(s.source for s in BUILTIN_MODELS if s.id == model)
+    if importlib.util.find_spec(getattr(package, "package", "")) is None:
+        pytest.skip(f"needs the package of {model}")
+    gw = gateway_factory([], include_builtin=True, env=FAST)
+    loaded = admin(gw, "POST", f"/models/{model}/load")
+    assert loaded.status_code == 200, loaded.text
+    resp = admin(gw, "PUT", f"/models/{model}", json={**loaded.json()["spec"], "idle_ttl": 60})
+    assert resp.status_code == 200, resp.text
+    probe = resp.json()["rollout"]["probe"]
+    assert probe["new_ms"] > 0 and probe["old_ms"] > 0
 
 
 @pytest.fixture
