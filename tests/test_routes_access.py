@@ -5,6 +5,11 @@ health and documentation routes), and each must have an owner in `OWNERS`: a rou
 without one makes `test_every_route_has_an_owner` fail. Each route is then called on a real
 `modelhost serve` with no key, a wrong key, an inference key, an admin key, a foreign Host and a
 foreign Origin, under the three key configurations (both roles, inference keys only, none).
+
+The dashboard's routes (SESSION) take no key at all: a session cookie (tests/test_dashboard.py
+signs in). Without one they answer the sign-in page (303) or 401, whatever key is sent; with
+no key configured they are open, but a state-changing call still needs the page's CSRF token
+(403 csrf_failed). The gate's Host and Origin checks apply to them as to every route.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from modelhost.serving.front import Front
 from modelhost.settings import Settings
 from tests.conftest import GatewayFactory
 
-PUBLIC, INFERENCE, ADMIN = "public", "inference", "admin"
+PUBLIC, INFERENCE, ADMIN, SESSION = "public", "inference", "admin", "session"
 INF_KEY, ADMIN_KEY = "sk-inference", "sk-admin"
 STATE_CHANGING = {"POST", "PUT", "DELETE", "PATCH"}
 
@@ -62,6 +67,22 @@ OWNERS: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): ADMIN,
     ("GET", "/api/admin/audit"): ADMIN,
     ("GET", "/api/admin/usage"): ADMIN,
+    # The dashboard (modelhost.dashboard).
+    ("GET", "/"): SESSION,
+    ("GET", "/ui/login"): PUBLIC,
+    ("POST", "/ui/login"): PUBLIC,
+    ("POST", "/ui/logout"): SESSION,
+    ("GET", "/ui/static/{name:path}"): PUBLIC,
+    ("GET", "/ui/events"): SESSION,
+    ("GET", "/ui/logs/{model_id:path}"): SESSION,
+    ("POST", "/ui/check-spec/{model_id:path}"): SESSION,
+    ("GET", "/ui/api/{rest:path}"): SESSION,
+    ("POST", "/ui/api/{rest:path}"): SESSION,
+    ("PUT", "/ui/api/{rest:path}"): SESSION,
+    ("DELETE", "/ui/api/{rest:path}"): SESSION,
+    ("GET", "/ui/v1/{rest:path}"): SESSION,
+    ("POST", "/ui/v1/{rest:path}"): SESSION,
+    ("GET", "/ui/{page}"): SESSION,
 }
 
 
@@ -88,8 +109,9 @@ def app_routes(front: Front) -> set[tuple[str, str]]:
 
 def concrete(path: str) -> str:
     """A path to call for a template: a model that does not exist (nothing is changed)."""
-    return path.replace("{model_id:path}", "no/such-model").replace("{model:path}",
-                                                                     "no/such-model")
+    return (path.replace("{model_id:path}", "no/such-model")
+            .replace("{model:path}", "no/such-model").replace("{rest:path}", "models")
+            .replace("{name:path}", "dash.css").replace("{page}", "gpus"))
 
 
 def test_every_route_has_an_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,6 +173,8 @@ def check_route(client: httpx.Client, url: str, keys: str, method: str, path: st
             problems.append(f"{method} {path} ({owner}) {label}: {status} {got_code}, "
                             f"expected {wanted or 'to pass'} {code or ''}")
 
+    if owner == SESSION:
+        return check_session_route(client, url, keys, method, path)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     inference = {"Authorization": f"Bearer {INF_KEY}"}
     wrong = {"Authorization": "Bearer sk-wrong"}
@@ -182,6 +206,41 @@ def check_route(client: httpx.Client, url: str, keys: str, method: str, path: st
     else:  # a browser may send it, and cannot read the answer (no CORS)
         expect("foreign Origin, read only", foreign, best_result)
     expect("same origin", {**best, "Origin": url}, best_result)
+    return problems
+
+
+def check_session_route(client: httpx.Client, url: str, keys: str, method: str,
+                        path: str) -> list[str]:
+    """A dashboard route called without a session: refused (303 to the sign-in page, or
+    401) whatever key is sent; with no key configured, open but for the CSRF token."""
+    problems: list[str] = []
+    changing = method in STATE_CHANGING
+
+    def expect(label: str, headers: dict[str, str], wanted: set[int] | None,
+               code: str | None = None) -> None:
+        status, got_code = status_of(client, method, path, headers)
+        ok = passes(status) if wanted is None else status in wanted
+        if code is not None and ok and method != "HEAD":
+            ok = got_code == code
+        if not ok:
+            problems.append(f"{method} {path} (session) {label}: {status} {got_code}, "
+                            f"expected {wanted or 'to pass'} {code or ''}")
+
+    headers_tried = {"no key": {}, "wrong key": {"Authorization": "Bearer sk-wrong"},
+                     "inference key": {"Authorization": f"Bearer {INF_KEY}"},
+                     "admin key": {"Authorization": f"Bearer {ADMIN_KEY}"},
+                     "same origin": {"Origin": url}}
+    for label, headers in headers_tried.items():
+        if keys != "none":
+            expect(label, headers, {303, 401})
+        elif changing:
+            expect(label, headers, {403}, "csrf_failed")
+        else:
+            expect(label, headers, None)
+    expect("foreign Host", {"Host": "evil.example"}, {421}, "host_not_allowed")
+    if changing:
+        expect("foreign Origin", {"Origin": "http://evil.example"}, {403}, "origin_not_allowed")
+        expect("cross-site", {"Sec-Fetch-Site": "cross-site"}, {403}, "origin_not_allowed")
     return problems
 
 
