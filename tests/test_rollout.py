@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -322,8 +323,28 @@ def test_errors_while_watched_switch_traffic_back(
     the old worker (standing by) serving again."""
     gw, spec, events = fake_gateway
     [old_pid] = started_pids(events)
+    seen: list[str] = []
+    subscribed = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", gw.url + "/api/admin/events", timeout=60) as stream:
+            for line in stream.iter_lines():
+                subscribed.set()
+                seen.append(line)
+                if "rolled_back" in line:
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert subscribed.wait(10)
     resp = admin(gw, "PUT", "/models/m", json=failing_model("m", tmp_path, ok=2))
     assert resp.status_code == 200, resp.text
+    listener.join(30)
+    rollout_events = [json.loads(line[6:]) for line in seen
+                      if line.startswith("data: ") and '"type": "rollout"' in line]
+    assert [e["state"] for e in rollout_events] == [
+        "starting", "probing", "watching", "rolled_back"]
+    assert "while watched" in rollout_events[-1]["reason"]
     over = rollout_over(gw, "m", timeout=30)
     assert over["rollout"]["state"] == "rolled_back"
     assert "failed" in over["rollout"]["reason"] and "while watched" in over["rollout"]["reason"]
