@@ -273,7 +273,7 @@ def test_an_update_keeps_streams_whole_and_stops_the_old_worker_after_the_watch(
         fake_gateway: tuple[Gateway, dict[str, Any], Path]) -> None:
     gw, spec, events = fake_gateway
     [old_pid] = started_pids(events)
-    stop, results = threading.Event(), []
+    stop, results = threading.Event(), list[tuple[int, bool]]()
     threads = [threading.Thread(target=stream_load, args=(gw, stop, results))
                for _ in range(4)]
     for thread in threads:
