@@ -1,0 +1,224 @@
+"""Workers on a real Ray cluster (workers/ray_launcher.py): two nodes on loopback
+(tests/ray_cluster.py), node_a (the head, 127.0.0.2) and node_b (127.0.0.3), each declaring
+its own resource. The test process is the gateway: it connects to the head as a driver.
+
+A worker asked on node_b by resource runs there (its process is one of node_b's, it listens
+on 127.0.0.3 only, and a chat request to its address is answered), its log tail is read from
+its node, and stopping it ends its process; a worker that crashes reports its status and last
+lines; a reservation no node can make fails with what was asked; every node's GPUs are read
+on the node; and when node_b is killed, its worker's handle reports it lost within seconds
+and the next start lands on node_a. The last test kills node_b: it runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from modelhost.config import ModelSpec
+from tests.conftest import FAKE_WORKER, pid_alive, wait_gone
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+
+from modelhost.workers.process import WorkerStartError  # noqa: E402
+from modelhost.workers.ray_launcher import (  # noqa: E402
+    LOST,
+    RayCluster,
+    RayLauncher,
+    RayOptions,
+    RayWorker,
+)
+from tests.ray_cluster import LoopbackCluster, start_cluster  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    started = start_cluster()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop for the module: the driver's Ray connection outlives each test."""
+    running = asyncio.new_event_loop()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cluster: LoopbackCluster, loop: asyncio.AbstractEventLoop
+                ) -> Iterator[RayCluster]:
+    options = RayOptions(address=cluster.address, node_ip="127.0.0.2",
+                         placement_timeout=3.0, heartbeat=0.5, lost_after=3.0)
+    connected = RayCluster(options)
+    loop.run_until_complete(connected.connect())
+    try:
+        yield connected
+    finally:
+        loop.run_until_complete(connected.close())
+
+
+def launcher(ray_cluster: RayCluster, tmp_path: Path, **resources: float) -> RayLauncher:
+    return RayLauncher(ray_cluster, tmp_path / "logs", stop_timeout=3.0, resources=resources)
+
+
+def fake_spec(model_id: str, events: Path) -> ModelSpec:
+    return ModelSpec.model_validate({
+        "id": model_id, "backend": "command",
+        "command": [sys.executable, FAKE_WORKER, "--host", "{host}", "--port", "{port}",
+                    "--events", str(events)]})
+
+
+def chat(base_url: str, **fake: Any) -> httpx.Response:
+    return httpx.post(f"{base_url}/chat/completions", timeout=10, json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "fake": fake})
+
+
+def worker_pid(events: Path) -> int:
+    return int(events.read_text().split("started ")[1].split()[0])
+
+
+def node_pids(cluster: LoopbackCluster, name: str) -> set[int]:
+    node = next(n for n in cluster.nodes if n.name == name)
+    return {p.pid for p in node.descendants()}
+
+
+def test_worker_runs_on_the_node_with_its_resource(
+        cluster: LoopbackCluster, ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop,
+        tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    start = launcher(ray_cluster, tmp_path, node_b=1).start(fake_spec("b", events), None, [])
+    worker = loop.run_until_complete(start)
+    loop.run_until_complete(worker.wait_ready(30))
+
+    # Its address is node_b's, and it listens there only.
+    assert worker.node_ip == "127.0.0.3"
+    assert worker.base_url == f"http://127.0.0.3:{worker.port}/v1"
+    answer = chat(worker.base_url)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "word0 word1 word2"
+    with pytest.raises(httpx.ConnectError):
+        chat(f"http://127.0.0.2:{worker.port}/v1")
+    # Its process is one of node_b's (below its raylet), not the gateway's.
+    pid = worker_pid(events)
+    assert pid in node_pids(cluster, "node_b")
+    assert pid not in node_pids(cluster, "node_a")
+    assert psutil.Process(pid).ppid() != psutil.Process().pid
+
+    # Its log, read from its node.
+    tail = loop.run_until_complete(worker.fetch_tail(20))
+    assert f"fake worker starting on 127.0.0.3:{worker.port}" in tail
+    assert worker.tail(20) == tail
+    assert worker in ray_cluster.workers
+
+    loop.run_until_complete(worker.stop())
+    assert wait_gone(pid, 10), "the worker outlived its stop"
+    assert worker not in ray_cluster.workers
+    loop.run_until_complete(worker.stop())  # idempotent
+
+
+def test_crash_reports_status_and_last_lines(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    worker = loop.run_until_complete(
+        launcher(ray_cluster, tmp_path, node_b=1).start(fake_spec("c", events), None, []))
+    loop.run_until_complete(worker.wait_ready(30))
+
+    async def crash() -> int:
+        exited = asyncio.ensure_future(worker.wait())
+        with pytest.raises(httpx.HTTPError):
+            await asyncio.to_thread(httpx.post, f"{worker.base_url}/chat/completions",
+                                    json={"model": "m", "stream": True, "messages": [],
+                                          "fake": {"crash_after": 1}}, timeout=10)
+        return await asyncio.wait_for(exited, 15)
+
+    assert loop.run_until_complete(crash()) == 17
+    assert worker.exit_reason == "worker exited with status 17"
+    assert "fake worker starting" in worker.tail(20)
+    assert worker not in ray_cluster.workers  # its actor and reservation are released
+    loop.run_until_complete(worker.stop())
+
+
+def test_no_node_with_the_resources(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError) as info:
+        loop.run_until_complete(launcher(ray_cluster, tmp_path, node_c=1).start(
+            fake_spec("nowhere", tmp_path / "events"), None, []))
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "could reserve {CPU: 1, node_c: 1} within 3 s" in message
+    assert "127.0.0.2 {CPU: 1, node_a: 1}" in message and "127.0.0.3" in message
+    assert not info.value.permanent  # room may appear: the owner retries with backoff
+    assert not (tmp_path / "events").exists()
+
+
+def test_every_node_reports_its_gpus(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop) -> None:
+    nodes = loop.run_until_complete(ray_cluster.gpus.sample())
+    assert [n.node_ip for n in nodes] == ["127.0.0.2", "127.0.0.3"]
+    for node, resource in zip(nodes, ["node_a", "node_b"], strict=True):
+        assert node.resources[resource] == 1
+        assert node.gpus == []  # this machine has none: each node says why
+        assert node.reason, json.dumps(node.__dict__, default=str)
+    again = loop.run_until_complete(ray_cluster.gpus.sample())  # probes are kept
+    assert [n.reason for n in again] == [n.reason for n in nodes]
+
+
+def test_node_death_is_reported_and_the_next_start_goes_elsewhere(
+        cluster: LoopbackCluster, ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop,
+        tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    spec = fake_spec("d", events)
+    worker = loop.run_until_complete(launcher(ray_cluster, tmp_path).start(spec, None, []))
+    loop.run_until_complete(worker.wait_ready(30))
+    if worker.node_ip != "127.0.0.3":  # placed on node_a: move it to node_b
+        loop.run_until_complete(worker.stop())
+        worker = loop.run_until_complete(
+            launcher(ray_cluster, tmp_path, node_b=1).start(spec, None, []))
+        loop.run_until_complete(worker.wait_ready(30))
+    assert worker.node_ip == "127.0.0.3"
+    pid = worker_pid(events)
+
+    async def lose_node_b() -> tuple[int, float]:
+        exited = asyncio.ensure_future(worker.wait())
+        await asyncio.sleep(1)
+        assert not exited.done()
+        node_b = next(n for n in cluster.nodes if n.name == "node_b")
+        killed = time.monotonic()
+        await asyncio.to_thread(node_b.kill)
+        code = await asyncio.wait_for(exited, 20)
+        return code, time.monotonic() - killed
+
+    code, after = loop.run_until_complete(lose_node_b())
+    assert code == LOST
+    assert after < 8, f"node_b's death took {after:.1f} s to be reported"
+    assert worker.exit_reason is not None and "127.0.0.3" in worker.exit_reason
+    assert "[modelhost] Ray node 127.0.0.3" in worker.tail(5)
+    assert wait_gone(pid, 10) or not pid_alive(pid)
+
+    # Restarted by its owner: where there is room now, node_a.
+    again: RayWorker = loop.run_until_complete(
+        launcher(ray_cluster, tmp_path).start(spec, None, []))
+    loop.run_until_complete(again.wait_ready(30))
+    assert again.node_ip == "127.0.0.2"
+    assert chat(again.base_url).status_code == 200
+    # A worker asked on node_b waits for room there, and says so.
+    with pytest.raises(WorkerStartError, match="node_b: 1"):
+        loop.run_until_complete(launcher(ray_cluster, tmp_path, node_b=1).start(
+            fake_spec("b2", tmp_path / "ev2"), None, []))
+    loop.run_until_complete(again.stop())
