@@ -308,3 +308,56 @@ def test_relabel_drops_clashes() -> None:
                            ("d", counter)]).decode())
     assert out == {("x_total", frozenset({("model", "a")})): 1.0,
                    ("x_total", frozenset({("model", "d")})): 1.0}
+
+
+def test_exposition_is_the_client_librarys_byte_for_byte() -> None:
+    """metrics/exposition.render writes what prometheus_client's generate_latest writes, for
+    every kind of family (counters with _created, histograms, gauges, info, state sets,
+    summaries, gauge histograms, timestamps, label values to escape), for the request
+    tallies and for the GPUs."""
+    from prometheus_client import Counter, Enum, Gauge, Histogram, Info, Summary
+    from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
+
+    from modelhost.metrics.exposition import render
+    from modelhost.metrics.requests import RequestMetrics
+
+    registry = CollectorRegistry(auto_describe=False)
+    counter = Counter("things", "Things.\nWith a \\ second line.", ["model", "route"],
+                      registry=registry)
+    counter.labels('odd "name"\\with\nbreaks', "chat").inc(3)
+    counter.labels("m", "chat").inc(1e21)
+    Gauge("level", "A level.", registry=registry).set(float("nan"))
+    Gauge("lows", "Lows.", registry=registry).set(float("-inf"))
+    histogram = Histogram("took_seconds", "Took.", ["model"], registry=registry,
+                          buckets=(0.001, 0.5, 1234567.0))
+    for seconds in (0.0004, 0.2, 3.0, 2e7):
+        histogram.labels("m").observe(seconds)
+    Info("build", "Build.", registry=registry).info({"version": "1.2", "commit": "abc"})
+    Enum("phase", "Phase.", states=["a", "b"], registry=registry).state("b")
+    Summary("sizes_bytes", "Sizes.", registry=registry).observe(12.5)
+
+    class Custom:
+        def collect(self) -> Any:
+            g = GaugeMetricFamily("stamped", "Stamped.", labels=["k"])
+            g.add_metric(["v"], 1.5, timestamp=1700000000.25)
+            yield g
+            gh = GaugeHistogramMetricFamily("queue_hist", "Queue.", labels=["k"])
+            gh.add_metric(["v"], [("1.0", 2.0), ("+Inf", 3.0)], gsum_value=4.0)
+            yield gh
+
+    registry.register(Custom())  # type: ignore[arg-type]
+    calls = RequestMetrics(lambda: {"m": "chat", "e": "embedding"})
+    for status, seconds in ((200, 0.02), (503, 1.5), (429, 0.0)):
+        RequestMetrics.record(calls.tally("m", "/chat/completions"), status, seconds, 0.0002)
+    RequestMetrics.first_token(calls.tally("m", "/chat/completions"), 0.3)
+    calls.rejected("m", "queue_full")
+    registry.register(calls)
+    nvml = FakeNvml([FakeGpu("NVIDIA H100 80GB HBM3", "GPU-0", total=80 * 2**30,
+                             used=20 * 2**30, utilization=(37, 5), temperature=61,
+                             power_mw=312_500)])
+    monitor = GpuMonitor(nvml=nvml)
+    assert monitor.start()
+    registry.register(GpuCollector(monitor))
+    expected = generate_latest(registry)
+    assert b'odd \\"name\\"\\\\with\\nbreaks' in expected and b"NaN" in expected
+    assert render(registry) == expected
