@@ -225,14 +225,17 @@ class Rollouts:
         if not started:
             await new.start()
             new.want(Target.ready)
-        deadline = time.monotonic() + new.spec.start_timeout + self.settings.probe_timeout
+        budget = new.spec.start_timeout + self.settings.probe_timeout
+        deadline = time.monotonic() + budget
         while new.state is not State.ready:
             error = new.trial_error
             if error is not None:
                 raise _Failed(f"the new version did not start: {error}",
                               no_room=isinstance(error, PlacementError))
-            if new.state in (State.failed, State.absent, State.downloading):
-                raise _Failed(f"the new version cannot start: {new.last_error or new.state}")
+            if new.state is State.failed:
+                raise _Failed(f"the new version cannot start: {new.last_error}")
+            if new.state in (State.absent, State.downloading):
+                deadline = time.monotonic() + budget  # its weights first: the start's time
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _Failed(f"the new version was not ready within {new.spec.start_timeout:g}"
