@@ -90,15 +90,28 @@ const Dash = (() => {
     const plot = new uPlot({
       width: width(), height: opts.height || 180,
       scales: { x: { time: true } },
-      axes: [{}, { size: 50 }],
+      axes: [{}, { size: 64 }],
       legend: { live: false },
       series: [{}, ...series.map((s, i) => ({ label: s, stroke: COLORS[i % COLORS.length], width: 1.5,
                                               spanGaps: false }))],
     }, [[], ...series.map(() => [])], container);
     new ResizeObserver(() => plot.setSize({ width: width(), height: opts.height || 180 })).observe(container);
+    // The x axis covers at least `opts.span` seconds up to now, so that a chart with a few
+    // points shows them in time rather than stretched over the whole width.
+    const setData = plot.setData.bind(plot);
+    plot.setData = (data) => {
+      setData(data);
+      const now = Date.now() / 1000, span = opts.span || 600, xs = data[0];
+      plot.setScale("x", { min: Math.min(xs.length ? xs[0] : now, now - span),
+                           max: Math.max(xs.length ? xs[xs.length - 1] : now, now) });
+    };
+    plot.setData([[], ...series.map(() => [])]);
     return plot;
   }
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+
+  // Every page follows the stream (its live mark; the traffic history grows while one is open).
+  document.addEventListener("DOMContentLoaded", connect);
 
   return { prefix, csrf, call, admin, v1, on, toast, el, bytes, seconds, num, chart, COLORS };
 })();
