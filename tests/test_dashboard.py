@@ -116,6 +116,14 @@ def test_sign_in_form_needs_its_token(gateway: Gateway) -> None:
     assert "modelhost_session" not in resp.headers.get("set-cookie", "")
 
 
+def test_forms_are_bounded(gateway: Gateway, signed_in: httpx.Client) -> None:
+    big = httpx.post(gateway.url + "/ui/login", data={"key": "k" * 10_000, "csrf": "x"})
+    assert big.status_code == 413
+    spec = signed_in.post("/ui/check-spec/x", headers={"X-CSRF-Token": csrf_of(signed_in)},
+                          content=b"{" + b" " * 2_000_000 + b"}")
+    assert spec.status_code == 413
+
+
 def test_csrf_attempts_change_nothing(gateway: Gateway, signed_in: httpx.Client) -> None:
     load = "/ui/api/models/fake/load?wait=false"
     # No token, a wrong token: 403, and the model stays where it was.

@@ -173,6 +173,12 @@ def test_download_with_progress_then_cancel(tab: Tab, hub: FakeHub) -> None:
         expect()(bar).to_be_hidden()
     finally:
         hub.throttle(None)
+    # At full speed to the end, then out of the cache again.
+    page.click("#act-download")
+    expect()(page.locator("#detail-state-value")).to_have_text("cached", timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#act-delete-cache")
+    expect()(page.locator("#detail-state-value")).to_have_text("absent", timeout=15_000)
 
 
 def test_invalid_spec_shows_errors_by_field(tab: Tab) -> None:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import jinja2
 from pydantic import ValidationError
@@ -47,12 +47,14 @@ from modelhost.dashboard.traffic import Traffic
 from modelhost.errors import InvalidRequest, ModelhostError, dotted, validation_problems
 from modelhost.gateway import Gateway
 from modelhost.metrics.requests import RequestMetrics
+from modelhost.serving.answers import read_body
 from modelhost.settings import Settings
 
 PREFIX = "/ui"
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
 LOGIN_COOKIE = "modelhost_login"  # the sign-in form's double-submit CSRF token
+FORM_BYTES = 4096  # the sign-in and sign-out forms: a key, a token, a path
 TICK_SECONDS = 2.0
 PAGES = {"models": "Models", "gpus": "GPUs", "traffic": "Traffic", "settings": "Keys & settings",
          "playground": "Playground"}
@@ -167,11 +169,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         if self.guard.open:
             return RedirectResponse(PREFIX + "/models", 303)
-        try:
-            form = await request.form(max_files=0, max_fields=8)
-        except Exception:
-            form = None
-        fields = {k: v for k, v in form.items() if isinstance(v, str)} if form else {}
+        fields = await _form(request)
         presented, expected = fields.get("csrf", ""), request.cookies.get(LOGIN_COOKIE, "")
         if not expected or not _same(presented, expected):
             return await self.login_page(request, "The sign-in form expired: try again.", 400)
@@ -189,9 +187,8 @@ class Dashboard:
 
     async def logout(self, request: Request) -> Response:
         session = self.session_of(request.scope)
-        form = await request.form(max_files=0, max_fields=4)
-        token = form.get("csrf")
-        if session is None or not session.csrf_ok(token if isinstance(token, str) else None):
+        token = (await _form(request)).get("csrf")
+        if session is None or not session.csrf_ok(token):
             return _error(csrf_failed() if session is not None else session_required())
         self.sessions.close(request.cookies.get(COOKIE))
         response = RedirectResponse(PREFIX + "/login", status_code=303)
@@ -216,8 +213,10 @@ class Dashboard:
         if not session.csrf_ok(request.headers.get("x-csrf-token")):
             return _error(csrf_failed())
         model_id = request.path_params["model_id"]
+        body = await read_body(request.scope, request.receive,
+                               self.settings.max_admin_body_bytes)
         try:
-            data = json.loads(await request.body())
+            data = json.loads(body)
         except ValueError:
             data = None
         if not isinstance(data, dict):
@@ -289,6 +288,15 @@ class Dashboard:
             lambda store: store.usage_sums(since=since, until=None, key=None, model=None,
                                            group_by=["model"]))
         return {str(r.model): float(r.counts[2]) for r in rows}
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A small URL-encoded form (413 past FORM_BYTES; anything else reads as empty)."""
+    if not request.headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"):
+        return {}
+    body = await read_body(request.scope, request.receive, FORM_BYTES)
+    return dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=8))
 
 
 def _token() -> str:
