@@ -13,6 +13,7 @@ and the next start lands on node_a. The last test kills node_b: it runs last.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import sys
 import time
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psutil
 import pytest
 
+from modelhost.catalog import BUILTIN_MODELS, local_weights
 from modelhost.config import ModelSpec
 from tests.conftest import FAKE_WORKER, pid_alive, wait_gone
+from tests.test_llamacpp import QUESTION
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
 
@@ -129,6 +133,65 @@ def test_worker_runs_on_the_node_with_its_resource(
     assert wait_gone(pid, 10), "the worker outlived its stop"
     assert worker not in ray_cluster.workers
     loop.run_until_complete(worker.stop())  # idempotent
+
+
+def test_builtin_chat_model_on_node_b(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    """The built-in SmolLM2 in a real llama.cpp worker: its launch plan (plans.launch_plan)
+    built for node_b's address, its weights found there at the gateway's path."""
+    if importlib.util.find_spec("llama_cpp") is None:  # not imported: it opens /dev/null
+        pytest.skip("llama-cpp-python is not installed")
+    spec = next(m for m in BUILTIN_MODELS if m.id == "smollm2-135m")
+    weights = local_weights(spec, tmp_path)
+    worker = loop.run_until_complete(
+        launcher(ray_cluster, tmp_path, node_b=1).start(spec, weights, []))
+    try:
+        loop.run_until_complete(worker.wait_ready(60))
+        assert worker.node_ip == "127.0.0.3"
+        with openai.OpenAI(base_url=worker.base_url, api_key="none", max_retries=0,
+                           timeout=60) as client:
+            completion = client.chat.completions.create(
+                model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=8)
+        assert "Paris" in (completion.choices[0].message.content or "")
+        assert "llama" in loop.run_until_complete(worker.fetch_tail(50)).lower()
+    finally:
+        loop.run_until_complete(worker.stop())
+
+
+def test_closing_the_cluster_stops_every_worker(
+        cluster: LoopbackCluster, ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop,
+        tmp_path: Path) -> None:
+    """The gateway stops: every worker it started, on every node, stops with it."""
+    other = RayCluster(ray_cluster.options)  # the same connection (ray.init is per process)
+    loop.run_until_complete(other.connect())
+    pids = []
+    for node in ("node_a", "node_b"):
+        events = tmp_path / f"events-{node}"
+        worker = loop.run_until_complete(RayLauncher(
+            other, tmp_path, stop_timeout=3.0, resources={node: 1},
+        ).start(fake_spec(f"all-{node}", events), None, []))
+        loop.run_until_complete(worker.wait_ready(30))
+        pids.append(worker_pid(events))
+        assert pids[-1] in node_pids(cluster, node)
+    assert len(other.workers) == 2
+    loop.run_until_complete(other.close())
+    assert not other.workers
+    for pid in pids:
+        assert wait_gone(pid, 10)
+    assert ray.is_initialized()  # the connection was not this one's to close
+
+
+def test_gpus_and_tensor_parallel_reserve_one_node(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    """A worker's GPUs are one bundle (one node): a tensor-parallel worker on 2 GPUs asks
+    for {GPU: 2} together; this cluster has none, and the error says what was asked."""
+    spec = ModelSpec.model_validate({
+        "id": "tp", "backend": "command", "gpu_count": 2,
+        "command": [sys.executable, FAKE_WORKER, "--port", "{port}"]})
+    ray_launcher = launcher(ray_cluster, tmp_path, a100=1)
+    assert ray_launcher.bundle(spec) == {"CPU": 1.0, "GPU": 2.0, "a100": 1.0}
+    with pytest.raises(WorkerStartError, match=r"reserve \{CPU: 1, GPU: 2, a100: 1\}"):
+        loop.run_until_complete(ray_launcher.start(spec, None, [0, 1]))
 
 
 def test_crash_reports_status_and_last_lines(
