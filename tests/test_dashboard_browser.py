@@ -7,6 +7,8 @@ for the module, with the built-in models; each page is saved to docs/dashboard/.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -228,7 +230,45 @@ def test_gpus_page(tab: Tab) -> None:
                 "document.querySelectorAll('.gpu').length > 0")
     if page.locator(".gpu").count() == 0:
         expect()(page.locator("#no-gpu")).to_contain_text("No GPU")
-    shot(page, "gpus")
+        shot(page, "gpus-none")
+
+
+def test_gpus_page_draws_each_gpu(tab: Tab) -> None:
+    """The page's drawing of GPUs, from an event stream made up here (the machines these
+    tests run on have none): two GPUs, their figures, charts and models."""
+    page = tab.page
+    now = time.time()
+
+    def gpu(index: int, used: float, load: int, models: list[str]) -> dict[str, Any]:
+        history = [{"t": now - 2 * (150 - i), "memory_used": int((used - 4 + i / 37) * 1e9),
+                    "utilization_gpu": round(load * (0.75 + 0.25 * math.sin(i / 9))),
+                    "temperature_c": 48 + round(7 * i / 150)}
+                   for i in range(150)]
+        return {"index": index, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{index}",
+                "memory_total": 85_520_000_000, "memory_used": int(used * 1e9),
+                "memory_free": int((85.52 - used) * 1e9), "utilization_gpu": load,
+                "utilization_memory": load // 2, "temperature_c": 55, "power_w": 310.5,
+                "power_limit_w": 700.0, "processes": [], "taken_at": now, "models": models,
+                "history": history}
+
+    gpus = {"available": True, "reason": None, "error": None,
+            "gpus": [gpu(0, 62.0, 71, ["llama-3.1-70b"]), gpu(1, 18.5, 23, ["whisper-large-v3",
+                                                                          "bge-m3"])]}
+    body = "event: snapshot\ndata: " + json.dumps(
+        {"models": [], "gpus": gpus, "traffic": [], "interval": 5}) + "\n\n"
+    stream = tab.url + "/ui/events"
+    page.route(stream, lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    try:
+        page.goto(tab.url + "/ui/gpus")
+        expect()(page.locator(".gpu")).to_have_count(2)
+        expect()(page.locator("#no-gpu")).to_be_hidden()
+        expect()(page.locator('.gpu[data-gpu="1"]')).to_contain_text("whisper-large-v3, bge-m3")
+        expect()(page.locator('.gpu[data-gpu="0"]')).to_contain_text("62 GB / 86 GB")
+        assert page.locator(".gpu canvas").count() >= 8  # four charts a GPU
+        shot(page, "gpus")
+    finally:
+        page.unroute(stream)
 
 
 def test_playground_chat_is_streamed(tab: Tab) -> None:

@@ -89,7 +89,7 @@ const Dash = (() => {
     const width = () => Math.max(260, container.clientWidth - 8);
     const plot = new uPlot({
       width: width(), height: opts.height || 180,
-      scales: { x: { time: true } },
+      scales: { x: { time: true }, ...(opts.y ? { y: { range: opts.y } } : {}) },
       axes: [{}, { size: 64 }],
       legend: { live: false },
       series: [{}, ...series.map((s, i) => ({ label: s, stroke: COLORS[i % COLORS.length], width: 1.5,

@@ -12,6 +12,7 @@
       const t = tile(g);
       for (const h of g.history || []) push(t, { ...g, taken_at: h.t, memory_used: h.memory_used,
         utilization_gpu: h.utilization_gpu, temperature_c: h.temperature_c, power_w: null });
+      push(t, g);  // the latest sample, power included (the history has none)
       update(t, g);
     }
   });
@@ -31,10 +32,14 @@
     const boxes = ["Memory used (GB)", "Utilisation (%)", "Temperature (°C)", "Power (W)"].map((label) =>
       el("div", {}, el("div", { class: "hint", text: label }), el("div", { class: "chart" })));
     const card = el("section", { class: "card gpu", "data-gpu": g.index },
-      el("h2", { text: `GPU ${g.index}: ${g.name}` }), figures, models, ...boxes);
+      el("h2", { text: `GPU ${g.index}: ${g.name}` }), figures, models,
+      el("div", { class: "gpu-charts" }, ...boxes));
     $("gpus").append(card);
     t = { figures, models, data: [[], [], [], [], []], charts: null, boxes };
-    t.charts = boxes.map((b, i) => chart(b.lastChild, [["memory", "util", "temp", "power"][i]], { height: 120 }));
+    // Five minutes: the monitor's own history (150 samples, every 2 s).
+    const ranges = [[0, g.memory_total / 1e9], [0, 100], null, g.power_limit_w ? [0, g.power_limit_w] : null];
+    t.charts = boxes.map((b, i) => chart(b.lastChild, [["memory", "util", "temp", "power"][i]],
+                                         { height: 140, span: 300, y: ranges[i] || undefined }));
     tiles.set(g.index, t);
     return t;
   }

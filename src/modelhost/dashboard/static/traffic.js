@@ -57,7 +57,7 @@
       const hours = [...new Set(byHour.data.map((r) => Date.parse(r.start) / 1000))].sort();
       const box = $("chart-hours"); box.replaceChildren();
       if (!hours.length) { box.append(el("p", { class: "hint", text: "No usage recorded in the last 24 hours." })); return; }
-      const plot = chart(box, models.map((m) => `${m} tokens/s`));
+      const plot = chart(box, models.map((m) => `${m} tokens/s`), { span: 24 * 3600 });
       plot.setData([hours, ...models.map((m) => hours.map((h) => {
         const r = byHour.data.find((x) => x.model === m && Date.parse(x.start) / 1000 === h);
         return r ? (r.completion_tokens / 3600) : 0; }))]);
