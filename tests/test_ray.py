@@ -6,8 +6,8 @@ A worker asked on node_b by resource runs there (its process is one of node_b's,
 on 127.0.0.3 only, and a chat request to its address is answered), its log tail is read from
 its node, and stopping it ends its process; a worker that crashes reports its status and last
 lines; a reservation no node can make fails with what was asked; every node's GPUs are read
-on the node; and when node_b is killed, its worker's handle reports it lost within seconds
-and the next start lands on node_a. The last test kills node_b: it runs last.
+on the node; and when node_b is killed, a model (its real owner) whose worker ran there sees it lost
+within seconds and is started again on node_a. The last test kills node_b: it runs last.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ import pytest
 
 from modelhost.catalog import BUILTIN_MODELS, local_weights
 from modelhost.config import ModelSpec
-from tests.conftest import FAKE_WORKER, pid_alive, wait_gone
+from modelhost.gpu.inventory import GpuMonitor
+from modelhost.gpu.scheduler import Scheduler
+from modelhost.registry.lifecycle import State
+from modelhost.registry.model import Model, ModelContext
+from tests.conftest import FAKE_WORKER, pid_alive, started_pids, wait_gone
 from tests.test_llamacpp import QUESTION
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
@@ -242,46 +247,75 @@ def test_every_node_reports_its_gpus(
     assert [n.reason for n in again] == [n.reason for n in nodes]
 
 
-def test_node_death_is_reported_and_the_next_start_goes_elsewhere(
+@dataclass(frozen=True)
+class RayModelContext(ModelContext):
+    """A model's context whose workers go to the Ray cluster. Until the registry chooses a
+    launcher from the settings (issue 18's wiring), the test overrides the local one."""
+
+    cluster: RayCluster | None = None
+
+    def local_launcher(self) -> RayLauncher:  # type: ignore[override]
+        assert self.cluster is not None
+        return RayLauncher(self.cluster, self.log_dir, self.stop_timeout)
+
+
+async def _no_download(*args: Any) -> Path:
+    raise AssertionError("nothing to download")
+
+
+def test_node_death_restarts_the_model_elsewhere(
         cluster: LoopbackCluster, ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop,
         tmp_path: Path) -> None:
+    """A model (its real owner, `registry.model.Model`) whose worker runs on node_b, the only
+    node with room; node_b dies: its worker is reported lost within seconds, the model goes
+    to `starting`, and is ready again on node_a, where room was made meanwhile."""
     events = tmp_path / "events"
-    spec = fake_spec("d", events)
-    worker = loop.run_until_complete(launcher(ray_cluster, tmp_path).start(spec, None, []))
-    loop.run_until_complete(worker.wait_ready(30))
-    if worker.node_ip != "127.0.0.3":  # placed on node_a: move it to node_b
-        loop.run_until_complete(worker.stop())
-        worker = loop.run_until_complete(
-            launcher(ray_cluster, tmp_path, node_b=1).start(spec, None, []))
-        loop.run_until_complete(worker.wait_ready(30))
-    assert worker.node_ip == "127.0.0.3"
-    pid = worker_pid(events)
+    ctx = RayModelContext(cache_dir=tmp_path / "cache", log_dir=tmp_path / "logs",
+                          stop_timeout=3.0, download=_no_download, cluster=ray_cluster)
+    model = Model(fake_spec("d", events), ctx, Scheduler(GpuMonitor(), {}))
 
-    async def lose_node_b() -> tuple[int, float]:
-        exited = asyncio.ensure_future(worker.wait())
-        await asyncio.sleep(1)
-        assert not exited.done()
-        node_b = next(n for n in cluster.nodes if n.name == "node_b")
-        killed = time.monotonic()
-        await asyncio.to_thread(node_b.kill)
-        code = await asyncio.wait_for(exited, 20)
-        return code, time.monotonic() - killed
+    async def scenario() -> None:
+        # node_a's one CPU is taken: the model's worker can only go to node_b.
+        blocker = await launcher(ray_cluster, tmp_path, node_a=1).start(
+            fake_spec("blocker", tmp_path / "blocker"), None, [])
+        await blocker.wait_ready(30)
+        await model.start()
+        try:
+            url = await model.ensure_ready(30)
+            assert url.startswith("http://127.0.0.3:")
+            assert (await asyncio.to_thread(chat, url)).status_code == 200
+            worker = model.worker
+            assert isinstance(worker, RayWorker)
+            pid = worker_pid(events)
+            await blocker.stop()  # room on node_a now
 
-    code, after = loop.run_until_complete(lose_node_b())
-    assert code == LOST
-    assert after < 8, f"node_b's death took {after:.1f} s to be reported"
-    assert worker.exit_reason is not None and "127.0.0.3" in worker.exit_reason
-    assert "[modelhost] Ray node 127.0.0.3" in worker.tail(5)
-    assert wait_gone(pid, 10) or not pid_alive(pid)
+            node_b = next(n for n in cluster.nodes if n.name == "node_b")
+            killed = time.monotonic()
+            await asyncio.to_thread(node_b.kill)
+            while model.state is State.ready:
+                await asyncio.sleep(0.05)
+            lost_after = time.monotonic() - killed
+            assert lost_after < 8, f"node_b's death took {lost_after:.1f} s to be seen"
+            assert worker.exit_reason is not None
+            assert worker.exit_reason.startswith("Ray node 127.0.0.3")
+            assert "[modelhost] Ray node 127.0.0.3" in worker.tail(5)
+            assert not pid_alive(pid)
+            assert model.state is State.starting
+            assert model.last_error == f"worker exited with status {LOST}"
 
-    # Restarted by its owner: where there is room now, node_a.
-    again: RayWorker = loop.run_until_complete(
-        launcher(ray_cluster, tmp_path).start(spec, None, []))
-    loop.run_until_complete(again.wait_ready(30))
-    assert again.node_ip == "127.0.0.2"
-    assert chat(again.base_url).status_code == 200
-    # A worker asked on node_b waits for room there, and says so.
-    with pytest.raises(WorkerStartError, match="node_b: 1"):
-        loop.run_until_complete(launcher(ray_cluster, tmp_path, node_b=1).start(
-            fake_spec("b2", tmp_path / "ev2"), None, []))
-    loop.run_until_complete(again.stop())
+            url = await model.ensure_ready(30)  # restarted by its owner, on node_a
+            assert url.startswith("http://127.0.0.2:")
+            assert model.restarts == 1
+            assert (await asyncio.to_thread(chat, url)).status_code == 200
+            assert len(started_pids(events)) == 2
+            # A worker asked on node_b now waits for room there, and says so.
+            with pytest.raises(WorkerStartError, match="node_b: 1"):
+                await launcher(ray_cluster, tmp_path, node_b=1).start(
+                    fake_spec("b2", tmp_path / "ev2"), None, [])
+        finally:
+            await model.close()
+            await blocker.stop()
+        assert not ray_cluster.workers
+        assert wait_gone(started_pids(events)[-1], 10)
+
+    loop.run_until_complete(scenario())
