@@ -291,6 +291,8 @@ class RayWorker:
         """Its exit status once it has exited, or `LOST` once its actor or node is lost
         (`exit_reason` says which). Cancelling this call does not stop the supervision."""
         if self._supervision is None:
+            if self._stopped:
+                return 0
             self._supervision = asyncio.ensure_future(self._supervise())
         return await asyncio.shield(self._supervision)
 
@@ -298,33 +300,43 @@ class RayWorker:
         options = self.cluster.options
         heard = time.monotonic()
         exited: asyncio.Future[tuple[int, str]] | None = None
-        while True:
-            if exited is None:
-                exited = asyncio.ensure_future(_result(self.actor.wait.remote()))
-            done, _ = await asyncio.wait({exited}, timeout=options.heartbeat)
-            if done:
+        try:
+            while True:
+                if exited is None:
+                    exited = asyncio.ensure_future(_result(self.actor.wait.remote()))
+                done, _ = await asyncio.wait({exited}, timeout=options.heartbeat)
+                if done:
+                    try:
+                        code, tail = exited.result()
+                    except ray.exceptions.ActorDiedError as exc:
+                        return await self._lost(_death(exc))
+                    except ray.exceptions.RayError:
+                        pass  # unavailable for now: the pings decide
+                    else:
+                        self._lines = tail.splitlines()
+                        self.exit_reason = f"worker exited with status {code}"
+                        await self._release()
+                        return int(code)
+                beat = time.monotonic()
                 try:
-                    code, tail = exited.result()
+                    await asyncio.wait_for(_result(self.actor.ping.remote()),
+                                           options.heartbeat)
                 except ray.exceptions.ActorDiedError as exc:
                     return await self._lost(_death(exc))
-                except ray.exceptions.RayError:
-                    exited = None  # unavailable for now: the pings decide
+                except (TimeoutError, ray.exceptions.RayError):
+                    silent = time.monotonic() - heard
+                    if silent >= options.lost_after:
+                        return await self._lost(
+                            f"no answer from its supervisor for {silent:.0f} s")
+                    # A call to a node that is gone may fail at once: keep the pace.
+                    await asyncio.sleep(max(0.0, options.heartbeat - (time.monotonic() - beat)))
                 else:
-                    self._lines = tail.splitlines()
-                    self.exit_reason = f"worker exited with status {code}"
-                    await self._release()
-                    return int(code)
-            try:
-                await asyncio.wait_for(_result(self.actor.ping.remote()), options.heartbeat)
-                heard = time.monotonic()
-            except ray.exceptions.ActorDiedError as exc:
-                return await self._lost(_death(exc))
-            except (TimeoutError, ray.exceptions.RayError):
-                silent = time.monotonic() - heard
-                if silent >= options.lost_after:
-                    return await self._lost(f"no answer from its supervisor for {silent:.0f} s")
-                if exited is not None and exited.done():
-                    exited = None
+                    heard = time.monotonic()
+                    if exited.done():  # it answers again: ask for its exit again
+                        exited = None
+        finally:
+            if exited is not None and not exited.done():
+                exited.cancel()
 
     async def _lost(self, why: str) -> int:
         self.exit_reason = f"Ray node {self._node()} lost: {why}"
@@ -362,6 +374,8 @@ class RayWorker:
                                        self.stop_timeout + CALL_TIMEOUT)
         if self._supervision is not None and not self._supervision.done():
             self._supervision.cancel()
+        if self.exit_reason is None:
+            self.exit_reason = "stopped"
         await self._release()
 
     async def _release(self) -> None:
