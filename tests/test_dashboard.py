@@ -13,6 +13,7 @@ from contextlib import closing
 import httpx
 import pytest
 
+from modelhost.auth import key_id
 from modelhost.dashboard.sessions import Sessions
 from modelhost.dashboard.traffic import Traffic, quantile
 from modelhost.metrics.requests import RequestMetrics
@@ -145,10 +146,16 @@ def test_csrf_attempts_change_nothing(gateway: Gateway, signed_in: httpx.Client)
     other, _ = sign_in(gateway.url)
     with closing(other):
         assert other.post(load, headers={"X-CSRF-Token": token}).status_code == 403
-    # And with its own token, the same request does what it says.
+    # And with its own token, the same request does what it says, in the audit log under
+    # the id of the key that signed in.
     ok = signed_in.post(load, headers={"X-CSRF-Token": token})
     assert ok.status_code == 200, ok.text
     signed_in.post("/ui/api/models/fake/unload", headers={"X-CSRF-Token": token})
+    audit = httpx.get(gateway.url + "/api/admin/audit?limit=5", headers={
+        "Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+    actions = [(row["actor"], row["path"]) for row in audit]
+    assert (key_id(ADMIN_KEY), "/api/admin/models/fake/load") in actions, actions
+    assert all(row["path"].startswith("/api/admin/") for row in audit)  # not /ui/api/...
 
 
 def test_validation_by_field(signed_in: httpx.Client) -> None:

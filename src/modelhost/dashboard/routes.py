@@ -44,7 +44,13 @@ from modelhost.dashboard.bridge import Bridge, csrf_failed, header, session_requ
 from modelhost.dashboard.logtail import tail
 from modelhost.dashboard.sessions import COOKIE, Session, Sessions
 from modelhost.dashboard.traffic import Traffic
-from modelhost.errors import InvalidRequest, ModelhostError, dotted, validation_problems
+from modelhost.errors import (
+    InvalidRequest,
+    ModelhostError,
+    NotFound,
+    dotted,
+    validation_problems,
+)
 from modelhost.gateway import Gateway
 from modelhost.metrics.requests import RequestMetrics
 from modelhost.serving.answers import read_body
@@ -146,7 +152,7 @@ class Dashboard:
     async def page(self, request: Request) -> Response:
         name = request.path_params.get("page", "models")
         if name not in PAGES:
-            return _error(InvalidRequest(f"no dashboard page '{name}'", code="not_found"))
+            return _error(NotFound(f"no dashboard page '{name}'"))
         session = self.session_of(request.scope)
         if session is None:
             query = urlencode({"next": request.url.path})
@@ -199,7 +205,7 @@ class Dashboard:
         name = request.path_params["name"]
         path = (STATIC / name).resolve()
         if STATIC.resolve() not in path.parents or not path.is_file():
-            return _error(InvalidRequest(f"no static file '{name}'", code="not_found"))
+            return _error(NotFound(f"no static file '{name}'"))
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=kind, headers={
             "Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
