@@ -19,6 +19,11 @@
     if (card) { card.state = e.state; card.last_error = e.error; card.gpus = e.gpus; }
     render();
   });
+  on("rollout", (e) => {
+    const card = models.get(e.model);
+    if (card) card.rollout = e;
+    if (e.model === selected) { showDetail(); if ($("history-box").open) loadHistory(); }
+  });
   on("download", (e) => {
     const card = models.get(e.model);
     if (card) { card.download = e; }
@@ -92,7 +97,10 @@
     const m = models.get(selected);
     if (!m) { $("detail").hidden = true; return; }
     $("detail-title").textContent = m.id;
-    const w = m.worker ? ` · worker pid ${m.worker.pid}, up ${seconds(m.worker.uptime_seconds)}` : "";
+    let w = m.worker ? ` · worker pid ${m.worker.pid}, up ${seconds(m.worker.uptime_seconds)}` : "";
+    const r = m.rollout;
+    if (r && !["done", "rolled_back"].includes(r.state)) w += ` · update ${r.mode}: ${r.state}`;
+    else if (r && r.state === "rolled_back") w += ` · last update rolled back: ${r.reason || ""}`;
     $("detail-state").replaceChildren(el("span", { class: `state state-${m.state}`, id: "detail-state-value", text: m.state }),
       ` ${m.backend} · ${m.task} · GPUs: ${m.gpus.length ? m.gpus.join(", ") : "CPU"}${w}`);
     $("detail-error").hidden = !m.last_error;

@@ -41,4 +41,10 @@
     } catch (e) { toast(e.message, true); }
   }
   token(); usage();
+  // Live: the audit log and usage again after each admin action the stream reports, at most
+  // every few seconds, and once a minute anyway.
+  let due = null;
+  const soon = () => { if (!due) due = setTimeout(() => { due = null; usage(); }, 3000); };
+  Dash.on("state", soon); Dash.on("rollout", soon);
+  setInterval(usage, 60000);
 })();
