@@ -60,6 +60,8 @@ def test_key_id_is_stable_and_reveals_nothing() -> None:
     ("DELETE", "/api/admin/models/m", ("model.delete", "m")),
     ("PUT", "/api/admin/token", ("token.set", None)),
     ("DELETE", "/api/admin/token", ("token.delete", None)),
+    ("POST", "/api/admin/models/org/m/rollback", ("model.rollback", "org/m")),
+    ("POST", "/api/admin/reload", ("models.reload", None)),
     ("POST", "/api/admin/models/load", ("unknown", None)),
     ("POST", "/api/admin/nothing", ("unknown", None)),
     ("POST", "/api/admin/models/", ("unknown", None)),

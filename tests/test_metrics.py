@@ -345,7 +345,7 @@ def test_exposition_is_the_client_librarys_byte_for_byte() -> None:
             gh.add_metric(["v"], [("1.0", 2.0), ("+Inf", 3.0)], gsum_value=4.0)
             yield gh
 
-    registry.register(Custom())  # type: ignore[arg-type]
+    registry.register(Custom())
     calls = RequestMetrics(lambda: {"m": "chat", "e": "embedding"})
     for status, seconds in ((200, 0.02), (503, 1.5), (429, 0.0)):
         RequestMetrics.record(calls.tally("m", "/chat/completions"), status, seconds, 0.0002)

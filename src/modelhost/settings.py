@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     # One log line per HTTP request (uvicorn's access log; the fast path's lines are written
     # from a timer, serving/access.py). Off by default: the lines cost CPU on a busy gateway.
     access_log: bool = Field(False, validation_alias=_env("ACCESS_LOG"))
+    # Blue-green updates (registry/rollout.py): each smoke request's timeout, how long the new
+    # version is watched after the switch (the old one kept running), the share of failed
+    # answers that rolls back (once `rollout_min_requests` answers are in), how often an idle
+    # watched version gets a smoke request, and how long the old version's requests may take.
+    rollout_probe_timeout: float = Field(60.0, gt=0, validation_alias=_env("ROLLOUT_PROBE_TIMEOUT"))
+    rollout_watch_seconds: float = Field(30.0, ge=0, validation_alias=_env("ROLLOUT_WATCH_SECONDS"))
+    rollout_error_threshold: float = Field(0.2, ge=0, le=1,
+                                           validation_alias=_env("ROLLOUT_ERROR_THRESHOLD"))
+    rollout_min_requests: int = Field(5, ge=1, validation_alias=_env("ROLLOUT_MIN_REQUESTS"))
+    rollout_probe_every: float = Field(5.0, gt=0, validation_alias=_env("ROLLOUT_PROBE_EVERY"))
+    rollout_drain_timeout: float = Field(600.0, ge=0,
+                                         validation_alias=_env("ROLLOUT_DRAIN_TIMEOUT"))
     # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed
     # (comma-separated IPs or networks, or *). Empty: the headers are ignored, and the
     # per-request work of looking for them is skipped.

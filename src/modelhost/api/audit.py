@@ -54,12 +54,13 @@ PEEK_BYTES: Final = 8192
 # (method, suffix after the model id) -> action, in the order the admin routes match.
 _MODEL_ACTIONS: Final = {
     "POST": (("/download", "download.start"), ("/load", "model.load"),
-             ("/unload", "model.unload")),
+             ("/unload", "model.unload"), ("/rollback", "model.rollback")),
     "DELETE": (("/download", "download.cancel"), ("/cache", "cache.delete")),
 }
 _WHOLE_MODEL: Final = {"PUT": "model.put", "DELETE": "model.delete"}
 _OTHER: Final = {("PUT", PREFIX + "/token"): "token.set",
-                 ("DELETE", PREFIX + "/token"): "token.delete"}
+                 ("DELETE", PREFIX + "/token"): "token.delete",
+                 ("POST", PREFIX + "/reload"): "models.reload"}
 
 
 def action_of(method: str, path: str) -> tuple[str, str | None]:

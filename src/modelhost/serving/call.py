@@ -205,7 +205,9 @@ class Call:
         """The call ended with `status`, its answer written now (`worker_done`: when the
         worker's answer was in; None when the gateway answered without it). A call that
         succeeded is added to its key's usage: the tokens of its answer's `usage` (a JSON
-        `body`'s, read without parsing the body; or a stream's, `completion` given)."""
+        `body`'s, read without parsing the body; or a stream's, `completion` given). The
+        model's version is told the status (a rollout's watch reads its share of 5xx)."""
+        self.model.answered(status)
         if status < 400:
             prompt = self.prompt
             if body:
