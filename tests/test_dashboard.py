@@ -9,14 +9,21 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
-from modelhost.auth import key_id
+from modelhost.auth import KeyGuard, key_id
+from modelhost.dashboard import Dashboard
 from modelhost.dashboard.sessions import Sessions
 from modelhost.dashboard.traffic import Traffic, quantile
+from modelhost.gateway import Gateway as GatewayService
 from modelhost.metrics.requests import RequestMetrics
+from modelhost.settings import Settings
 from tests.conftest import Gateway, GatewayFactory, fake_model
 
 ADMIN_KEY, INF_KEY = "sk-dash-admin", "sk-dash-inference"
@@ -205,6 +212,22 @@ def test_no_keys_no_sign_in(gateway_factory: GatewayFactory) -> None:
     # Still a CSRF token on state-changing calls, and still no foreign origin.
     assert httpx.post(gw.url + "/ui/api/models/fake/unload").status_code == 403
     assert httpx.get(gw.url + "/ui/login", follow_redirects=False).status_code == 303
+
+
+def test_another_prefix(tmp_path: Path) -> None:
+    """The dashboard's paths all follow its prefix (the pages, their links, the redirects)."""
+    settings = Settings(data_dir=tmp_path)
+    dash = Dashboard(cast(GatewayService, None), KeyGuard([], ["sk-a"]), RequestMetrics(dict),
+                     settings, lambda: app, prefix="/console/")
+    app = Starlette(routes=dash.routes())
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        root = client.get("/", follow_redirects=False)
+        assert root.headers["location"] == "/console/login?next=%2F"
+        page = client.get("/console/login")
+        assert 'href="/console/static/dash.css"' in page.text
+        assert 'action="/console/login"' in page.text
+        assert client.get("/console/static/dash.js").status_code == 200
+        assert client.get("/ui/login").status_code == 404
 
 
 def test_sessions_expire() -> None:

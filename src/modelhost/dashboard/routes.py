@@ -80,19 +80,21 @@ def _error(exc: ModelhostError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
-def _safe_next(target: str | None) -> str:
+def _safe_next(target: str | None, fallback: str) -> str:
     """Where to go after signing in: a path of this server only."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return PREFIX + "/models"
+        return fallback
     return target
 
 
 class Dashboard:
-    """The dashboard's routes. `target()` is the gateway's outermost app (`Front`), which
-    the bridge calls for the API's routes."""
+    """The dashboard's routes: `/` and everything under `prefix`. `target()` is the
+    gateway's outermost app (`Front`), which the bridge calls for the API's routes."""
 
     def __init__(self, gateway: Gateway, guard: KeyGuard, calls: RequestMetrics,
-                 settings: Settings, target: Callable[[], ASGIApp]) -> None:
+                 settings: Settings, target: Callable[[], ASGIApp], prefix: str = PREFIX
+                 ) -> None:
+        self.prefix = "/" + prefix.strip("/")
         self.gateway = gateway
         self.guard = guard
         self.settings = settings
@@ -128,7 +130,7 @@ class Dashboard:
     # ----------------------------------------------------------------------- routes
 
     def routes(self) -> list[BaseRoute]:
-        p = PREFIX
+        p = self.prefix
         admin = Bridge(p + "/api", "/api/admin", self.session_of, self.target)
         v1 = Bridge(p + "/v1", "/v1", self.session_of, self.target)
         return [
@@ -146,7 +148,7 @@ class Dashboard:
         ]
 
     def render(self, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        html = self.templates.get_template(name).render(prefix=PREFIX, pages=PAGES, **context)
+        html = self.templates.get_template(name).render(prefix=self.prefix, pages=PAGES, **context)
         return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
     async def page(self, request: Request) -> Response:
@@ -156,17 +158,18 @@ class Dashboard:
         session = self.session_of(request.scope)
         if session is None:
             query = urlencode({"next": request.url.path})
-            return RedirectResponse(f"{PREFIX}/login?{query}", status_code=303)
+            return RedirectResponse(f"{self.prefix}/login?{query}", status_code=303)
         return self.render(f"{name}.html", page=name, csrf=session.csrf, actor=session.actor,
                            open=self.guard.open)
 
     async def login_page(self, request: Request, error: str | None = None,
                          status: int = 200) -> Response:
+        after = _safe_next(request.query_params.get("next"), self.prefix + "/models")
         if self.guard.open:
-            return RedirectResponse(_safe_next(request.query_params.get("next")), 303)
+            return RedirectResponse(after, 303)
         token = request.cookies.get(LOGIN_COOKIE) or _token()
         response = self.render("login.html", status=status, page="login", csrf=token,
-                               next=_safe_next(request.query_params.get("next")),
+                               next=after,
                                error=error, admin=self.guard.admin_configured, actor=None,
                                open=False)
         self._cookie(request, response, LOGIN_COOKIE, token, 3600)
@@ -174,7 +177,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         if self.guard.open:
-            return RedirectResponse(PREFIX + "/models", 303)
+            return RedirectResponse(self.prefix + "/models", 303)
         fields = await _form(request)
         presented, expected = fields.get("csrf", ""), request.cookies.get(LOGIN_COOKIE, "")
         if not expected or not _same(presented, expected):
@@ -185,7 +188,7 @@ class Dashboard:
             return await self.login_page(request, "That is not an admin key of this gateway.",
                                          401)
         sid, _ = self.sessions.open(key, key_id(key))
-        target = _safe_next(fields.get("next"))
+        target = _safe_next(fields.get("next"), self.prefix + "/models")
         response = RedirectResponse(target, status_code=303)
         self._cookie(request, response, COOKIE, sid, None)
         response.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict")
@@ -197,7 +200,7 @@ class Dashboard:
         if session is None or not session.csrf_ok(token):
             return _error(csrf_failed() if session is not None else session_required())
         self.sessions.close(request.cookies.get(COOKIE))
-        response = RedirectResponse(PREFIX + "/login", status_code=303)
+        response = RedirectResponse(self.prefix + "/login", status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
 
