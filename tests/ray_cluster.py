@@ -71,10 +71,14 @@ class LoopbackCluster:
     def address(self) -> str:
         return f"127.0.0.2:{self.head_port}"
 
-    def start_node(self, name: str, ip: str, resources: dict[str, float]) -> RayNode:
+    def start_node(self, name: str, ip: str, resources: dict[str, float], gpus: int = 0
+                   ) -> RayNode:
+        """A node declaring `resources` and `gpus` GPUs (declared, not detected: Ray
+        assigns them to actors and sets their CUDA_VISIBLE_DEVICES all the same)."""
         folder = Path(tempfile.mkdtemp(prefix=f"mhray-{name}-"))  # short: socket paths
         argv = [RAY, "start", "--block", "--node-ip-address", ip,
                 "--resources", json.dumps(resources), "--num-cpus", "1",
+                "--num-gpus", str(gpus),
                 "--object-store-memory", "100000000", "--disable-usage-stats",
                 "--temp-dir", str(folder),
                 "--dashboard-agent-listen-port", str(free_port(ip))]
@@ -109,11 +113,11 @@ class LoopbackCluster:
 
 
 def start_cluster() -> LoopbackCluster:
-    """node_a (the head) on 127.0.0.2, node_b on 127.0.0.3."""
+    """node_a (the head) on 127.0.0.2, node_b on 127.0.0.3 with two (declared) GPUs."""
     cluster = LoopbackCluster(head_port=free_port("127.0.0.2"))
     try:
         cluster.start_node("node_a", "127.0.0.2", {"node_a": 1})
-        cluster.start_node("node_b", "127.0.0.3", {"node_b": 1})
+        cluster.start_node("node_b", "127.0.0.3", {"node_b": 1}, gpus=2)
     except BaseException:
         cluster.close()
         raise

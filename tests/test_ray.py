@@ -186,17 +186,32 @@ def test_closing_the_cluster_stops_every_worker(
     assert ray.is_initialized()  # the connection was not this one's to close
 
 
-def test_gpus_and_tensor_parallel_reserve_one_node(
+def test_tensor_parallel_worker_gets_the_gpus_of_one_node(
         ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
-    """A worker's GPUs are one bundle (one node): a tensor-parallel worker on 2 GPUs asks
-    for {GPU: 2} together; this cluster has none, and the error says what was asked."""
-    spec = ModelSpec.model_validate({
-        "id": "tp", "backend": "command", "gpu_count": 2,
-        "command": [sys.executable, FAKE_WORKER, "--port", "{port}"]})
-    ray_launcher = launcher(ray_cluster, tmp_path, a100=1)
-    assert ray_launcher.bundle(spec) == {"CPU": 1.0, "GPU": 2.0, "a100": 1.0}
-    with pytest.raises(WorkerStartError, match=r"reserve \{CPU: 1, GPU: 2, a100: 1\}"):
-        loop.run_until_complete(ray_launcher.start(spec, None, [0, 1]))
+    """A worker's GPUs are one bundle, on one node: a tensor-parallel worker on 2 GPUs goes
+    to node_b (which declares two) and sees both in CUDA_VISIBLE_DEVICES; 3 GPUs, which no
+    node has, fail with what was asked."""
+    def spec(gpus: int) -> ModelSpec:
+        return ModelSpec.model_validate({
+            "id": f"tp{gpus}", "backend": "command", "gpu_count": gpus,
+            "command": ["sh", "-c", "echo visible=$CUDA_VISIBLE_DEVICES; exec "
+                        f"{sys.executable} {FAKE_WORKER} --host {{host}} --port {{port}}"]})
+
+    ray_launcher = launcher(ray_cluster, tmp_path)
+    assert ray_launcher.bundle(spec(2)) == {"CPU": 1.0, "GPU": 2.0}
+    assert launcher(ray_cluster, tmp_path, a100=1).bundle(spec(2)) == \
+        {"CPU": 1.0, "GPU": 2.0, "a100": 1.0}
+    worker = loop.run_until_complete(ray_launcher.start(spec(2), None, []))
+    try:
+        loop.run_until_complete(worker.wait_ready(30))
+        assert (worker.node_ip, sorted(worker.gpus)) == ("127.0.0.3", [0, 1])
+        tail = loop.run_until_complete(worker.fetch_tail(20))
+        assert "visible=0,1" in tail or "visible=1,0" in tail, tail
+        assert chat(worker.base_url).status_code == 200
+    finally:
+        loop.run_until_complete(worker.stop())
+    with pytest.raises(WorkerStartError, match=r"reserve \{CPU: 1, GPU: 3\} within 3 s"):
+        loop.run_until_complete(ray_launcher.start(spec(3), None, []))
 
 
 def test_crash_reports_status_and_last_lines(
@@ -230,7 +245,8 @@ def test_no_node_with_the_resources(
     assert time.monotonic() - started < 10
     message = str(info.value)
     assert "could reserve {CPU: 1, node_c: 1} within 3 s" in message
-    assert "127.0.0.2 {CPU: 1, node_a: 1}" in message and "127.0.0.3" in message
+    assert "127.0.0.2 {CPU: 1, node_a: 1}" in message
+    assert "127.0.0.3 {CPU: 1, GPU: 2, node_b: 1}" in message
     assert not info.value.permanent  # room may appear: the owner retries with backoff
     assert not (tmp_path / "events").exists()
 
