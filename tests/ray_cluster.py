@@ -65,6 +65,7 @@ class RayNode:
 @dataclass
 class LoopbackCluster:
     head_port: int
+    client_port: int  # Ray Client's server on the head (ray://127.0.0.2:PORT)
     nodes: list[RayNode] = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ class LoopbackCluster:
         if not self.nodes:
             argv += ["--head", "--port", str(self.head_port), "--include-dashboard=false",
                      "--dashboard-port", str(free_port()),
-                     "--ray-client-server-port", str(free_port(ip))]
+                     "--ray-client-server-port", str(self.client_port)]
         else:
             argv += ["--address", self.address]
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
@@ -114,7 +115,8 @@ class LoopbackCluster:
 
 def start_cluster() -> LoopbackCluster:
     """node_a (the head) on 127.0.0.2, node_b on 127.0.0.3 with two (declared) GPUs."""
-    cluster = LoopbackCluster(head_port=free_port("127.0.0.2"))
+    cluster = LoopbackCluster(head_port=free_port("127.0.0.2"),
+                              client_port=free_port("127.0.0.2"))
     try:
         cluster.start_node("node_a", "127.0.0.2", {"node_a": 1})
         cluster.start_node("node_b", "127.0.0.3", {"node_b": 1}, gpus=2)
@@ -122,3 +124,37 @@ def start_cluster() -> LoopbackCluster:
         cluster.close()
         raise
     return cluster
+
+
+def drive_through_ray_client(address: str, log_dir: str) -> None:
+    """A gateway off the cluster, through Ray Client (`ray://`): start a fake worker on
+    node_b, send it a chat request, stop everything, and print what was seen as one JSON
+    line. Run in a process of its own (`python -c`): a process drives one cluster only."""
+    import asyncio
+
+    import httpx
+
+    from modelhost.config import ModelSpec
+    from modelhost.workers.ray_launcher import RayCluster, RayLauncher, RayOptions
+    from tests.conftest import FAKE_WORKER
+
+    async def drive() -> dict[str, object]:
+        cluster = RayCluster(RayOptions(address=address, placement_timeout=10))
+        await cluster.connect()
+        spec = ModelSpec.model_validate({
+            "id": "through-client", "backend": "command",
+            "command": [sys.executable, FAKE_WORKER, "--host", "{host}", "--port", "{port}"]})
+        try:
+            worker = await RayLauncher(cluster, Path(log_dir), 3.0,
+                                       resources={"node_b": 1}).start(spec, None, [])
+            await worker.wait_ready(30)
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(f"{worker.base_url}/chat/completions", json={
+                    "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            nodes = await cluster.gpus.sample()
+            return {"base_url": worker.base_url, "status": answer.status_code,
+                    "tail": await worker.fetch_tail(5), "nodes": [n.node_ip for n in nodes]}
+        finally:
+            await cluster.close()
+
+    print(json.dumps(asyncio.run(drive())))

@@ -13,8 +13,10 @@ within seconds and is started again on node_a. The last test kills node_b: it ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -106,6 +108,17 @@ def node_pids(cluster: LoopbackCluster, name: str) -> set[int]:
     return {p.pid for p in node.descendants()}
 
 
+def fake_workers(cluster: LoopbackCluster, name: str) -> list[int]:
+    """The fake workers running on node `name`."""
+    node = next(n for n in cluster.nodes if n.name == name)
+    found = []
+    for process in node.descendants():
+        with contextlib.suppress(psutil.Error):
+            if FAKE_WORKER in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+    return found
+
+
 def test_worker_runs_on_the_node_with_its_resource(
         cluster: LoopbackCluster, ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop,
         tmp_path: Path) -> None:
@@ -184,6 +197,24 @@ def test_closing_the_cluster_stops_every_worker(
     for pid in pids:
         assert wait_gone(pid, 10)
     assert ray.is_initialized()  # the connection was not this one's to close
+
+
+def test_a_gateway_off_the_cluster_through_ray_client(
+        cluster: LoopbackCluster, tmp_path: Path) -> None:
+    """MODELHOST_RAY_ADDRESS=ray://HEAD:PORT: a gateway on no node of the cluster drives it
+    through Ray Client, the same way (in a process of its own: one cluster per process)."""
+    code = (f"from tests.ray_cluster import drive_through_ray_client; "
+            f"drive_through_ray_client('ray://127.0.0.2:{cluster.client_port}', "
+            f"{str(tmp_path)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=90, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["base_url"].startswith("http://127.0.0.3:")
+    assert seen["status"] == 200
+    assert "fake worker starting on 127.0.0.3" in seen["tail"]
+    assert seen["nodes"] == ["127.0.0.2", "127.0.0.3"]
+    assert not fake_workers(cluster, "node_b")  # stopped by that gateway's close
 
 
 def test_tensor_parallel_worker_gets_the_gpus_of_one_node(
