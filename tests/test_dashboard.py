@@ -274,3 +274,14 @@ def test_traffic_samples_only_while_watched() -> None:
         assert reads == seen and traffic.watchers == 0  # stopped with the last watcher
 
     asyncio.run(run())
+
+
+def test_a_configured_prefix(gateway_factory: GatewayFactory) -> None:
+    """MODELHOST_DASHBOARD_PREFIX moves the dashboard; `/` links there; the old place is
+    nothing (a server without keys: no sign-in)."""
+    gw = gateway_factory([fake_model("fake")], env={"MODELHOST_DASHBOARD_PREFIX": "/console"})
+    resp = httpx.get(gw.url + "/", follow_redirects=True)
+    assert resp.status_code == 200 and 'href="/console/' in resp.text
+    assert httpx.get(gw.url + "/console/models").status_code == 200
+    assert "fake" in httpx.get(gw.url + "/console/api/models").text
+    assert httpx.get(gw.url + "/ui/models").status_code == 404

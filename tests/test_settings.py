@@ -160,6 +160,10 @@ def test_valid_log_levels(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
     *(pytest.param("API_PORT", port, None, id=f"api-port-{port}")
       for port in ("http", "70000", "-1", "80.5")),
     pytest.param("LAZY_LOAD_MODELS", "sometimes", None, id="lazy-load-models-sometimes"),
+    *(pytest.param("MODELHOST_DASHBOARD_PREFIX", prefix, match, id=f"dashboard-prefix-{i}")
+      for i, (prefix, match) in enumerate([("ui", None), ("/", None), ("/ui/", None),
+                                           ("/v1", "the API's"), ("/api/ui", "the API's"),
+                                           ("/metrics", "the API's"), ("/a b", None)])),
 ])
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
                                     match: str | None) -> None:
@@ -182,3 +186,9 @@ def test_bare_field_names_are_not_read_from_the_environment(
     settings = Settings()
     assert settings.data_dir != tmp_path
     assert settings.stop_timeout == 15.0
+
+
+def test_dashboard_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().dashboard_prefix == "/ui"
+    monkeypatch.setenv("MODELHOST_DASHBOARD_PREFIX", "/console/ops")
+    assert Settings().dashboard_prefix == "/console/ops"

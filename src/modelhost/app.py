@@ -247,7 +247,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         routes=[*health_routes(registry, lambda: front.draining), *openai.routes(),
                 *audio.routes(), *metrics_routes(metrics),
                 # The web console (/ and /ui/...): its calls reach the API through `front`.
-                *Dashboard(gateway, guard, calls, settings, lambda: front).routes()],
+                *Dashboard(gateway, guard, calls, settings, lambda: front,
+                          prefix=settings.dashboard_prefix).routes()],
         middleware=[*cors, Middleware(AuditLog, gateway=gateway, guard=guard),
                     Middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)],
         exception_handlers={ModelhostError: _modelhost_error, HTTPException: _http_error,

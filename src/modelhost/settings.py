@@ -157,6 +157,20 @@ class Settings(BaseSettings):
     )
     worker_log_backups: int = Field(3, ge=0, validation_alias=_env("WORKER_LOG_BACKUPS"))
 
+    # Where the web dashboard is served (`/` redirects there); its pages check their own
+    # session (an admin key signs in), the API routes keep theirs.
+    dashboard_prefix: str = Field("/ui", pattern=r"^(/[A-Za-z0-9._~-]+)+$",
+                                  validation_alias=_env("DASHBOARD_PREFIX"))
+
+    @field_validator("dashboard_prefix")
+    @classmethod
+    def _dashboard_prefix(cls, value: str) -> str:
+        first = value.split("/")[1]
+        if first in {"v1", "api", "metrics", "health", "ready", "docs", "redoc",
+                     "openapi.json"}:
+            raise ValueError(f"'/{first}' is the API's; choose another prefix (e.g. /ui)")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
