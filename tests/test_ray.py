@@ -40,6 +40,7 @@ from tests.test_llamacpp import QUESTION
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
 
+from modelhost.workers.launchers import Launcher, Worker  # noqa: E402
 from modelhost.workers.process import WorkerStartError  # noqa: E402
 from modelhost.workers.ray_launcher import (  # noqa: E402
     LOST,
@@ -84,7 +85,9 @@ def ray_cluster(cluster: LoopbackCluster, loop: asyncio.AbstractEventLoop
 
 
 def launcher(ray_cluster: RayCluster, tmp_path: Path, **resources: float) -> RayLauncher:
-    return RayLauncher(ray_cluster, tmp_path / "logs", stop_timeout=3.0, resources=resources)
+    made = RayLauncher(ray_cluster, tmp_path / "logs", stop_timeout=3.0, resources=resources)
+    _: Launcher = made  # what a model's owner drives (mypy checks the interface)
+    return made
 
 
 def fake_spec(model_id: str, events: Path) -> ModelSpec:
@@ -125,6 +128,7 @@ def test_worker_runs_on_the_node_with_its_resource(
     events = tmp_path / "events"
     start = launcher(ray_cluster, tmp_path, node_b=1).start(fake_spec("b", events), None, [])
     worker = loop.run_until_complete(start)
+    _: Worker = worker  # the interface of every running worker (mypy checks it)
     loop.run_until_complete(worker.wait_ready(30))
 
     # Its address is node_b's, and it listens there only.
