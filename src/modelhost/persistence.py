@@ -107,9 +107,13 @@ class Persistence:
         self.store: Store | None = None
         self._queue: asyncio.Queue[Callable[[Store], Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        # This gateway's id among several sharing PostgreSQL (`cluster.member`): its spec
+        # changes then notify the others. None: alone (SQLite).
+        self.origin: str | None = None
 
     async def open(self) -> Store:
         store = await asyncio.to_thread(Store.open, self.url)
+        store.origin = self.origin
         await asyncio.to_thread(store.migrate)
         self.store = store
         self._writer = asyncio.create_task(self._write_loop(), name="db-writer")

@@ -219,3 +219,21 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     audio_seconds: Mapped[float] = mapped_column(sa.Float, default=0.0)
     embedding_inputs: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+
+
+GATEWAY_ID_LENGTH = 128
+
+
+class ModelWorker(Base):
+    """Where the gateway that owns a model's lifecycle runs its worker, for the other gateways
+    sharing a PostgreSQL database to relay to (``modelhost.cluster``). Written by the owner
+    once its worker answers, deleted when it stops it; a row left by a gateway that died is
+    overwritten by the next owner (ownership itself is an advisory lock, not this row)."""
+
+    __tablename__ = "model_workers"
+
+    model_id: Mapped[str] = mapped_column(sa.String(MODEL_ID_LENGTH), primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(sa.String(GATEWAY_ID_LENGTH))
+    # The worker's base URL (ending in /v1), as the owner's relay reaches it.
+    address: Mapped[str] = mapped_column(sa.String(512))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from modelhost.db import audit, usage
+from modelhost.db import audit, usage, workers
 from modelhost.db.audit import AuditEntry, AuditRow
 from modelhost.db.engine import (
     DB_FILENAME,
@@ -117,6 +117,9 @@ class Store:
         self._engine = engine
         # Same pool; its transactions take the write lock first (BEGIN IMMEDIATE on SQLite).
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        # The gateway that writes (several sharing PostgreSQL, `modelhost.cluster`): a spec
+        # change then notifies the others in its transaction (`workers.notify_change`).
+        self.origin: str | None = None
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -258,6 +261,7 @@ class Store:
             session.add(ModelRevision(model_id=model_id, version=record.version, spec=spec,
                                       action=action, actor=actor,
                                       reason=rollback[:4000] if rollback else None))
+            workers.notify_change(session, model_id, self.origin)
             return record.version
 
         return self._retry(write)
@@ -302,6 +306,7 @@ class Store:
             record.deleted = True
             session.add(ModelRevision(model_id=model_id, version=record.version, spec=None,
                                       action="deleted", actor=actor))
+            workers.notify_change(session, model_id, self.origin)
             return record.version
 
         return self._retry(write)
@@ -474,6 +479,23 @@ class Store:
         """Usage sums in a time range, grouped (``db.usage.query``)."""
         with self._read() as session:
             return usage.query(session, **filters)
+
+    # -- model workers (``workers``: several gateways on PostgreSQL) ---------------------
+
+    def publish_worker(self, model_id: str, gateway_id: str, address: str) -> None:
+        """Record where the owner of a model runs its worker."""
+        self._retry(lambda session: workers.publish(session, model_id, gateway_id, address))
+
+    def unpublish_worker(self, model_id: str, gateway_id: str,
+                         address: str | None = None) -> None:
+        """Forget it (only if it is still `gateway_id`'s, and `address` when given)."""
+        with self._write() as session:
+            workers.unpublish(session, model_id, gateway_id, address)
+
+    def worker_address(self, model_id: str) -> tuple[str, str] | None:
+        """(gateway id, address) of the model's published worker, or None."""
+        with self._read() as session:
+            return workers.address(session, model_id)
 
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at

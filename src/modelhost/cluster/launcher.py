@@ -1,0 +1,192 @@
+"""Every model's start when gateways share a PostgreSQL database: one owner, relays elsewhere.
+
+`ClusterContext.local_launcher` wraps the launcher the model would use alone (a local
+process, or Ray's) in a `ClusterLauncher`. Its `ClusterWorker`, when asked to be ready:
+
+* takes the model's advisory lock (`Member.own`). Got it: this gateway owns the model. It
+  clears the address an earlier owner may have left, starts the worker through the inner
+  launcher, and once the worker answers publishes its address (`model_workers`). Its
+  `wait()` returns when the worker exits or when the lock session broke (the lock is lost:
+  the worker is stopped at once, another gateway may already own the model).
+* or else relays: it waits for the owner's published address and becomes a worker whose
+  `base_url` is that address: the requests this gateway takes for the model go straight to
+  the owner's worker, through the same relay as for a worker of its own (no second hop
+  through the owner gateway). Its `wait()` returns (as a worker's exit) when the owner's lock
+  is free (the owner died or unloaded the model) or its published address changed (it
+  restarted its worker, or switched to a new version): the model's owner task then starts
+  again (`Model._watch`: a short backoff), and this gateway takes the lock or relays to the
+  new address. The owner gateway's death is seen within `WATCH_S`, plus that backoff.
+
+An address of a local worker is on the owner's loopback interface: relaying to it works
+between gateways of one machine; gateways on different machines relay to workers that
+listen on an address the others reach (Ray's workers: docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from modelhost.cluster.member import Member
+from modelhost.config import ModelSpec
+from modelhost.registry.context import ModelContext
+from modelhost.workers.launchers import Launcher, Worker
+from modelhost.workers.process import WorkerStartError
+
+log = logging.getLogger(__name__)
+
+# How often a relaying gateway looks whether the owner is gone or moved, and how often one
+# that waits for the owner's address looks for it.
+WATCH_S: Final = 1.0
+POLL_S: Final = 0.1
+# The "exit status" of a relay whose owner is gone (126-127 are the shim's own).
+OWNER_GONE: Final = 75
+
+
+class ClusterWorker:
+    watched = True
+    connect_to = None
+
+    def __init__(self, inner: Launcher, member: Member, spec: ModelSpec,
+                 weights: Path | None, gpus: list[int]) -> None:
+        self._inner = inner
+        self._member = member
+        self._spec = spec
+        self._weights = weights
+        self._gpus = gpus
+        self._worker: Worker | None = None  # owner: the worker this gateway runs
+        self._epoch: int | None = None  # owner: the lock's epoch
+        self._owner: str | None = None  # relay: the gateway whose worker it reaches
+        self._created = time.monotonic()
+        self.base_url = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
+
+    @property
+    def port(self) -> int | None:
+        return self._worker.port if self._worker is not None else None
+
+    @property
+    def started_at(self) -> float:
+        return self._worker.started_at if self._worker is not None else self._created
+
+    @property
+    def owned(self) -> bool:
+        return self._epoch is not None
+
+    def tail(self, lines: int) -> str:
+        if self._worker is not None:
+            return self._worker.tail(lines)
+        return f"(relayed to the worker of gateway {self._owner} at {self.base_url})"
+
+    async def wait_ready(self, timeout: float) -> None:
+        model_id = self._spec.id
+        deadline = time.monotonic() + timeout
+        while True:
+            epoch = await self._member.own(model_id)
+            if epoch is not None:
+                await self._start_owned(epoch, max(deadline - time.monotonic(), 0.1))
+                return
+            found = await self._member.address(model_id)
+            if found is not None and found[0] != self._member.gateway_id:
+                self._owner, self.base_url = found
+                log.info("model %s is owned by gateway %s: relaying to its worker",
+                         model_id, self._owner)
+                return
+            if time.monotonic() > deadline:
+                raise WorkerStartError(f"model {model_id}: the gateway that owns it published "
+                                       f"no worker address in {timeout:.0f} s")
+            await asyncio.sleep(POLL_S)
+
+    async def _start_owned(self, epoch: int, timeout: float) -> None:
+        model_id = self._spec.id
+        self._epoch = epoch
+        try:
+            found = await self._member.address(model_id)
+            if found is not None and found[0] != self._member.gateway_id:
+                await self._member.clear(model_id, found[0])  # its owner is gone
+            log.info("model %s: this gateway owns it, starting its worker", model_id)
+            self._worker = await self._inner.start(self._spec, self._weights, self._gpus)
+            await self._worker.wait_ready(timeout)
+            self.base_url = self._worker.base_url
+            await self._member.publish(model_id, self.base_url)
+        except BaseException:
+            await self._finish()
+            raise
+
+    async def wait(self) -> int:
+        if self._worker is not None and self._epoch is not None:
+            exited = asyncio.ensure_future(self._worker.wait())
+            lost = asyncio.ensure_future(self._member.until_lost(self._epoch))
+            try:
+                await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                if not exited.done():
+                    exited.cancel()
+            code = exited.result() if exited.done() and not exited.cancelled() else None
+            if code is None:
+                log.error("model %s: this gateway lost its lock: stopping its worker",
+                          self._spec.id)
+            await self._finish()
+            return code if code is not None else OWNER_GONE
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                if await self._member.owner_gone(self._spec.id):
+                    log.warning("model %s: its owner gateway %s is gone: taking over",
+                                self._spec.id, self._owner)
+                    return OWNER_GONE
+                found = await self._member.address(self._spec.id)
+            except Exception as exc:  # the database is away: keep relaying meanwhile
+                log.warning("model %s: cannot check its owner: %s", self._spec.id, exc)
+                continue
+            if found is None or found[1] != self.base_url:
+                log.info("model %s: its owner's worker moved: relaying again", self._spec.id)
+                return OWNER_GONE
+
+    async def stop(self) -> None:
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """Stop the worker this gateway runs (if any), withdraw its address, give the lock
+        back. Idempotent."""
+        worker, self._worker = self._worker, None
+        epoch, self._epoch = self._epoch, None
+        if worker is not None:
+            await worker.stop()
+        if epoch is None:
+            return
+        with contextlib.suppress(Exception):  # the row is cleared by the next owner anyway
+            await self._member.unpublish(self._spec.id, self.base_url or None)
+        await self._member.disown(self._spec.id, epoch)
+
+
+@dataclass(frozen=True)
+class ClusterLauncher:
+    inner: Launcher
+    member: Member
+
+    async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
+                    ) -> ClusterWorker:
+        return ClusterWorker(self.inner, self.member, spec, weights, gpus)
+
+
+@dataclass(frozen=True)
+class ClusterContext(ModelContext):
+    """A model's context whose launcher is shared out between the gateways (`member`)."""
+
+    member: Member | None = None
+
+    def local_launcher(self) -> Launcher:  # type: ignore[override]
+        inner = super().local_launcher()
+        if self.member is None:
+            return inner
+        return ClusterLauncher(inner, self.member)
