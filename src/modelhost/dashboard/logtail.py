@@ -1,7 +1,7 @@
 """A worker's log file followed while a dashboard page shows it.
 
-The worker's output goes to `<log dir>/workers/<model>.log` (workers/process.py), which
-rotates past its size limit. `tail` gives its last `START_BYTES`, then what is appended,
+The worker's output goes to `workers/launchers.py:worker_log` (`<log dir>/workers/<model>.log`),
+which rotates past its size limit. `tail` gives its last `START_BYTES`, then what is appended,
 polled every `POLL_SECONDS` while the caller reads (a page's event stream is open); a file
 that shrank or was replaced (rotation) is read again from its start.
 """

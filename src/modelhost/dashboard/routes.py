@@ -55,6 +55,7 @@ from modelhost.gateway import Gateway
 from modelhost.metrics.requests import RequestMetrics
 from modelhost.serving.answers import read_body
 from modelhost.settings import Settings
+from modelhost.workers.launchers import worker_log
 
 PREFIX = "/ui"
 HERE = Path(__file__).parent
@@ -279,8 +280,7 @@ class Dashboard:
         if self.session_of(request.scope) is None:
             return _error(session_required())
         model = self.gateway.model(request.path_params["model_id"])
-        safe = model.spec.id.replace("/", "__").replace(":", "_")
-        path = self.settings.logs_path / "workers" / f"{safe}.log"
+        path = worker_log(self.settings.logs_path, model.spec.id)
 
         async def lines() -> AsyncIterator[bytes]:
             async for text in tail(path):

@@ -42,6 +42,12 @@ LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT = 10.0  # a remote server's readiness probe, in all
 
 
+
+def worker_log(log_dir: Path, model_id: str) -> Path:
+    """The file a local worker of `model_id` writes its output to (rotated by size)."""
+    safe = model_id.replace("/", "__").replace(":", "_")
+    return log_dir / "workers" / f"{safe}.log"
+
 class Worker(Protocol):
     """A running worker, wherever it runs."""
 
@@ -142,9 +148,8 @@ class LocalProcessLauncher:
         plan = launch_plan(spec, weights, LOOPBACK, port, gpus, self.hf_token(),
                            max_audio_seconds=self.max_audio_seconds)
         plan.env.update(spec.env)
-        safe = spec.id.replace("/", "__").replace(":", "_")
         process = WorkerProcess(spec.id, plan, LOOPBACK, port,
-                                self.log_dir / "workers" / f"{safe}.log", self.stop_timeout,
+                                worker_log(self.log_dir, spec.id), self.stop_timeout,
                                 log_bytes=self.log_bytes, log_backups=self.log_backups)
         await process.start()
         return LocalWorker(process)
