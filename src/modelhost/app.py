@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -34,6 +35,9 @@ from modelhost.api.metrics import metrics_routes
 from modelhost.api.openai import OpenAIRoutes
 from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
+from modelhost.cluster.changes import Follower
+from modelhost.cluster.launcher import ClusterContext
+from modelhost.cluster.member import Member
 from modelhost.dashboard import Dashboard
 from modelhost.downloads import Downloader
 from modelhost.errors import ModelhostError, RequestTooLarge, error_body, validation_message
@@ -194,6 +198,14 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                        download=hub.download, max_audio_seconds=settings.max_audio_seconds,
                        worker_log_bytes=settings.worker_log_bytes,
                        worker_log_backups=settings.worker_log_backups, client=client)
+    # Several gateways sharing PostgreSQL (docs/scale-out.md): one owns each model's worker,
+    # the others relay to it; downloads run once. Nothing of it on SQLite.
+    member = Member(settings.database, persistence) if Member.wanted(settings.database) \
+        else None
+    if member is not None:
+        ctx = ClusterContext(**vars(ctx), member=member)
+        ctx = dataclasses.replace(ctx, download=member.download(hub.download,
+                                                                  settings.model_cache_dir))
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
 
     def publish_state(rt: Model, previous: State) -> None:
@@ -208,6 +220,7 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                                     for m in registry.models.values()})
     metrics.registry.register(calls)
     gateway = Gateway(registry, events, persistence, hub, settings)
+    follower = Follower(gateway) if member is not None else None
     guard = KeyGuard(settings.api_keys, settings.admin_api_keys)
     # Usage by key id and model, flushed to the state database once a second.
     ledger = Ledger(guard.actor, persistence)
@@ -222,6 +235,9 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        if member is not None and follower is not None:
+            member.on_change = follower.heard
+            await member.start()
         ledger.start()
         # What exists now lives as long as the process: keep the collector from walking it
         # again and again (a full collection of it is a pause that requests would feel).
@@ -232,7 +248,12 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                 yield
         finally:
             await ledger.stop()  # what was counted goes to the database before it closes
+            if member is not None and follower is not None:
+                member.on_change = None
+                await follower.close()
             await gateway.close()
+            if member is not None:
+                await member.stop()  # its locks go once the workers they guard are stopped
             await relay.close()
 
     # CORS only for the origins configured (none: off). Keys go in the Authorization header,

@@ -1,0 +1,163 @@
+"""Several gateways sharing one PostgreSQL database (issue 18, docs/scale-out.md).
+
+A real PostgreSQL server on loopback (Debian's binaries, `tests/postgres.py`), two real
+`modelhost serve` processes on it (`MODELHOST_DATABASE_URL`), fake workers
+(`tests/fake_worker.py`). Skipped, saying why, only where the server binaries (or psycopg)
+are missing.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from modelhost.db.store import Store
+from tests.conftest import Gateway, GatewayFactory, fake_model, started_pids, wait_for
+from tests.postgres import missing, postgres_server
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+KEY = "sk-multi-user-4c1e9a7b2d5f8e3a"
+ADMIN = "sk-multi-admin-7f2a9c4e1b8d6a3f"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def store(database: str) -> Iterator[Store]:
+    with Store.open(database) as opened:
+        yield opened
+
+
+def env(database: str) -> dict[str, str]:
+    return {"MODELHOST_DATABASE_URL": database, "OPENAI_API_KEYS": KEY,
+            "MODELHOST_ADMIN_KEYS": ADMIN, "MODELHOST_ADMIN_ALLOW_CODE": "1",
+            "MODELHOST_LOG_LEVEL": "DEBUG"}
+
+
+def admin(gw: Gateway, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{gw.url}/api/admin{path}", timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN}"}, **kwargs)
+
+
+def listed(gw: Gateway, name: str) -> int:
+    return httpx.get(f"{gw.url}/v1/models/{name}", timeout=5,
+                     headers={"Authorization": f"Bearer {KEY}"}).status_code
+
+
+def chat(gw: Gateway, model: str, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/chat/completions", timeout=timeout,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": model, "messages": HI})
+
+
+def within(seconds: float, predicate: Any) -> float:
+    """How long `predicate()` took to become true; fails past `seconds`."""
+    t0 = time.monotonic()
+    assert wait_for(predicate, seconds, interval=0.02), f"not within {seconds} s"
+    return time.monotonic() - t0
+
+
+def two(gateway_factory: GatewayFactory, database: str) -> tuple[Gateway, Gateway]:
+    return (gateway_factory(models=[], env=env(database)),
+            gateway_factory(models=[], env=env(database)))
+
+
+def test_added_changed_removed_through_one_served_by_the_other(
+        gateway_factory: GatewayFactory, database: str, tmp_path: Path) -> None:
+    a, b = two(gateway_factory, database)
+    spec = fake_model("shared", tmp_path / "shared.events")
+    assert admin(a, "PUT", "/models/shared", json=spec).status_code == 200
+    within(1.0, lambda: listed(b, "shared") == 200)
+    answer = chat(b, "shared")
+    assert answer.status_code == 200, answer.text
+
+    # A change (a new alias) through B is served by A within a second.
+    assert admin(b, "PUT", "/models/shared", json={**spec, "aliases": ["also"]}
+                 ).status_code == 200
+    within(1.0, lambda: listed(a, "also") == 200)
+    assert chat(a, "also").status_code == 200
+
+    # Removed through A: gone from B within a second.
+    assert admin(a, "DELETE", "/models/shared").status_code in (200, 204)
+    within(1.0, lambda: listed(b, "shared") == 404)
+    assert chat(b, "shared").status_code == 404
+
+
+def usage_requests(store: Store, model: str) -> int:
+    return sum(int(row.as_dict()["requests"]) for row in store.usage_sums(model=model,
+                                                                           group_by=[]))
+
+
+def test_one_worker_owner_killed_other_takes_over(
+        gateway_factory: GatewayFactory, database: str, store: Store,
+        tmp_path: Path) -> None:
+    a, b = two(gateway_factory, database)
+    events = tmp_path / "owned.events"
+    assert admin(a, "PUT", "/models/owned", json=fake_model("owned", events)).status_code == 200
+    within(1.0, lambda: listed(b, "owned") == 200)
+
+    # Used through both: A loads it (its lock), B relays to A's worker. One worker.
+    sent = 0
+    for gw in (a, b, a, b, b):
+        answer = chat(gw, "owned")
+        assert answer.status_code == 200, answer.text
+        sent += 1
+    assert len(started_pids(events)) == 1
+    owner_pid = started_pids(events)[0]  # the fake worker's own (its shim's is the card's)
+    assert admin(a, "GET", "/models/owned").json()["worker"] is not None
+    assert admin(b, "GET", "/models/owned").json()["worker"] is None  # relaying
+    # Both ledgers flush within a second: every request is in the shared table.
+    assert wait_for(lambda: usage_requests(store, "owned") == sent, 5), \
+        usage_requests(store, "owned")
+
+    # The owner dies outright; B takes the lock within seconds and starts its own worker.
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    t0 = time.monotonic()
+    answered = 0
+    while time.monotonic() - t0 < 15:
+        answer = chat(b, "owned", timeout=15)
+        if answer.status_code == 200:
+            answered += 1
+            break
+        time.sleep(0.1)
+    took = time.monotonic() - t0
+    assert answered == 1, f"B never served the model again: {answer.status_code} {answer.text}"
+    assert took < 10, took
+    pids = started_pids(events)
+    assert len(pids) == 2 and pids[1] != owner_pid
+    assert admin(b, "GET", "/models/owned").json()["worker"] is not None  # its own now
+    for _ in range(4):
+        assert chat(b, "owned").status_code == 200
+        answered += 1
+    # Nothing lost: what A had flushed before its death, and all that B answered after.
+    assert wait_for(lambda: usage_requests(store, "owned") == sent + answered, 5), \
+        (usage_requests(store, "owned"), sent, answered)
+
+
+def test_audit_log_has_both_gateways_actions(gateway_factory: GatewayFactory,
+                                             database: str, tmp_path: Path) -> None:
+    a, b = two(gateway_factory, database)
+    assert admin(a, "PUT", "/models/audited",
+                 json=fake_model("audited", None)).status_code == 200
+    within(1.0, lambda: listed(b, "audited") == 200)
+    assert admin(b, "DELETE", "/models/audited").status_code in (200, 204)
+
+    def entries() -> list[tuple[str, str]]:
+        rows = admin(a, "GET", "/audit", params={"model": "audited"}).json()["data"]
+        return sorted((row["method"], row["path"]) for row in rows)
+
+    assert wait_for(lambda: entries() == [("DELETE", "/api/admin/models/audited"),
+                                          ("PUT", "/api/admin/models/audited")], 5), entries()
