@@ -79,19 +79,19 @@ def test_added_changed_removed_through_one_served_by_the_other(
     a, b = two(gateway_factory, database)
     spec = fake_model("shared", tmp_path / "shared.events")
     assert admin(a, "PUT", "/models/shared", json=spec).status_code == 200
-    within(1.0, lambda: listed(b, "shared") == 200)
+    print(f"added: {within(1.0, lambda: listed(b, 'shared') == 200):.3f} s")
     answer = chat(b, "shared")
     assert answer.status_code == 200, answer.text
 
     # A change (a new alias) through B is served by A within a second.
     assert admin(b, "PUT", "/models/shared", json={**spec, "aliases": ["also"]}
                  ).status_code == 200
-    within(1.0, lambda: listed(a, "also") == 200)
+    print(f"changed: {within(1.0, lambda: listed(a, 'also') == 200):.3f} s")
     assert chat(a, "also").status_code == 200
 
     # Removed through A: gone from B within a second.
     assert admin(a, "DELETE", "/models/shared").status_code in (200, 204)
-    within(1.0, lambda: listed(b, "shared") == 404)
+    print(f"removed: {within(1.0, lambda: listed(b, 'shared') == 404):.3f} s")
     assert chat(b, "shared").status_code == 404
 
 
@@ -123,22 +123,29 @@ def test_one_worker_owner_killed_other_takes_over(
         usage_requests(store, "owned")
 
     # The owner dies outright; B takes the lock within seconds and starts its own worker.
+    # (A's worker may answer a moment longer: its shim stops it once its gateway is gone.)
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     t0 = time.monotonic()
-    answered = 0
+    answered = 0  # by B after the kill, every one counted in B's usage
+
+    def own_worker() -> bool:
+        return admin(b, "GET", "/models/owned").json()["worker"] is not None
+
     while time.monotonic() - t0 < 15:
+        mine = own_worker()
         answer = chat(b, "owned", timeout=15)
         if answer.status_code == 200:
             answered += 1
-            break
-        time.sleep(0.1)
+            if mine:
+                break
+        time.sleep(0.05)
     took = time.monotonic() - t0
-    assert answered == 1, f"B never served the model again: {answer.status_code} {answer.text}"
+    print(f"taken over in {took:.2f} s")
+    assert own_worker(), f"B did not take the model over: {answer.status_code} {answer.text}"
     assert took < 10, took
     pids = started_pids(events)
     assert len(pids) == 2 and pids[1] != owner_pid
-    assert admin(b, "GET", "/models/owned").json()["worker"] is not None  # its own now
     for _ in range(4):
         assert chat(b, "owned").status_code == 200
         answered += 1
