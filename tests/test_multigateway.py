@@ -8,6 +8,8 @@ are missing.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -17,7 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
+from modelhost.cluster.member import Member, libpq_url
+from modelhost.config import HubSource
 from modelhost.db.store import Store
+from modelhost.db.workers import CHANNEL
+from modelhost.downloads.cache import repo_folder
+from modelhost.persistence import Persistence
 from tests.conftest import Gateway, GatewayFactory, fake_model, started_pids, wait_for
 from tests.postgres import missing, postgres_server
 
@@ -168,3 +175,115 @@ def test_audit_log_has_both_gateways_actions(gateway_factory: GatewayFactory,
 
     assert wait_for(lambda: entries() == [("DELETE", "/api/admin/models/audited"),
                                           ("PUT", "/api/admin/models/audited")], 5), entries()
+
+
+# -- the parts, on the same server ------------------------------------------------------------
+
+
+def test_a_committed_change_notifies_the_others(database: str, store: Store) -> None:
+    import psycopg
+
+    store.migrate()
+    store.origin = "gateway-x"
+    spec = json.dumps(fake_model("noted", None))
+    with psycopg.connect(libpq_url(database), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+
+        def heard() -> list[dict[str, str]]:
+            return [json.loads(n.payload) for n in listener.notifies(timeout=0.5)]
+
+        store.upsert_model(spec, "noted", source="api", actor="test")
+        assert heard() == [{"model": "noted", "gateway": "gateway-x"}]
+        store.upsert_model(spec, "noted", source="api", actor="test")  # unchanged: silent
+        assert heard() == []
+        store.delete_model("noted", actor="test")
+        assert heard() == [{"model": "noted", "gateway": "gateway-x"}]
+        store.origin = None  # a store outside a cluster (the CLI) tells nobody
+        store.upsert_model(spec, "noted", source="api", actor="test")
+        assert heard() == []
+
+
+async def _members(database: str, count: int) -> list[Member]:
+    members = []
+    for _ in range(count):
+        persistence = Persistence(database)
+        members.append(Member(database, persistence))
+        await persistence.open()
+    return members
+
+
+async def _close(members: list[Member]) -> None:
+    for member in members:
+        await member.stop()
+        await member.persistence.close()
+
+
+def test_a_download_runs_in_one_gateway_at_a_time(database: str, tmp_path: Path) -> None:
+    """The second gateway waits, says so, then finds the weights in the shared cache."""
+    cache = tmp_path / "cache"
+    source = HubSource(hf="org/weights")
+    calls: list[str] = []
+
+    async def main() -> None:
+        first, second = await _members(database, 2)
+        started, finish = asyncio.Event(), asyncio.Event()
+
+        async def fetch(model_id: str, src: HubSource, progress: Any) -> Path:
+            calls.append(model_id)
+            started.set()
+            await finish.wait()
+            storage = repo_folder(cache, src.hf)
+            (storage / "refs").mkdir(parents=True)
+            (storage / "refs" / "main").write_text("a" * 40)
+            snapshot = storage / "snapshots" / ("a" * 40)
+            snapshot.mkdir(parents=True)
+            (snapshot / "weights.bin").write_bytes(b"w")
+            return snapshot
+
+        told: list[dict[str, object]] = []
+        try:
+            one = asyncio.ensure_future(first.download(fetch, cache)("w", source,
+                                                                     lambda _: None))
+            await started.wait()
+            two = asyncio.ensure_future(second.download(fetch, cache)("w", source,
+                                                                      told.append))
+            for _ in range(100):
+                if told:
+                    break
+                await asyncio.sleep(0.02)
+            assert told == [{"state": "downloading elsewhere", "model": "w"}]
+            assert not two.done()
+            finish.set()
+            assert await one == await two
+            assert calls == ["w"]
+        finally:
+            await _close([first, second])
+
+    asyncio.run(main())
+
+
+def test_a_gateway_whose_lock_session_breaks_loses_its_models(database: str) -> None:
+    """The session ends (here terminated; a dead gateway's ends by itself): the lock is
+    free for another, and the holder hears within seconds that it lost it."""
+    import psycopg
+
+    async def main() -> None:
+        first, second = await _members(database, 2)
+        try:
+            await first.start()
+            epoch = await first.own("held")
+            assert epoch is not None
+            assert await first.own("held") == epoch  # counted, not taken twice
+            await first.disown("held", epoch)
+            assert await second.own("held") is None
+            assert not await second.owner_gone("held")
+            with psycopg.connect(first.conninfo, autocommit=True) as admin_conn:
+                admin_conn.execute("SELECT pg_terminate_backend(%s)",
+                                   (first.locks.backend_pid,))
+            await asyncio.wait_for(first.until_lost(epoch), 5)
+            assert await second.owner_gone("held")
+            assert await second.own("held") is not None
+        finally:
+            await _close([first, second])
+
+    asyncio.run(main())

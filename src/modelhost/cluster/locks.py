@@ -68,6 +68,12 @@ class AdvisoryLocks:
                 self._conn.close()
         self._conn = None
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL process of the lock session (None before the first lock)."""
+        conn = self._conn
+        return conn.info.backend_pid if conn is not None and not conn.closed else None
+
     def take(self, key: int) -> int | None:
         """Take the lock without waiting: the epoch it was taken in, or None when another
         session holds it (or the database cannot be reached)."""
