@@ -135,15 +135,28 @@ def drive_through_ray_client(address: str, log_dir: str) -> None:
     import httpx
 
     from modelhost.config import ModelSpec
+    from modelhost.workers.process import WorkerStartError
     from modelhost.workers.ray_launcher import RayCluster, RayLauncher, RayOptions
     from tests.conftest import FAKE_WORKER
 
+    spec = ModelSpec.model_validate({
+        "id": "through-client", "backend": "command",
+        "command": [sys.executable, FAKE_WORKER, "--host", "{host}", "--port", "{port}"]})
+
+    async def unreachable() -> dict[str, object]:
+        """A cluster address where nothing listens: the start fails at once, and says so."""
+        nowhere = RayCluster(RayOptions(address="ray://127.0.0.2:1"))
+        started = time.monotonic()
+        try:
+            await RayLauncher(nowhere, Path(log_dir), 3.0).start(spec, None, [])
+        except WorkerStartError as exc:
+            return {"error": str(exc), "seconds": time.monotonic() - started}
+        return {"error": None}
+
     async def drive() -> dict[str, object]:
+        seen = {"unreachable": await unreachable()}
         cluster = RayCluster(RayOptions(address=address, placement_timeout=10))
         await cluster.connect()
-        spec = ModelSpec.model_validate({
-            "id": "through-client", "backend": "command",
-            "command": [sys.executable, FAKE_WORKER, "--host", "{host}", "--port", "{port}"]})
         try:
             worker = await RayLauncher(cluster, Path(log_dir), 3.0,
                                        resources={"node_b": 1}).start(spec, None, [])
@@ -152,7 +165,7 @@ def drive_through_ray_client(address: str, log_dir: str) -> None:
                 answer = await client.post(f"{worker.base_url}/chat/completions", json={
                     "model": "m", "messages": [{"role": "user", "content": "hi"}]})
             nodes = await cluster.gpus.sample()
-            return {"base_url": worker.base_url, "status": answer.status_code,
+            return {**seen, "base_url": worker.base_url, "status": answer.status_code,
                     "tail": await worker.fetch_tail(5), "nodes": [n.node_ip for n in nodes]}
         finally:
             await cluster.close()

@@ -218,6 +218,10 @@ def test_a_gateway_off_the_cluster_through_ray_client(
     assert seen["status"] == 200
     assert "fake worker starting on 127.0.0.3" in seen["tail"]
     assert seen["nodes"] == ["127.0.0.2", "127.0.0.3"]
+    unreachable = seen["unreachable"]
+    assert unreachable["error"].startswith(
+        "the Ray cluster at ray://127.0.0.2:1 is unreachable: "), unreachable
+    assert unreachable["seconds"] < 5
     assert not fake_workers(cluster, "node_b")  # stopped by that gateway's close
 
 
@@ -284,6 +288,18 @@ def test_no_node_with_the_resources(
     assert "127.0.0.3 {CPU: 1, GPU: 2, node_b: 1}" in message
     assert not info.value.permanent  # room may appear: the owner retries with backoff
     assert not (tmp_path / "events").exists()
+
+    async def cancelled() -> None:  # an unload while waiting for room
+        start = asyncio.ensure_future(launcher(ray_cluster, tmp_path, node_c=1).start(
+            fake_spec("nowhere", tmp_path / "events"), None, []))
+        await asyncio.sleep(1)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    loop.run_until_complete(cancelled())
+    groups = ray.util.placement_group_table().values()
+    assert all(g["state"] == "REMOVED" for g in groups), groups  # none left reserved
 
 
 def test_every_node_reports_its_gpus(

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +65,16 @@ RemoteSupervisor = ray.remote(WorkerSupervisor)
 # The status `RayWorker.wait` returns for a worker whose node or actor was lost: its real
 # exit status is unknown (`RayWorker.exit_reason` says what happened).
 LOST = -1
-# How long a call to a supervisor that should answer at once may take (tail, stop's ack).
+# How long a call to a supervisor that should answer at once may take (tail, stop's ack),
+# and a blocking call to the cluster's control (creating or removing an actor's reservation,
+# listing the nodes), run in a thread: with the head gone, such calls hang.
 CALL_TIMEOUT = 10.0
+# How long connecting to the cluster may take (ray.init retries for minutes on its own).
+CONNECT_TIMEOUT = 30.0
+# What a failed call to the cluster raises: Ray's errors, Ray Client's plain ones once its
+# channel is closed (ValueError "Cannot invoke RPC on closed channel!", ConnectionError),
+# and our own deadlines.
+CALL_FAILED = (ray.exceptions.RayError, ValueError, ConnectionError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -97,22 +106,29 @@ class RayCluster:
         self._owns_connection = False
 
     async def connect(self) -> None:
-        """ray.init (blocking for a second or two: in a thread); a no-op once connected."""
+        """ray.init (blocking for a second or two: in a thread); a no-op once connected.
+        ConnectionError when the cluster cannot be reached."""
         if ray.is_initialized():
             return
         options = self.options
+        # ray.init itself waits minutes for an address that does not answer: a plain TCP
+        # connection says at once whether anything listens there.
+        await _reachable(options.address)
         # In a thread, and not only because it blocks: on the main thread ray.init replaces
         # the SIGTERM handler with sys.exit, and the gateway's drain on SIGTERM would be lost.
         # Off it, Ray says it did not, at warning level: that line is dropped.
         worker_log = logging.getLogger("ray._private.worker")
         worker_log.addFilter(_not_sigterm_notice)
         try:
-            await asyncio.to_thread(
+            await asyncio.wait_for(asyncio.to_thread(
                 ray.init, address=options.address, namespace=options.namespace,
                 _node_ip_address=options.node_ip,
                 # The workers' output is theirs (`RayWorker.fetch_tail`, the node's log
                 # files), not the gateway's; Ray's own logging stays as the gateway set it.
-                log_to_driver=False, configure_logging=False)
+                log_to_driver=False, configure_logging=False), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise ConnectionError(f"the Ray cluster at {options.address} did not accept "
+                                  f"the gateway within {CONNECT_TIMEOUT:g} s") from None
         finally:
             worker_log.removeFilter(_not_sigterm_notice)
         self._owns_connection = True
@@ -123,7 +139,7 @@ class RayCluster:
         """Stop every worker started through this cluster, then disconnect."""
         await asyncio.gather(*(w.stop() for w in list(self.workers)),
                              return_exceptions=True)
-        self.gpus.close()
+        await self.gpus.close()
         if self._owns_connection and ray.is_initialized():
             await asyncio.to_thread(ray.shutdown)
         self._owns_connection = False
@@ -156,16 +172,28 @@ class RayLauncher:
 
     async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
                     ) -> RayWorker:
-        await self.cluster.connect()
+        try:
+            await self.cluster.connect()
+        except ConnectionError as exc:  # transient: the owner retries with backoff
+            raise WorkerStartError(str(exc)) from None
         bundle = self.bundle(spec)
         group = await self._reserve(spec, bundle)
-        actor = RemoteSupervisor.options(
+        options = RemoteSupervisor.options(
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             max_restarts=0,  # a lost worker is restarted by its model's owner, elsewhere
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=0) if group is not None else None,
-        ).remote(spec.id, self.stop_timeout, self.log_bytes, self.log_backups)
+                group, placement_group_bundle_index=0) if group is not None else None)
+        try:
+            actor = await _blocking(options.remote, spec.id, self.stop_timeout,
+                                    self.log_bytes, self.log_backups)
+        except BaseException as exc:
+            if group is not None:
+                await _forget(remove_placement_group, group)
+            if isinstance(exc, CALL_FAILED):
+                raise WorkerStartError(f"cannot create the worker's Ray actor: "
+                                       f"{_death(exc)}") from None
+            raise
         worker = RayWorker(self.cluster, actor, group, spec.id, self.stop_timeout)
         try:
             await worker.begin(self._plan_for(spec, weights), self._needs(spec, weights),
@@ -179,14 +207,22 @@ class RayLauncher:
                        ) -> PlacementGroup | None:
         if not bundle:  # nothing to reserve: Ray places the actor anywhere
             return None
-        group: PlacementGroup = placement_group([bundle], strategy="STRICT_PACK",
-                                                name=f"modelhost:{spec.id}")
+        try:
+            # Named for `ray status`; unique, since two versions of a model may run at once.
+            group: PlacementGroup = await _blocking(
+                placement_group, [bundle], strategy="STRICT_PACK",
+                name=f"modelhost:{spec.id}:{uuid.uuid4().hex[:8]}")
+        except CALL_FAILED as exc:
+            raise WorkerStartError(f"cannot reserve {_show(bundle)} on the Ray cluster: "
+                                   f"{_death(exc)}") from None
         timeout = self.cluster.options.placement_timeout
         try:
             await asyncio.wait_for(_result(group.ready()), timeout)
-        except (TimeoutError, ray.exceptions.RayError) as exc:
-            await asyncio.to_thread(remove_placement_group, group)
-            why = "none free" if isinstance(exc, TimeoutError) else str(exc)
+        except BaseException as exc:  # cancelled too (an unload): the reservation goes
+            await _forget(remove_placement_group, group)
+            if not isinstance(exc, CALL_FAILED):
+                raise
+            why = "none free" if isinstance(exc, TimeoutError) else _death(exc)
             raise WorkerStartError(
                 f"no node of the Ray cluster could reserve {_show(bundle)} within "
                 f"{timeout:g} s ({why}; nodes: {await _nodes_summary()})") from None
@@ -310,7 +346,7 @@ class RayWorker:
                         code, tail = exited.result()
                     except ray.exceptions.ActorDiedError as exc:
                         return await self._lost(_death(exc))
-                    except ray.exceptions.RayError:
+                    except CALL_FAILED:
                         pass  # unavailable for now: the pings decide
                     else:
                         self._lines = tail.splitlines()
@@ -323,7 +359,7 @@ class RayWorker:
                                            options.heartbeat)
                 except ray.exceptions.ActorDiedError as exc:
                     return await self._lost(_death(exc))
-                except (TimeoutError, ray.exceptions.RayError):
+                except CALL_FAILED:
                     silent = time.monotonic() - heard
                     if silent >= options.lost_after:
                         return await self._lost(
@@ -353,7 +389,7 @@ class RayWorker:
         """Its last `lines` lines, read from its node now (the last known ones if the node
         does not answer)."""
         if self.exit_reason is None and not self._stopped:
-            with contextlib.suppress(TimeoutError, ray.exceptions.RayError):
+            with contextlib.suppress(*CALL_FAILED):
                 text: str = await asyncio.wait_for(
                     _result(self.actor.tail.remote(max(lines, 20))), CALL_TIMEOUT)
                 self._lines = text.splitlines()
@@ -368,7 +404,7 @@ class RayWorker:
             return
         self._stopped = True
         if self.exit_reason is None:
-            with contextlib.suppress(TimeoutError, ray.exceptions.RayError):
+            with contextlib.suppress(*CALL_FAILED):
                 # The supervisor escalates to SIGKILL after the stop timeout itself.
                 await asyncio.wait_for(_result(self.actor.stop.remote()),
                                        self.stop_timeout + CALL_TIMEOUT)
@@ -381,12 +417,10 @@ class RayWorker:
     async def _release(self) -> None:
         """Kill the actor (its worker dies with it) and free its reservation."""
         self.cluster.workers.discard(self)
-        with contextlib.suppress(ray.exceptions.RayError, ValueError):
-            ray.kill(self.actor, no_restart=True)
+        await _forget(ray.kill, self.actor, no_restart=True)
         group, self.group = self.group, None
         if group is not None:
-            with contextlib.suppress(ray.exceptions.RayError, ValueError):
-                await asyncio.to_thread(remove_placement_group, group)
+            await _forget(remove_placement_group, group)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -404,7 +438,7 @@ class RayWorker:
             raise WorkerStartError(f"the worker's Ray actor did not answer within "
                                    f"{timeout:g} s during {step} (node "
                                    f"{self._node()})") from None
-        except ray.exceptions.RayError as exc:
+        except CALL_FAILED as exc:
             raise WorkerStartError(f"the worker's Ray actor failed during {step}: "
                                    f"{_death(exc)}") from None
 
@@ -415,6 +449,36 @@ def _not_sigterm_notice(record: logging.LogRecord) -> bool:
 
 async def _result(ref: Awaitable[T]) -> T:
     return await ref
+
+
+async def _blocking(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking call to the cluster's control, in a thread, within CALL_TIMEOUT."""
+    return await asyncio.wait_for(asyncio.to_thread(call, *args, **kwargs), CALL_TIMEOUT)
+
+
+async def _forget(call: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """A clean-up call (kill an actor, free a reservation) whose failure changes nothing:
+    what it would free goes with its node, or with the gateway's connection."""
+    with contextlib.suppress(*CALL_FAILED):
+        await _blocking(call, *args, **kwargs)
+
+
+async def _reachable(address: str) -> None:
+    """ConnectionError unless something accepts TCP connections at `address` ("auto",
+    which Ray resolves itself, passes)."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), 5.0)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"the Ray cluster at {address} is unreachable: "
+                              f"{exc or type(exc).__name__}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _death(exc: BaseException) -> str:
@@ -428,7 +492,10 @@ def _show(bundle: Mapping[str, float]) -> str:
 
 
 async def _nodes_summary() -> str:
-    nodes = [n for n in await asyncio.to_thread(ray.nodes) if n.get("Alive")]
+    try:
+        nodes = [n for n in await _blocking(ray.nodes) if n.get("Alive")]
+    except CALL_FAILED:
+        return "unknown: the cluster does not answer"
     if not nodes:
         return "none alive"
     return "; ".join(

@@ -10,6 +10,7 @@ monitor does; a node that does not answer within the timeout is reported unreach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,10 +60,11 @@ class ClusterGpus:
 
     async def sample(self) -> list[NodeGpus]:
         """Every live node's GPUs, measured there now."""
-        nodes = [n for n in await asyncio.to_thread(ray.nodes) if n.get("Alive")]
+        nodes = [n for n in await asyncio.wait_for(asyncio.to_thread(ray.nodes), self.timeout)
+                 if n.get("Alive")]
         alive = {str(n["NodeID"]) for n in nodes}
         for gone in set(self._probes) - alive:
-            self._drop(gone)
+            await self._drop(gone)
         readings = await asyncio.gather(*(self._read(n) for n in nodes))
         return sorted(readings, key=lambda r: r.node_ip)
 
@@ -78,20 +80,24 @@ class ClusterGpus:
         try:
             hostname, gpus, reason = await asyncio.wait_for(_result(probe.read.remote()),
                                                             self.timeout)
-        except (TimeoutError, ray.exceptions.RayError) as exc:
-            self._drop(node_id)  # made again at the next reading
+        except (TimeoutError, ValueError, ConnectionError, ray.exceptions.RayError) as exc:
+            await self._drop(node_id)  # made again at the next reading
             return NodeGpus(node_id, ip, reason=f"the node did not answer: "
                                                  f"{type(exc).__name__}", resources=resources)
         return NodeGpus(node_id, ip, str(hostname), list(gpus), reason, resources)
 
-    def _drop(self, node_id: str) -> None:
+    async def _drop(self, node_id: str) -> None:
         probe = self._probes.pop(node_id, None)
         if probe is not None:
-            ray.kill(probe, no_restart=True)
+            # In a thread, bounded: with the head gone, the call hangs.
+            with contextlib.suppress(TimeoutError, ValueError, ConnectionError,
+                                     ray.exceptions.RayError):
+                await asyncio.wait_for(asyncio.to_thread(ray.kill, probe, no_restart=True),
+                                       self.timeout)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for node_id in list(self._probes):
-            self._drop(node_id)
+            await self._drop(node_id)
 
 
 async def _result(ref: Any) -> Any:
