@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -300,6 +301,27 @@ def test_no_node_with_the_resources(
     loop.run_until_complete(cancelled())
     groups = ray.util.placement_group_table().values()
     assert all(g["state"] == "REMOVED" for g in groups), groups  # none left reserved
+
+
+def test_a_node_without_the_workers_files(
+        ray_cluster: RayCluster, loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    """Weights or a program missing at the gateway's path on the node: a permanent error that
+    names the node and the path (nodes share the model cache, at the same path)."""
+    ray_launcher = launcher(ray_cluster, tmp_path, node_b=1)
+    with pytest.raises(WorkerStartError) as info:
+        loop.run_until_complete(ray_launcher.start(
+            fake_spec("w", tmp_path / "ev"), tmp_path / "no-weights.gguf", []))
+    assert info.value.permanent
+    assert str(info.value) == (
+        f"node 127.0.0.3 ({socket.gethostname()}) lacks {tmp_path}/no-weights.gguf: every "
+        "node needs the model cache at the gateway's path")
+    missing = ModelSpec.model_validate({"id": "p", "backend": "command",
+                                        "command": ["/nonexistent/engine", "{port}"]})
+    with pytest.raises(WorkerStartError) as info:
+        loop.run_until_complete(ray_launcher.start(missing, None, []))
+    assert str(info.value).startswith("node 127.0.0.3 lacks /nonexistent/engine")
+    assert info.value.permanent
+    assert not ray_cluster.workers
 
 
 def test_every_node_reports_its_gpus(

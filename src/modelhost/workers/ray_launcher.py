@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -239,10 +238,9 @@ class RayLauncher:
 
     @staticmethod
     def _needs(spec: ModelSpec, weights: Path | None) -> list[str]:
-        """Paths the worker reads that must exist on its node (the same paths as here)."""
-        needs = [str(weights)] if weights is not None else []
-        needs.append(spec.python or sys.executable)
-        return needs
+        """Paths the worker reads that must exist on its node (the same paths as here); its
+        command is checked there when it is spawned."""
+        return [str(weights)] if weights is not None else []
 
     def _log_file(self, spec: ModelSpec) -> str:
         safe = spec.id.replace("/", "__").replace(":", "_")
@@ -290,7 +288,7 @@ class RayWorker:
         if where.missing:
             raise WorkerStartError(
                 f"node {self._node()} lacks {', '.join(where.missing)}: every node needs the "
-                f"model cache and the workers' Python at the gateway's paths", permanent=True)
+                f"model cache at the gateway's path", permanent=True)
         plan = plan_for(where)
         self.probe_path = plan.probe_path
         log.info("starting worker %s on Ray node %s, port %d, GPUs %s: %s", self.name,

@@ -5,8 +5,8 @@ worker, where Ray placed it. The actor does on its node what the gateway does on
 local worker, with the same code (`process.WorkerProcess`, hence the shim):
 
 * `reserve`: where the worker will listen (the node's address and a free port on it), the
-  GPUs Ray gave the actor, and whether the worker's files are there (the model cache and the
-  worker's interpreter must be at the same paths on every node).
+  GPUs Ray gave the actor, and whether the worker's weights are there (the model cache must
+  be at the gateway's path on every node; the worker's program too, checked by `spawn`).
 * `spawn`, `wait_ready`: start the launch plan the gateway built for that address, and probe
   it on the node.
 * `wait`: returns once the process has exited, with its status and last lines.
@@ -84,6 +84,10 @@ class WorkerSupervisor:
 
     async def spawn(self, plan: LaunchPlan, log_file: str | None) -> Outcome:
         """Start the worker (`plan`, built by the gateway for `reserve`'s address)."""
+        command = plan.argv[0] if plan.argv else ""
+        if os.path.isabs(command) and not await asyncio.to_thread(os.path.exists, command):
+            return Outcome(f"node {self.host} lacks {command}: every node needs the workers' "
+                           f"programs at the gateway's paths", permanent=True)
         sink = Path(log_file) if log_file else None
         if sink is not None:
             try:
