@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,6 +176,40 @@ def test_audit_log_has_both_gateways_actions(gateway_factory: GatewayFactory,
 
     assert wait_for(lambda: entries() == [("DELETE", "/api/admin/models/audited"),
                                           ("PUT", "/api/admin/models/audited")], 5), entries()
+
+
+
+def test_owner_stopped_while_the_other_serves_under_load(
+        gateway_factory: GatewayFactory, database: str, tmp_path: Path) -> None:
+    """A rolling restart: the owner stops (SIGTERM) while requests keep coming through the
+    other gateway, which takes over; a request that meets the gone worker is retried once
+    the relay has seen its owner go (`Model.worker_lost`), so none fails."""
+    a, b = two(gateway_factory, database)
+    events = tmp_path / "rolling.events"
+    assert admin(a, "PUT", "/models/rolling",
+                 json=fake_model("rolling", events)).status_code == 200
+    assert chat(a, "rolling").status_code == 200  # A owns it
+    within(1.0, lambda: listed(b, "rolling") == 200)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def load() -> None:  # one request after another, through B, all along
+        while not done.is_set():
+            statuses.append(chat(b, "rolling", timeout=30).status_code)
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        a.stop()  # SIGTERM; returns once A has exited
+        assert wait_for(lambda: len(started_pids(events)) == 2, 10)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        sender.join(60)
+    assert len(statuses) > 10
+    assert set(statuses) == {200}, statuses
+    assert len(started_pids(events)) == 2
 
 
 # -- the parts, on the same server ------------------------------------------------------------
