@@ -241,6 +241,18 @@ def test_tensor_parallel_worker_gets_the_gpus_of_one_node(
     assert ray_launcher.bundle(spec(2)) == {"CPU": 1.0, "GPU": 2.0}
     assert launcher(ray_cluster, tmp_path, a100=1).bundle(spec(2)) == \
         {"CPU": 1.0, "GPU": 2.0, "a100": 1.0}
+    assert RayLauncher(ray_cluster, tmp_path, 3.0, num_cpus=4).bundle(spec(1)) == \
+        {"CPU": 4.0, "GPU": 1.0}
+    assert RayLauncher(ray_cluster, tmp_path, 3.0, num_cpus=0).bundle(spec(0)) == {}
+    # Nothing to reserve: no placement group, Ray places the actor where it likes.
+    light = loop.run_until_complete(
+        RayLauncher(ray_cluster, tmp_path, 3.0, num_cpus=0).start(spec(0), None, []))
+    try:
+        loop.run_until_complete(light.wait_ready(30))
+        assert light.group is None and light.gpus == []
+        assert chat(light.base_url).status_code == 200
+    finally:
+        loop.run_until_complete(light.stop())
     worker = loop.run_until_complete(ray_launcher.start(spec(2), None, []))
     try:
         loop.run_until_complete(worker.wait_ready(30))

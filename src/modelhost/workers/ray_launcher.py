@@ -149,8 +149,9 @@ class RayLauncher:
     """Workers as `WorkerSupervisor` actors on the cluster's nodes (see the module's notes).
 
     `resources` are the custom resources this model's worker needs besides the cluster-wide
-    `RayOptions.resources` (a models-file field, once wired); `gpus` given to `start` are
-    ignored: Ray chooses them on the node it places the worker on."""
+    `RayOptions.resources`, and `num_cpus` its CPUs if not `RayOptions.num_cpus` (the
+    models-file `ray:` field, once wired); `gpus` given to `start` are ignored: Ray chooses
+    them on the node it places the worker on."""
 
     cluster: RayCluster
     log_dir: Path
@@ -160,12 +161,14 @@ class RayLauncher:
     log_bytes: int = LOG_FILE_BYTES
     log_backups: int = 3
     resources: Mapping[str, float] = field(default_factory=dict)
+    num_cpus: float | None = None
 
     def bundle(self, spec: ModelSpec) -> dict[str, float]:
         """What one worker of `spec` reserves on its node."""
         options = self.cluster.options
         gpus = len(spec.gpus) if spec.gpus is not None else spec.gpu_count
-        wanted = {"CPU": options.num_cpus, "GPU": float(gpus),
+        cpus = options.num_cpus if self.num_cpus is None else self.num_cpus
+        wanted = {"CPU": cpus, "GPU": float(gpus),
                   **options.resources, **self.resources}
         return {k: float(v) for k, v in wanted.items() if v}
 
