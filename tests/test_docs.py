@@ -19,6 +19,7 @@ from modelhost.config import (
     ModelSpec,
     PackageSource,
     PathSource,
+    RaySpec,
     Task,
     UrlSource,
     json_schema,
@@ -33,7 +34,7 @@ EXAMPLE = ROOT / "config.example.yaml"
 SCHEMA = ROOT / "config.schema.json"
 
 CONFIG_CLASSES: list[type[BaseModel]] = [
-    ModelsFile, ModelSpec, HubSource, PathSource, PackageSource, UrlSource]
+    ModelsFile, ModelSpec, HubSource, PathSource, PackageSource, UrlSource, RaySpec]
 
 
 def _read(path: Path) -> str:

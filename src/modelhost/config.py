@@ -175,6 +175,16 @@ Source = Annotated[
 ]
 
 
+class RaySpec(_Strict):
+    """Where on a Ray cluster a model's worker may run (docs/scale-out.md)."""
+
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the worker's node must offer "
+        "(e.g. `{node_b: 1}`), reserved for the worker.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs the worker reserves (default: MODELHOST_RAY_WORKER_CPUS).")
+
+
 class ModelSpec(_Strict):
     """One model the gateway serves."""
 
@@ -221,6 +231,11 @@ class ModelSpec(_Strict):
     )
     required: bool = Field(
         False, description="`GET /ready` fails until this model is ready (and preloads it)."
+    )
+    ray: RaySpec | bool | None = Field(
+        None, description="With a Ray cluster (MODELHOST_RAY_ADDRESS): the worker runs as a "
+        "Ray actor on a node that fits (these resources; omitted or true: any node); false "
+        "keeps it on the gateway's machine. Without a cluster: ignored."
     )
     max_restarts: int = Field(
         5, ge=0, description="Consecutive crash restarts before the model is marked failed."

@@ -157,6 +157,20 @@ class Settings(BaseSettings):
     )
     worker_log_backups: int = Field(3, ge=0, validation_alias=_env("WORKER_LOG_BACKUPS"))
 
+    # A Ray cluster for the workers (docs/scale-out.md): "auto" or HOST:PORT when the gateway
+    # runs on a node of it, ray://HOST:10001 through Ray Client. Unset: local workers only.
+    ray_address: str | None = Field(None, min_length=1, validation_alias=_env("RAY_ADDRESS"))
+    ray_namespace: str = Field("modelhost", min_length=1, validation_alias=_env("RAY_NAMESPACE"))
+    # This machine's address in the cluster, when Ray would guess another one.
+    ray_node_ip: str | None = Field(None, validation_alias=_env("RAY_NODE_IP"))
+    ray_worker_cpus: float = Field(1.0, gt=0, validation_alias=_env("RAY_WORKER_CPUS"))
+    # Custom resources every Ray worker reserves (JSON object), on top of a model's own.
+    ray_resources: dict[str, float] = Field(default_factory=dict,
+                                            validation_alias=_env("RAY_RESOURCES"))
+    ray_placement_timeout: float = Field(30.0, gt=0,
+                                         validation_alias=_env("RAY_PLACEMENT_TIMEOUT"))
+    ray_heartbeat: float = Field(1.0, gt=0, validation_alias=_env("RAY_HEARTBEAT"))
+    ray_lost_after: float = Field(5.0, gt=0, validation_alias=_env("RAY_LOST_AFTER"))
     # Where the web dashboard is served (`/` redirects there); its pages check their own
     # session (an admin key signs in), the API routes keep theirs.
     dashboard_prefix: str = Field("/ui", pattern=r"^(/[A-Za-z0-9._~-]+)+$",
