@@ -26,7 +26,14 @@ from modelhost.db.store import Store
 from modelhost.db.workers import CHANNEL
 from modelhost.downloads.cache import repo_folder
 from modelhost.persistence import Persistence
-from tests.conftest import Gateway, GatewayFactory, fake_model, started_pids, wait_for
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    fake_model,
+    pid_alive,
+    started_pids,
+    wait_for,
+)
 from tests.postgres import missing, postgres_server
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
@@ -212,6 +219,29 @@ def test_owner_stopped_while_the_other_serves_under_load(
     assert len(started_pids(events)) == 2
 
 
+
+def test_a_loaded_model_changed_through_a_gateway_that_does_not_own_it(
+        gateway_factory: GatewayFactory, database: str, tmp_path: Path) -> None:
+    """The change is rolled out where it was asked (a worker of the new spec, owned there);
+    the owner of the old spec stops its worker; one worker at the end, of the new spec."""
+    a, b = two(gateway_factory, database)
+    events = tmp_path / "changed.events"
+    spec = fake_model("changed", events)
+    assert admin(a, "PUT", "/models/changed", json=spec).status_code == 200
+    within(1.0, lambda: listed(b, "changed") == 200)
+    assert chat(b, "changed").status_code == 200  # B owns it
+    assert chat(a, "changed").status_code == 200  # A relays to it
+    new = {**spec, "command": [*spec["command"], "--startup-delay", "0.2"]}
+    answer = admin(a, "PUT", "/models/changed", json=new)
+    assert answer.status_code == 200, answer.text
+    assert wait_for(lambda: sum(map(pid_alive, started_pids(events))) == 1, 10), \
+        [(pid, pid_alive(pid)) for pid in started_pids(events)]
+    for gw in (a, b, a, b):
+        assert chat(gw, "changed").status_code == 200
+    assert sum(map(pid_alive, started_pids(events))) == 1
+    assert len(started_pids(events)) == 2
+
+
 # -- the parts, on the same server ------------------------------------------------------------
 
 
@@ -306,18 +336,18 @@ def test_a_gateway_whose_lock_session_breaks_loses_its_models(database: str) -> 
         first, second = await _members(database, 2)
         try:
             await first.start()
-            epoch = await first.own("held")
+            epoch = await first.own("held", "v1")
             assert epoch is not None
-            assert await first.own("held") == epoch  # counted, not taken twice
-            await first.disown("held", epoch)
-            assert await second.own("held") is None
-            assert not await second.owner_gone("held")
+            assert await first.own("held", "v1") == epoch  # counted, not taken twice
+            await first.disown("held", "v1", epoch)
+            assert await second.own("held", "v1") is None
+            assert not await second.owner_gone("held", "v1")
             with psycopg.connect(first.conninfo, autocommit=True) as admin_conn:
                 admin_conn.execute("SELECT pg_terminate_backend(%s)",
                                    (first.locks.backend_pid,))
             await asyncio.wait_for(first.until_lost(epoch), 5)
-            assert await second.owner_gone("held")
-            assert await second.own("held") is not None
+            assert await second.owner_gone("held", "v1")
+            assert await second.own("held", "v1") is not None
         finally:
             await _close([first, second])
 

@@ -34,6 +34,8 @@ from typing import Final
 
 from modelhost.cluster.member import Member
 from modelhost.config import ModelSpec
+from modelhost.db.workers import spec_version
+from modelhost.persistence import spec_json
 from modelhost.registry.context import ModelContext
 from modelhost.workers.launchers import Launcher, Worker
 from modelhost.workers.process import WorkerStartError
@@ -63,6 +65,7 @@ class ClusterWorker:
         self._epoch: int | None = None  # owner: the lock's epoch
         self._owner: str | None = None  # relay: the gateway whose worker it reaches
         self._created = time.monotonic()
+        self._version = spec_version(spec_json(spec), spec.id)
         self.base_url = ""
 
     @property
@@ -90,11 +93,11 @@ class ClusterWorker:
         model_id = self._spec.id
         deadline = time.monotonic() + timeout
         while True:
-            epoch = await self._member.own(model_id)
+            epoch = await self._member.own(model_id, self._version)
             if epoch is not None:
                 await self._start_owned(epoch, max(deadline - time.monotonic(), 0.1))
                 return
-            found = await self._member.address(model_id)
+            found = await self._member.address(model_id, self._version)
             if found is not None and found[0] != self._member.gateway_id:
                 self._owner, self.base_url = found
                 log.info("model %s is owned by gateway %s: relaying to its worker",
@@ -109,14 +112,14 @@ class ClusterWorker:
         model_id = self._spec.id
         self._epoch = epoch
         try:
-            found = await self._member.address(model_id)
+            found = await self._member.address(model_id, self._version)
             if found is not None and found[0] != self._member.gateway_id:
-                await self._member.clear(model_id, found[0])  # its owner is gone
+                await self._member.clear(model_id, self._version, found[0])  # owner gone
             log.info("model %s: this gateway owns it, starting its worker", model_id)
             self._worker = await self._inner.start(self._spec, self._weights, self._gpus)
             await self._worker.wait_ready(timeout)
             self.base_url = self._worker.base_url
-            await self._member.publish(model_id, self.base_url)
+            await self._member.publish(model_id, self._version, self.base_url)
         except BaseException:
             await self._finish()
             raise
@@ -140,11 +143,13 @@ class ClusterWorker:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                if await self._member.owner_gone(self._spec.id):
+                if await self._member.owner_gone(self._spec.id, self._version):
+                    if await self._member.current_version(self._spec.id) != self._version:
+                        continue  # an old version (a rollout's, standing by): not restarted
                     log.warning("model %s: its owner gateway %s is gone: taking over",
                                 self._spec.id, self._owner)
                     return OWNER_GONE
-                found = await self._member.address(self._spec.id)
+                found = await self._member.address(self._spec.id, self._version)
             except Exception as exc:  # the database is away: keep relaying meanwhile
                 log.warning("model %s: cannot check its owner: %s", self._spec.id, exc)
                 continue
@@ -165,8 +170,8 @@ class ClusterWorker:
         if epoch is None:
             return
         with contextlib.suppress(Exception):  # the row is cleared by the next owner anyway
-            await self._member.unpublish(self._spec.id, self.base_url or None)
-        await self._member.disown(self._spec.id, epoch)
+            await self._member.unpublish(self._spec.id, self._version, self.base_url or None)
+        await self._member.disown(self._spec.id, self._version, epoch)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def _key(model_id: str, version: str) -> int:
+    return lock_key("model", f"{model_id}@{version}")
+
+
 class Member:
     def __init__(self, url: str, persistence: Persistence) -> None:
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -98,38 +102,42 @@ class Member:
                 self._epoch_moved.set()
                 self._epoch_moved = asyncio.Event()
 
-    # -- a model's lifecycle ---------------------------------------------------------------
+    # -- a model's lifecycle, by version of its spec (`db.workers.spec_version`) ------------
 
-    async def own(self, model_id: str) -> int | None:
-        """Take the model's lock: the epoch it was taken in, or None (another owns it)."""
-        return await asyncio.to_thread(self.locks.take, lock_key("model", model_id))
+    async def own(self, model_id: str, version: str) -> int | None:
+        """Take the lock of a model's version: the epoch it was taken in, or None (another
+        gateway owns it)."""
+        return await asyncio.to_thread(self.locks.take, _key(model_id, version))
 
-    async def disown(self, model_id: str, epoch: int) -> None:
-        await asyncio.to_thread(self.locks.give, lock_key("model", model_id), epoch)
+    async def disown(self, model_id: str, version: str, epoch: int) -> None:
+        await asyncio.to_thread(self.locks.give, _key(model_id, version), epoch)
 
-    async def owner_gone(self, model_id: str) -> bool:
-        """Whether no gateway holds the model's lock now."""
-        return await asyncio.to_thread(self.locks.free, lock_key("model", model_id))
+    async def owner_gone(self, model_id: str, version: str) -> bool:
+        """Whether no gateway holds the lock of the model's version now."""
+        return await asyncio.to_thread(self.locks.free, _key(model_id, version))
 
     async def until_lost(self, epoch: int) -> None:
         """Return once the locks of `epoch` are lost (the lock session broke)."""
         while self.locks.epoch == epoch:
             await self._epoch_moved.wait()
 
-    async def publish(self, model_id: str, address: str) -> None:
-        await asyncio.to_thread(self._store().publish_worker, model_id, self.gateway_id,
-                                address)
+    async def publish(self, model_id: str, version: str, address: str) -> None:
+        await asyncio.to_thread(self._store().publish_worker, model_id, version,
+                                self.gateway_id, address)
 
-    async def unpublish(self, model_id: str, address: str | None) -> None:
-        await asyncio.to_thread(self._store().unpublish_worker, model_id, self.gateway_id,
-                                address)
+    async def unpublish(self, model_id: str, version: str, address: str | None) -> None:
+        await asyncio.to_thread(self._store().unpublish_worker, model_id, version,
+                                self.gateway_id, address)
 
-    async def clear(self, model_id: str, gateway_id: str) -> None:
+    async def clear(self, model_id: str, version: str, gateway_id: str) -> None:
         """Forget an address left by an owner that is gone."""
-        await asyncio.to_thread(self._store().unpublish_worker, model_id, gateway_id)
+        await asyncio.to_thread(self._store().unpublish_worker, model_id, version, gateway_id)
 
-    async def address(self, model_id: str) -> tuple[str, str] | None:
-        return await asyncio.to_thread(self._store().worker_address, model_id)
+    async def address(self, model_id: str, version: str) -> tuple[str, str] | None:
+        return await asyncio.to_thread(self._store().worker_address, model_id, version)
+
+    async def current_version(self, model_id: str) -> str | None:
+        return await asyncio.to_thread(self._store().current_version, model_id)
 
     # -- downloads -------------------------------------------------------------------------
 

@@ -222,10 +222,11 @@ class UsageRecord(Base):
 
 
 GATEWAY_ID_LENGTH = 128
+SPEC_VERSION_LENGTH = 32
 
 
 class ModelWorker(Base):
-    """Where the gateway that owns a model's lifecycle runs its worker, for the other gateways
+    """Where the gateway that owns a model's version runs its worker, for the other gateways
     sharing a PostgreSQL database to relay to (``modelhost.cluster``). Written by the owner
     once its worker answers, deleted when it stops it; a row left by a gateway that died is
     overwritten by the next owner (ownership itself is an advisory lock, not this row)."""
@@ -233,6 +234,9 @@ class ModelWorker(Base):
     __tablename__ = "model_workers"
 
     model_id: Mapped[str] = mapped_column(sa.String(MODEL_ID_LENGTH), primary_key=True)
+    # Which version of the model's spec the worker runs (`db.workers.spec_version`): during
+    # an update the old and the new one may each have an owner.
+    version: Mapped[str] = mapped_column(sa.String(SPEC_VERSION_LENGTH), primary_key=True)
     gateway_id: Mapped[str] = mapped_column(sa.String(GATEWAY_ID_LENGTH))
     # The worker's base URL (ending in /v1), as the owner's relay reaches it.
     address: Mapped[str] = mapped_column(sa.String(512))

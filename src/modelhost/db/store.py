@@ -482,20 +482,27 @@ class Store:
 
     # -- model workers (``workers``: several gateways on PostgreSQL) ---------------------
 
-    def publish_worker(self, model_id: str, gateway_id: str, address: str) -> None:
-        """Record where the owner of a model runs its worker."""
-        self._retry(lambda session: workers.publish(session, model_id, gateway_id, address))
+    def publish_worker(self, model_id: str, version: str, gateway_id: str,
+                       address: str) -> None:
+        """Record where the owner of a model's version runs its worker."""
+        self._retry(lambda session: workers.publish(session, model_id, version, gateway_id,
+                                                    address))
 
-    def unpublish_worker(self, model_id: str, gateway_id: str,
+    def unpublish_worker(self, model_id: str, version: str, gateway_id: str,
                          address: str | None = None) -> None:
         """Forget it (only if it is still `gateway_id`'s, and `address` when given)."""
         with self._write() as session:
-            workers.unpublish(session, model_id, gateway_id, address)
+            workers.unpublish(session, model_id, version, gateway_id, address)
 
-    def worker_address(self, model_id: str) -> tuple[str, str] | None:
-        """(gateway id, address) of the model's published worker, or None."""
+    def worker_address(self, model_id: str, version: str) -> tuple[str, str] | None:
+        """(gateway id, address) of the published worker of a model's version, or None."""
         with self._read() as session:
-            return workers.address(session, model_id)
+            return workers.address(session, model_id, version)
+
+    def current_version(self, model_id: str) -> str | None:
+        """The version (`workers.spec_version`) of the model's stored spec, or None."""
+        with self._read() as session:
+            return workers.current_version(session, model_id)
 
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at

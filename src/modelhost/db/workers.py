@@ -5,22 +5,33 @@
   with ``pg_notify`` in the transaction that makes the change, so the others hear of it
   exactly when it is committed (never of a change rolled back), and re-read the row.
   Nothing is sent on SQLite, where one gateway owns the database.
-* The ``model_workers`` table: the address of each model's worker, published by the
-  gateway that owns the model (its advisory lock), for the others to relay to.
+* The ``model_workers`` table: the address of the worker of each version of a model (its
+  spec: `spec_version`), published by the gateway that owns that version (its advisory
+  lock), for the others to relay to. Keyed by version, so that while one gateway rolls an
+  update out, the old and the new version each have one worker, and a gateway relaying to
+  the old one is not moved to the new one before it applies the change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from modelhost.db.schema import ModelWorker, utcnow
+from modelhost.db.rows import canonical_spec
+from modelhost.db.schema import ModelRecord, ModelWorker, utcnow
 
 # The LISTEN/NOTIFY channel of model changes; the payload is `change_payload`'s JSON.
 CHANNEL: Final = "modelhost_models"
+
+
+def spec_version(spec_json: str, model_id: str) -> str:
+    """A version of a spec as every gateway computes it: a digest of its canonical JSON (as
+    stored, secrets masked)."""
+    return hashlib.sha256(canonical_spec(spec_json, model_id).encode()).hexdigest()[:24]
 
 
 def change_payload(model_id: str, origin: str) -> str:
@@ -48,25 +59,36 @@ def notify_change(session: Session, model_id: str, origin: str | None) -> None:
     session.execute(sa.select(sa.func.pg_notify(CHANNEL, change_payload(model_id, origin))))
 
 
-def publish(session: Session, model_id: str, gateway_id: str, address: str) -> None:
-    record = session.get(ModelWorker, model_id, with_for_update=True)
+def publish(session: Session, model_id: str, version: str, gateway_id: str,
+            address: str) -> None:
+    record = session.get(ModelWorker, (model_id, version), with_for_update=True)
     if record is None:
-        session.add(ModelWorker(model_id=model_id, gateway_id=gateway_id, address=address,
-                                updated_at=utcnow()))
+        session.add(ModelWorker(model_id=model_id, version=version, gateway_id=gateway_id,
+                                address=address, updated_at=utcnow()))
     else:
         record.gateway_id, record.address, record.updated_at = gateway_id, address, utcnow()
 
 
-def unpublish(session: Session, model_id: str, gateway_id: str, address: str | None) -> None:
+def unpublish(session: Session, model_id: str, version: str, gateway_id: str,
+              address: str | None) -> None:
     """Forget a worker's address, only if it is still this gateway's (and this address)."""
     statement = sa.delete(ModelWorker).where(ModelWorker.model_id == model_id,
+                                             ModelWorker.version == version,
                                              ModelWorker.gateway_id == gateway_id)
     if address is not None:
         statement = statement.where(ModelWorker.address == address)
     session.execute(statement)
 
 
-def address(session: Session, model_id: str) -> tuple[str, str] | None:
-    """(gateway id, address) of the model's published worker, or None."""
-    record = session.get(ModelWorker, model_id)
+def address(session: Session, model_id: str, version: str) -> tuple[str, str] | None:
+    """(gateway id, address) of the published worker of a model's version, or None."""
+    record = session.get(ModelWorker, (model_id, version))
     return (record.gateway_id, record.address) if record is not None else None
+
+
+def current_version(session: Session, model_id: str) -> str | None:
+    """The version of the model's stored spec (None: unknown or deleted)."""
+    record = session.get(ModelRecord, model_id)
+    if record is None or record.deleted:
+        return None
+    return spec_version(record.spec, model_id)
