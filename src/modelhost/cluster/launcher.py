@@ -3,7 +3,12 @@
 `ClusterContext.local_launcher` wraps the launcher the model would use alone (a local
 process, or Ray's) in a `ClusterLauncher`. Its `ClusterWorker`, when asked to be ready:
 
-* takes the model's advisory lock (`Member.own`). Got it: this gateway owns the model. It
+Ownership is by version: the lock and the published address are those of the model's id
+and its spec's digest (`db.workers.spec_version`). A gateway rolling an update out gets a
+worker of the new spec (its own, or the one another gateway already started for it) while
+the old version's owner keeps the old one until it applies the change itself.
+
+* takes the lock of the model's version (`Member.own`). Got it: this gateway owns it. It
   clears the address an earlier owner may have left, starts the worker through the inner
   launcher, and once the worker answers publishes its address (`model_workers`). Its
   `wait()` returns when the worker exits or when the lock session broke (the lock is lost:
@@ -12,8 +17,9 @@ process, or Ray's) in a `ClusterLauncher`. Its `ClusterWorker`, when asked to be
   `base_url` is that address: the requests this gateway takes for the model go straight to
   the owner's worker, through the same relay as for a worker of its own (no second hop
   through the owner gateway). Its `wait()` returns (as a worker's exit) when the owner's lock
-  is free (the owner died or unloaded the model) or its published address changed (it
-  restarted its worker, or switched to a new version): the model's owner task then starts
+  is free (the owner died or unloaded the model; unless this version is no longer the
+  stored one: an old version that a rollout keeps standing by is not restarted) or its
+  published address changed (the owner restarted its worker): the model's owner task starts
   again (`Model._watch`: a short backoff), and this gateway takes the lock or relays to the
   new address. The owner gateway's death is seen within `WATCH_S`, plus that backoff.
 
