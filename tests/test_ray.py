@@ -36,7 +36,15 @@ from modelhost.gpu.inventory import GpuMonitor
 from modelhost.gpu.scheduler import Scheduler
 from modelhost.registry.lifecycle import State
 from modelhost.registry.model import Model, ModelContext
-from tests.conftest import FAKE_WORKER, pid_alive, started_pids, wait_gone
+from tests.conftest import (
+    FAKE_WORKER,
+    GatewayFactory,
+    fake_model,
+    pid_alive,
+    started_pids,
+    wait_for,
+    wait_gone,
+)
 from tests.test_llamacpp import QUESTION
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
@@ -420,3 +428,34 @@ def test_node_death_restarts_the_model_elsewhere(
         assert wait_gone(started_pids(events)[-1], 10)
 
     loop.run_until_complete(scenario())
+
+
+def test_a_gateway_runs_its_models_on_the_cluster(cluster: LoopbackCluster,
+                                                  gateway_factory: GatewayFactory) -> None:
+    """`modelhost serve` with MODELHOST_RAY_ADDRESS (here through Ray Client): a model whose
+    `ray:` asks for node_b's resource has its worker on node_b, relayed to on 127.0.0.3; a
+    model with `ray: false` stays a local process; unloading one stops its worker on the
+    node, and the gateway's stop stops the rest."""
+    gw = gateway_factory(
+        [fake_model("on-b", None, "--host", "{host}", ray={"resources": {"node_b": 1}}),
+         fake_model("here", None, ray=False)],
+        env={"MODELHOST_RAY_ADDRESS": f"ray://127.0.0.2:{cluster.client_port}",
+             "MODELHOST_RAY_PLACEMENT_TIMEOUT": "10", "MODELHOST_RAY_LOST_AFTER": "3"})
+    for model in ("on-b", "here"):
+        resp = httpx.post(gw.url + "/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 200, resp.text
+    on_b = fake_workers(cluster, "node_b")  # on-b's (its shim and itself), not here's
+    assert on_b and all("--host" in psutil.Process(pid).cmdline() for pid in on_b)
+    local = [p for p in psutil.process_iter(["cmdline"])
+             if FAKE_WORKER in (p.info["cmdline"] or []) and "--host" not in p.info["cmdline"]]
+    assert local and not {p.pid for p in local} & node_pids(cluster, "node_b")
+    unloaded = httpx.post(gw.url + "/api/admin/models/on-b/unload", timeout=30)
+    assert unloaded.status_code == 200, unloaded.text
+    assert wait_for(lambda: not fake_workers(cluster, "node_b"), timeout=10)
+    resp = httpx.post(gw.url + "/v1/chat/completions", timeout=60, json={
+        "model": "on-b", "messages": [{"role": "user", "content": "again"}]})
+    assert resp.status_code == 200, resp.text
+    assert fake_workers(cluster, "node_b")
+    gw.stop()
+    assert wait_for(lambda: not fake_workers(cluster, "node_b"), timeout=15)

@@ -15,6 +15,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -180,6 +181,17 @@ def _on_hangup(gateway: Gateway) -> Iterator[None]:
             task.cancel()
 
 
+def _ray_cluster(settings: Settings) -> Any:
+    """The gateway's Ray cluster (`workers.ray_launcher.RayCluster`), from the settings."""
+    from modelhost.workers.ray_launcher import RayCluster, RayOptions
+    assert settings.ray_address is not None
+    return RayCluster(RayOptions(
+        address=settings.ray_address, namespace=settings.ray_namespace,
+        node_ip=settings.ray_node_ip, num_cpus=settings.ray_worker_cpus,
+        resources=settings.ray_resources, placement_timeout=settings.ray_placement_timeout,
+        heartbeat=settings.ray_heartbeat, lost_after=settings.ray_lost_after))
+
+
 def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
     if catalog is None:
         catalog = Catalog.from_file(settings.config_file)
@@ -198,6 +210,10 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                        download=hub.download, max_audio_seconds=settings.max_audio_seconds,
                        worker_log_bytes=settings.worker_log_bytes,
                        worker_log_backups=settings.worker_log_backups, client=client)
+    # Workers on a Ray cluster (docs/scale-out.md); Ray is imported only when one is set.
+    ray = _ray_cluster(settings) if settings.ray_address else None
+    if ray is not None:
+        ctx = dataclasses.replace(ctx, ray=ray)
     # Several gateways sharing PostgreSQL (docs/scale-out.md): one owns each model's worker,
     # the others relay to it; downloads run once. Nothing of it on SQLite.
     member = Member(settings.database, persistence) if Member.wanted(settings.database) \
@@ -234,6 +250,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if ray is not None:  # a wrong address fails the start, saying why
+            await ray.connect()
         await gateway.start()
         if member is not None and follower is not None:
             member.on_change = follower.heard
@@ -254,6 +272,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
             await gateway.close()
             if member is not None:
                 await member.stop()  # its locks go once the workers they guard are stopped
+            if ray is not None:
+                await ray.close()  # any worker still on the cluster
             await relay.close()
 
     # CORS only for the origins configured (none: off). Keys go in the Authorization header,

@@ -196,8 +196,8 @@ class ClusterContext(ModelContext):
 
     member: Member | None = None
 
-    def local_launcher(self) -> Launcher:  # type: ignore[override]
-        inner = super().local_launcher()
+    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
+        inner = super().local_launcher(spec)
         if self.member is None:
             return inner
         return ClusterLauncher(inner, self.member)

@@ -9,11 +9,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from modelhost.admin_policy import RemotePolicy
-from modelhost.config import HubSource, ModelSpec
+from modelhost.config import HubSource, ModelSpec, RaySpec
 from modelhost.upstream import UpstreamClient
-from modelhost.workers.launchers import LocalProcessLauncher
+from modelhost.workers.launchers import Launcher, LocalProcessLauncher
 
 
 class Target(StrEnum):
@@ -57,8 +58,24 @@ class ModelContext:
     remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
     # The gateway's HTTP client (the relay's): remote servers' readiness probes.
     client: UpstreamClient = field(default_factory=UpstreamClient)
+    # A Ray cluster for the workers (settings.ray_address; `workers.ray_launcher.RayCluster`,
+    # typed loosely so that Ray is imported only where one is configured).
+    ray: Any = None
 
-    def local_launcher(self) -> LocalProcessLauncher:
+    def on_cluster(self, spec: ModelSpec) -> bool:
+        """Whether `spec`'s worker runs on the Ray cluster (which places it itself)."""
+        return self.ray is not None and spec.ray is not False
+
+    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
+        """The launcher of a model that is not `remote`: a Ray actor on the cluster when
+        there is one (`on_cluster`), else a process on this machine."""
+        if spec is not None and self.on_cluster(spec):
+            from modelhost.workers.ray_launcher import RayLauncher
+            own = spec.ray if isinstance(spec.ray, RaySpec) else RaySpec()
+            return RayLauncher(self.ray, self.log_dir, self.stop_timeout, self.hf_token,
+                               self.max_audio_seconds, self.worker_log_bytes,
+                               self.worker_log_backups, resources=own.resources,
+                               num_cpus=own.num_cpus)
         return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
                                     self.max_audio_seconds, self.worker_log_bytes,
                                     self.worker_log_backups)

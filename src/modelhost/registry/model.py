@@ -510,9 +510,8 @@ class Model:
         """Start a worker and wait until it answers; return its base URL.
 
         The launcher says where it runs (`workers.launchers`): a `remote` model's server,
-        else a local process on the GPUs the scheduler gives. A launcher for workers on
-        other machines (a Ray cluster, issue 18) is chosen here too, from the spec or a
-        setting, and places its workers itself.
+        else a local process on the GPUs the scheduler gives, or a Ray actor on a node the
+        cluster chooses (`ModelContext.local_launcher`).
         """
         spec = self.spec
         self._running_pin = self._pin
@@ -520,9 +519,9 @@ class Model:
         if spec.backend is Backend.remote:
             policy = self.ctx.remote_policy(spec) if self.ctx.remote_policy else None
             launcher = RemoteLauncher(self.ctx.client, policy)
-        else:
-            self._gpus = await self.scheduler.place(self)
-            launcher = self.ctx.local_launcher()
+        else:  # a cluster's workers (Ray) are placed by the cluster, on its nodes' GPUs
+            self._gpus = [] if self.ctx.on_cluster(spec) else await self.scheduler.place(self)
+            launcher = self.ctx.local_launcher(spec)
         worker = await launcher.start(spec, self._weights, self._gpus)
         self._worker = worker
         try:
@@ -568,7 +567,7 @@ class Model:
         code = exited.result()
         self.crashes += 1
         uptime = time.monotonic() - worker.started_at
-        reason = f"worker exited with status {code}"
+        reason = getattr(worker, "exit_reason", None) or f"worker exited with status {code}"
         tail = worker.tail(8)
         self._worker = None
         self._upstream = None
