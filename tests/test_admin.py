@@ -109,6 +109,8 @@ def test_put_validates_persists_and_serves(gateway_factory: GatewayFactory,
     spec = fake_model("new", tmp_path / "ev", aliases=["n"])
     resp = httpx.put(gw.url + "/api/admin/models/new", json=spec)
     assert resp.status_code == 200, resp.text
+    assert resp.json()["source"] == "api"
+    assert httpx.get(gw.url + "/api/admin/models/fake").json()["source"] == "file"
     chat = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
         "model": "n", "messages": [{"role": "user", "content": "x"}]})
     assert chat.status_code == 200

@@ -242,6 +242,8 @@ class Gateway:
             "target": model.target.value,
             "task": model.spec.task.value,
             "backend": model.spec.backend.value,
+            # Where its spec comes from: the admin API, or the models file (built-ins too).
+            "source": "api" if model.spec.id in self.api_models else "file",
             "aliases": model.spec.aliases,
             "gpus": model.gpus,
             "gpu_override": list(model.pin) if model.pin is not None else None,

@@ -110,6 +110,8 @@
     $("act-unload").disabled = !["ready", "starting"].includes(s);
     $("act-download").disabled = !(s === "absent" || s === "failed") || !(m.spec.source && m.spec.source.hf);
     $("act-cancel").disabled = s !== "downloading";
+    $("act-delete").disabled = m.source !== "api";  // a models-file model is removed there
+    $("act-delete").title = m.source === "api" ? "" : "declared in the models file: remove it there";
     $("act-delete-cache").disabled = !(m.spec.source && m.spec.source.hf) || ["ready", "starting", "downloading", "stopping"].includes(s);
     showDownload(m);
   }
