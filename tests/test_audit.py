@@ -216,6 +216,11 @@ def test_admin_actions_recorded_with_key_ids_never_secrets(gateway_factory: Gate
     admin_id, other_id = key_id(ADMIN_KEY), key_id(OTHER_ADMIN_KEY)
     assert [e["actor"] for e in oldest_first] == [admin_id, other_id] + [admin_id] * 9
     assert oldest_first[-1]["detail"]["query"] == {"token": "***"}
+    # The model's own history names the same actor (the key's id), for its creation and its
+    # deletion alike.
+    history = httpx.get(base + "/models/added/history", headers=ADMIN, timeout=10).json()
+    assert [(h["action"], h["actor"]) for h in history["data"]] == [
+        ("created", admin_id), ("deleted", admin_id)]
     assert oldest_first[6]["outcome"] == "model_not_found"
     assert oldest_first[0]["outcome"] == "ok"
     assert oldest_first[1]["detail"]["query"] == {"wait": "true"}

@@ -18,9 +18,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 from modelhost.errors import Forbidden, ModelhostError, Unauthorized
 from modelhost.serving.answers import Answer, error_answer
+
+# Who the admin request being served acts for (its key's id, `KeyGuard.actor`), set by the
+# audit middleware for the request's task: what the gateway writes in a model's history.
+acting: ContextVar[str] = ContextVar("acting", default="admin-api")
 
 # What a request's Authorization header proves (`KeyGuard.role`): bit flags, a key listed in
 # both settings has both.

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from modelhost.admin_policy import RemotePolicy, check_code, remote_url
+from modelhost.auth import acting
 from modelhost.catalog import Catalog
 from modelhost.config import (
     UNION_TAGS,
@@ -408,11 +409,11 @@ class Gateway:
             # A model of the models file (or a built-in one) stays the file's: the change
             # lasts until the file changes its entry (a reload) or the gateway restarts.
             api = existing is None or existing.id in self.api_models
-            body = spec_json(spec)
+            body, actor = spec_json(spec), acting.get()
             await self._commit(spec.id, spec_secrets(spec) if api else None,
                                lambda store: store.upsert_model(
                                    body, spec.id, source="api" if api else "file",
-                                   actor="admin-api"))
+                                   actor=actor))
             if api:
                 self.api_models.add(spec.id)
             self._refresh_secrets(spec)
@@ -463,11 +464,11 @@ class Gateway:
                 if owner is not None and owner.id != spec.id:
                     raise Conflict(f"name '{name}' is now used by model '{owner.id}'")
             api = spec.id in self.api_models
-            body = spec_json(spec)
+            body, actor = spec_json(spec), acting.get()
             await self._commit(spec.id, spec_secrets(spec) if api else None,
                                lambda store: store.upsert_model(
                                    body, spec.id, source="api" if api else "file",
-                                   actor="admin-api",
+                                   actor=actor,
                                    rollback=f"rollback to version {number}, asked"))
             self._refresh_secrets(spec)
             try:
@@ -565,8 +566,9 @@ class Gateway:
             if model_id not in self.api_models:
                 raise Conflict(f"model '{model_id}' is declared in the models file or built "
                                "in; remove it there")
+            actor = acting.get()
             await self._commit(model_id, None,
-                               lambda store: store.delete_model(model_id, actor="admin-api"))
+                               lambda store: store.delete_model(model_id, actor=actor))
             await self.rollouts.settle(model_id)
             await self.registry.remove(model_id)
             self.api_models.discard(model_id)

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelhost.auth import KeyGuard
+from modelhost.auth import KeyGuard, acting
 from modelhost.db.audit import AuditEntry
 from modelhost.db.schema import utcnow
 from modelhost.gateway import Gateway
@@ -128,6 +128,7 @@ class AuditLog:
             await send(message)
 
         crashed = False
+        acting.set(self.guard.actor(_authorization(scope)))  # this task's: the history's actor
         try:
             await self.app(scope, receive_peeking, send_peeking)
         except Exception:  # answered 500 by the app's last handler, outside this one
@@ -144,11 +145,7 @@ class AuditLog:
 
     def _record(self, scope: Scope, action: str, target: str | None, at: Any,
                 started: float, status: int, body: bytes, answer: bytes) -> None:
-        raw = None
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                raw = bytes(value)
-                break
+        raw = _authorization(scope)
         client = scope.get("client")
         detail: dict[str, Any] = {"duration_ms": round((time.monotonic() - started) * 1000)}
         if scope.get("query_string"):
@@ -185,3 +182,11 @@ class AuditLog:
             self._pruned = now
             cutoff = utcnow() - self.retention
             persistence.later(lambda store: store.prune_audit(cutoff))
+
+
+def _authorization(scope: Scope) -> bytes | None:
+    """The request's first Authorization header (the one the gate judged)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return bytes(value)
+    return None
