@@ -222,6 +222,11 @@ class ModelSpec(_Strict):
     max_queue: int = Field(
         256, ge=0, description="Requests allowed to wait; beyond this the gateway answers 429."
     )
+    replicas: int = Field(
+        1, ge=1, description="Workers of this model (on this machine, or across Ray nodes); "
+        "each request goes to the ready one with the fewest in flight. max_concurrency is per "
+        "replica (the model takes N times as many at once); max_queue is the model's."
+    )
     idle_ttl: float = Field(
         900.0, ge=0, description="Seconds without requests before the worker is stopped "
         "(0 keeps it loaded)."

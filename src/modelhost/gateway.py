@@ -259,6 +259,14 @@ class Gateway:
                 "pid": worker.pid, "port": worker.port,
                 "uptime_seconds": round(time.monotonic() - worker.started_at, 1),
             },
+            # `replicas: N` > 1: each worker's state, address and calls in flight.
+            "replicas": None if model.replicas is None else [
+                {**card, "error": self.scrub(card["error"]) if card["error"] else None}
+                for card in model.replicas.cards({
+                    "replica": 0, "state": model.state.value, "restarts": model.restarts,
+                    "base_url": worker.base_url if worker is not None else None,
+                    "pid": worker.pid if worker is not None else None,
+                    "error": model.last_error})],
             "spec": redact_spec(spec_dict(model.spec)),
             "rollout": self.scrub.value(rollout.as_dict())
             if (rollout := self.rollouts.last.get(model.spec.id)) is not None else None,

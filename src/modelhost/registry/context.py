@@ -32,6 +32,14 @@ class Pin:
     gpus: tuple[int, ...] | None
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """Where a model goes back to if the load asked with a new pin fails."""
+
+    pin: tuple[int, ...] | None
+    reload: bool  # it was loaded: load it again there
+
+
 class DownloadCancelled(Exception):
     """The download was cancelled; the model goes back to `absent`."""
 

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from modelhost.admission import Admission
@@ -33,6 +32,7 @@ from modelhost.gpu.scheduler import Scheduler
 from modelhost.registry.context import (
     DownloadCancelled,
     DownloadFn,
+    Fallback,
     ModelContext,
     Pin,
     Progress,
@@ -45,6 +45,7 @@ from modelhost.registry.errors import (
     not_downloaded,
 )
 from modelhost.registry.lifecycle import State, check_transition
+from modelhost.registry.replicas import HEALTHY_UPTIME, MAX_BACKOFF, Replicas
 from modelhost.workers.launchers import Launcher, RemoteLauncher, Worker
 from modelhost.workers.process import BackendConfigError, WorkerStartError
 
@@ -53,9 +54,6 @@ __all__ = ["DownloadCancelled", "DownloadFn", "Listener", "Model", "ModelContext
 
 log = logging.getLogger(__name__)
 
-# A worker that stayed up this long is healthy again: its crash count starts over.
-HEALTHY_UPTIME = 60.0
-MAX_BACKOFF = 30.0
 # A failed model is retried by the next request only after this many seconds.
 FAILED_RETRY_AFTER = 10.0
 
@@ -63,21 +61,14 @@ FAILED_RETRY_AFTER = 10.0
 Listener = Callable[["Model", State], None]
 
 
-@dataclass(frozen=True)
-class _Fallback:
-    """Where a model goes back to if the load asked with a new pin fails."""
-
-    pin: tuple[int, ...] | None
-    reload: bool  # it was loaded: load it again there
-
-
 class Model:
     def __init__(self, spec: ModelSpec, ctx: ModelContext, scheduler: Scheduler) -> None:
         self.spec = spec
         self.ctx = ctx
         self.scheduler = scheduler
-        # At most `max_concurrency` requests at the worker, a bounded queue (429 past it).
-        self.admission = Admission(spec.id, spec.max_concurrency, spec.max_queue)
+        # At most `max_concurrency` requests at each worker, a bounded queue (429 past it).
+        workers = 1 if spec.backend is Backend.remote else spec.replicas
+        self.admission = Admission(spec.id, spec.max_concurrency * workers, spec.max_queue)
         self.last_used = time.monotonic()  # requests mark their uses (ready_upstream, release)
         self.usage: dict[str, float] = {}  # audio_seconds, input_tokens (`count`)
         self.listeners: list[Listener] = []
@@ -93,7 +84,7 @@ class Model:
         self._gpus: list[int] = []  # where the current worker runs
         self._pin: tuple[int, ...] | None = None  # asked for by a load request
         self._running_pin: tuple[int, ...] | None = None  # the pin the worker started with
-        self._fallback: _Fallback | None = None
+        self._fallback: Fallback | None = None
         self._download_progress: dict[str, object] | None = None
         self._failed_at = 0.0
         self._target = Target.stopped
@@ -110,6 +101,10 @@ class Model:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # `replicas: N` > 1: workers 1 … N-1 (`registry.replicas`); None keeps N = 1 as it was.
+        self.replicas = None if workers == 1 else \
+            Replicas(self.name, spec, lambda: ctx.local_launcher(spec), lambda: self._weights,
+                     lambda: self._gpus)
 
     # -- what the owner keeps, read-only ------------------------------------------------
 
@@ -135,8 +130,8 @@ class Model:
 
     @property
     def connect_to(self) -> tuple[str, ...] | None:
-        """A remote added through the admin API: the addresses its URL was checked to
-        resolve to at load, where the relay connects (None: resolve the name)."""
+        """A remote added through the admin API: the addresses its URL resolved to when
+        checked at load, where the relay connects (None: resolve the name)."""
         if self._successor is not None:
             return self._successor.connect_to
         return self._worker.connect_to if self._worker is not None else None
@@ -230,8 +225,8 @@ class Model:
         while True:
             if self._successor is not None:
                 return await self._successor.ensure_ready(max(deadline - time.monotonic(), 0))
-            if self._state is State.ready and self._upstream is not None:
-                return self._upstream
+            if (upstream := self.ready_upstream()) is not None:
+                return upstream
             if self._state is State.failed and self._failures != failures:
                 raise ModelFailed(name, retry_after=FAILED_RETRY_AFTER, while_loading=True)
             if self._target is not Target.ready:
@@ -249,6 +244,8 @@ class Model:
         if self._successor is not None:
             return self._successor.ready_upstream()
         self.last_used = time.monotonic()
+        if self.replicas is not None:  # the least loaded ready replica, even while 0 restarts
+            return self.replicas.pick(self._upstream if self._state is State.ready else None)
         if self._state is State.ready:
             return self._upstream
         return None
@@ -258,8 +255,7 @@ class Model:
         self.last_used = time.monotonic()
         self.admission.release()
 
-    def count(self, key: str, amount: float) -> None:
-        """Add what a request consumed (`audio_seconds`, `input_tokens`) to the usage."""
+    def count(self, key: str, amount: float) -> None:  # audio_seconds, input_tokens
         self.usage[key] = self.usage.get(key, 0.0) + amount
 
     def answered(self, status: int) -> None:
@@ -292,8 +288,7 @@ class Model:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed(self) -> None:
-        """Return at the next state change."""
+    async def changed(self) -> None:  # returns at the next state change
         await self._changed.wait()
 
     async def wait_for(self, states: set[State]) -> None:
@@ -307,7 +302,7 @@ class Model:
         idle reaper and evictions ask for `stopped`."""
         if pin is not None and pin.gpus != self._pin:
             if self._fallback is None:
-                self._fallback = _Fallback(self._pin, reload=self._state is State.ready)
+                self._fallback = Fallback(self._pin, reload=self._state is State.ready)
             self._pin = pin.gpus
             if self._state is State.ready and not self.moving:  # already on those GPUs
                 self._running_pin, self._fallback = self._pin, None
@@ -346,6 +341,8 @@ class Model:
         worker = self._worker
         if worker is not None and not worker.watched:  # a remote server: nothing to restart
             return False
+        if self.replicas and (lost := await self.replicas.lost(base, grace)) is not None:
+            return lost
         deadline = time.monotonic() + grace
         while self._upstream == base and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -481,6 +478,8 @@ class Model:
             if self._running_pin == self._pin:
                 self._fallback = None  # the pin asked for works: it stays
             self._set(State.ready)
+            if self.replicas is not None:
+                self.replicas.run()
             return
         # Unloaded while starting.
         self._set(State.stopping)
@@ -588,6 +587,8 @@ class Model:
 
     async def _stop_worker(self) -> None:
         self._upstream = None
+        if self.replicas is not None:
+            await self.replicas.stop()
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from modelhost.errors import UpstreamError
 from modelhost.metrics.requests import RequestMetrics
 from modelhost.registry.model import Model
+from modelhost.registry.replicas import Replica
 from modelhost.requestid import for_worker
 from modelhost.serving.answers import Answer, error_answer
 from modelhost.serving.failures import (
@@ -134,6 +135,7 @@ class Relay:
             call._use(call.prompt, 0)
             return data
         finally:
+            call._let_go()
             model.release()
 
 
@@ -157,8 +159,8 @@ class Call:
     """One request relayed to a model's worker (module docstring)."""
 
     __slots__ = ("audio", "body", "content_type", "extra", "headers", "inputs", "key",
-                 "model", "path", "prompt", "relay", "reply", "request_id", "scan", "t0",
-                 "t_ready", "t_sent", "tally")
+                 "model", "path", "picked", "prompt", "relay", "replica", "reply",
+                 "request_id", "scan", "t0", "t_ready", "t_sent", "tally")
 
     def __init__(self, relay: Relay, model: Model, path: str, body: Body,
                  headers: Mapping[str, str], request_id: bytes = b"") -> None:
@@ -185,6 +187,23 @@ class Call:
         self.inputs = self.prompt = 0
         self.audio = 0.0
         self.scan = 0  # 0: no stream usage; KEEP_USAGE or DROP_USAGE
+        # A model of several replicas: the one this call is at (None: replica 0), counted in
+        # its in-flight number until the call lets go of it (`picked` while it is).
+        self.picked = False
+        self.replica: Replica | None = None
+
+    def _pick(self, base: str) -> None:
+        replicas = self.model.replicas
+        if replicas is not None:
+            self._let_go()
+            self.replica, self.picked = replicas.took(base), True
+
+    def _let_go(self) -> None:
+        if self.picked:
+            self.picked = False
+            replicas = self.model.replicas
+            if replicas is not None:
+                replicas.done(self.replica)
 
     # -- what the answer says of the call, and what it is counted as -------------------
 
@@ -230,6 +249,7 @@ class Call:
         """`RelayStream`'s end: counted, with its first chunk's time (and the usage its
         `scan` found: a broken stream used what it generated, and is counted as far as
         known)."""
+        self._let_go()
         tally = self.tally
         if tally is not None and first is not None:
             RequestMetrics.first_token(tally, first - self.t0)
@@ -261,6 +281,7 @@ class Call:
                 raise ClientLeft(model)
             resp = await self.send(gone)
         except BaseException:
+            self._let_go()
             model.release()
             raise
         return await self.finish(resp)
@@ -310,6 +331,7 @@ class Call:
             return answer
         finally:
             if not released:
+                self._let_go()
                 model.release()
 
     async def send(self, gone: Gone | None = None) -> UpstreamResponse:
@@ -321,6 +343,7 @@ class Call:
             if gone is not None and gone():  # left while its model was loading
                 raise ClientLeft(model)
             self.t_ready = self.t_sent = time.perf_counter()
+            self._pick(base)
             try:
                 return await relay.client.request(base, "POST", self.path, self.headers,
                                                   self.body, connect_to=model.connect_to,
@@ -372,6 +395,8 @@ class Call:
         if resp is None:
             model.admission.release()
             return False
+        if model.replicas is not None:
+            self._pick(base)
         resp.abandoned = reply.gone  # a client that leaves frees the slot within a second
         return True
 
@@ -391,6 +416,8 @@ class Call:
         resp.listener = None
         data = resp.take_body()
         resp.release()
+        if self.picked:  # a model of several replicas
+            self._let_go()
         self.model.release()
         assert self.reply is not None
         answer = Answer(data, resp.status, self.content_type.encode("latin-1"))
@@ -401,6 +428,7 @@ class Call:
     def failed(self, resp: UpstreamResponse, exc: BaseException) -> None:
         resp.listener = None
         resp.close()
+        self._let_go()
         self.model.release()
         reply = self.reply
         assert reply is not None

@@ -1,0 +1,205 @@
+"""The extra replicas of a model whose spec asks for `replicas: N` (N > 1).
+
+The model's own worker (`Model`, driven by its owner task) is replica 0: its lifecycle is
+the model's, unchanged. The N - 1 others are kept here, each by its own small task: started
+once the model is first ready, with the same launcher (a local process on its own port, or
+a Ray actor that reserves its own resources, so that the cluster may place it on another
+node), watched, restarted with the model's backoff when its worker exits, and stopped with
+the model's worker. Requests go to the ready replica with the fewest in flight (`pick`); a
+replica whose worker exits leaves the rotation at once. While replica 0 restarts the model
+is `starting`, yet the others still serve (`Model.ready_upstream`).
+
+In flight is counted by the relay's calls (`took` when a call picks a replica, `done` at its
+release); N = 1 has no `Replicas` at all, so its path is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelhost.config import ModelSpec
+from modelhost.workers.launchers import Launcher, Worker
+
+log = logging.getLogger(__name__)
+
+# A worker that stayed up this long is healthy again: its crash count starts over.
+HEALTHY_UPTIME = 60.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass(eq=False)
+class Replica:
+    index: int
+    state: str = "stopped"  # starting, ready, stopped, failed
+    worker: Worker | None = None
+    base: str | None = None  # while ready
+    in_flight: int = 0
+    served: int = 0
+    restarts: int = 0
+    error: str | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def card(self) -> dict[str, Any]:
+        return {"replica": self.index, "state": self.state, "base_url": self.base,
+                "in_flight": self.in_flight, "served": self.served,
+                "restarts": self.restarts, "error": self.error,
+                "pid": self.worker.pid if self.worker is not None else None}
+
+
+class Replicas:
+    """Replicas 1 … N-1 of one model (see the module's docstring)."""
+
+    def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[], Launcher],
+                 weights: Callable[[], Path | None], gpus: Callable[[], list[int]]) -> None:
+        self.name = name
+        self.spec = spec
+        self._launcher = launcher
+        self._weights = weights
+        self._gpus = gpus
+        self.extra = [Replica(i) for i in range(1, spec.replicas)]
+        self.primary_in_flight = 0  # replica 0's (the model's own worker)
+        self.primary_served = 0
+
+    # -- the request path ----------------------------------------------------------------
+
+    def pick(self, primary: str | None) -> str | None:
+        """The base URL of the ready replica with the fewest in flight (`primary`: replica
+        0's when it is ready), None when none is."""
+        best, load = primary, self.primary_in_flight if primary is not None else 1 << 30
+        for replica in self.extra:
+            if replica.base is not None and replica.in_flight < load:
+                best, load = replica.base, replica.in_flight
+        return best
+
+    def took(self, base: str) -> Replica | None:
+        """A call picked the replica at `base`: the replica to hand back to `done` (None
+        for replica 0, the model's own worker)."""
+        for replica in self.extra:
+            if replica.base == base:
+                replica.in_flight += 1
+                replica.served += 1
+                return replica
+        self.primary_in_flight += 1
+        self.primary_served += 1
+        return None
+
+    def done(self, replica: Replica | None) -> None:
+        """A call that `took` `replica` released it."""
+        if replica is not None:
+            replica.in_flight = max(replica.in_flight - 1, 0)
+        else:
+            self.primary_in_flight = max(self.primary_in_flight - 1, 0)
+
+    def at(self, base: str) -> Replica | None:
+        for replica in self.extra:
+            if replica.base == base:
+                return replica
+        return None
+
+    async def lost(self, base: str, grace: float) -> bool | None:
+        """After a connection to `base` failed: None when `base` is no extra replica's; else
+        True once its worker's exit was noticed (it left the rotation), within `grace`."""
+        replica = self.at(base)
+        if replica is None:
+            return None
+        deadline = time.monotonic() + grace
+        while replica.base == base and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return replica.base != base
+
+    def cards(self, primary: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**primary, "in_flight": self.primary_in_flight,
+                 "served": self.primary_served}] + [r.card() for r in self.extra]
+
+    # -- the owner's ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start the replicas that are not running (the model just became ready)."""
+        for replica in self.extra:
+            if replica.task is None or replica.task.done():
+                replica.restarts = 0 if replica.state == "failed" else replica.restarts
+                replica.task = asyncio.create_task(
+                    self._keep(replica), name=f"replica:{self.name}:{replica.index}")
+
+    async def stop(self) -> None:
+        """Stop every extra replica (the model's worker is stopping)."""
+        tasks = [r.task for r in self.extra if r.task is not None and not r.task.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep(self, replica: Replica) -> None:
+        spec = self.spec
+        try:
+            while True:
+                replica.state = "starting"
+                try:
+                    worker = await self._launcher().start(spec, self._weights(), self._gpus())
+                except Exception as exc:  # told on the card; retried with backoff
+                    if not await self._backoff(replica, f"start failed: {exc}"):
+                        return
+                    continue
+                replica.worker = worker
+                try:
+                    await worker.wait_ready(spec.start_timeout)
+                except Exception as exc:
+                    await worker.stop()
+                    replica.worker = None
+                    if not await self._backoff(replica, str(exc)):
+                        return
+                    continue
+                replica.base, replica.state, replica.error = worker.base_url, "ready", None
+                log.info("model %s: replica %d ready at %s", self.name, replica.index,
+                         worker.base_url)
+                if not worker.watched:
+                    await asyncio.Event().wait()
+                code = await worker.wait()
+                replica.base = None  # out of the rotation at once
+                replica.worker = None
+                uptime = time.monotonic() - worker.started_at
+                if uptime > HEALTHY_UPTIME:
+                    replica.restarts = 0
+                reason = getattr(worker, "exit_reason", None) or \
+                    f"worker exited with status {code}"
+                if not await self._backoff(replica, reason):
+                    return
+        finally:
+            replica.base = None
+            worker_ = replica.worker
+            replica.worker = None
+            if replica.state != "failed":
+                replica.state = "stopped"
+            if worker_ is not None:
+                await _quietly(worker_.stop())
+
+    async def _backoff(self, replica: Replica, reason: str) -> bool:
+        """Wait before the next start; False when the restarts ran out (failed)."""
+        replica.error = reason
+        if replica.restarts >= self.spec.max_restarts:
+            replica.state = "failed"
+            log.error("model %s: replica %d failed: %s; gave up after %d restart(s)",
+                      self.name, replica.index, reason, replica.restarts)
+            return False
+        replica.restarts += 1
+        delay = min(0.5 * 2 ** (replica.restarts - 1), MAX_BACKOFF)
+        replica.state = "starting"
+        log.warning("model %s: replica %d: %s; restart %d/%d in %.1f s", self.name,
+                    replica.index, reason, replica.restarts, self.spec.max_restarts, delay)
+        await asyncio.sleep(delay)
+        return True
+
+
+async def _quietly(stopping: Awaitable[None]) -> None:
+    try:
+        await asyncio.shield(stopping)
+    except Exception as exc:  # a worker that will not stop is the launcher's to report
+        log.warning("replica stop failed: %s", exc)
