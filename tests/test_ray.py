@@ -19,6 +19,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +53,6 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ra
 from modelhost.workers.launchers import Launcher, Worker  # noqa: E402
 from modelhost.workers.process import WorkerStartError  # noqa: E402
 from modelhost.workers.ray_launcher import (  # noqa: E402
-    LOST,
     RayCluster,
     RayLauncher,
     RayOptions,
@@ -363,9 +363,17 @@ class RayModelContext(ModelContext):
 
     cluster: RayCluster | None = None
 
-    def local_launcher(self) -> RayLauncher:  # type: ignore[override]
+    def local_launcher(self, spec: ModelSpec | None = None) -> RayLauncher:
         assert self.cluster is not None
         return RayLauncher(self.cluster, self.log_dir, self.stop_timeout)
+
+
+def alive_node_b(cluster: LoopbackCluster) -> None:
+    """node_b, started again (same address and resources) if an earlier test killed it."""
+    node_b = next(n for n in cluster.nodes if n.name == "node_b")
+    if node_b.process.poll() is not None:
+        cluster.nodes.remove(node_b)
+        cluster.start_node("node_b", "127.0.0.3", {"node_b": 1}, gpus=2)
 
 
 async def _no_download(*args: Any) -> Path:
@@ -410,7 +418,7 @@ def test_node_death_restarts_the_model_elsewhere(
             assert "[modelhost] Ray node 127.0.0.3" in worker.tail(5)
             assert not pid_alive(pid)
             assert model.state is State.starting
-            assert model.last_error == f"worker exited with status {LOST}"
+            assert model.last_error == worker.exit_reason  # the loss, said as such
 
             url = await model.ensure_ready(30)  # restarted by its owner, on node_a
             assert url.startswith("http://127.0.0.2:")
@@ -436,6 +444,7 @@ def test_a_gateway_runs_its_models_on_the_cluster(cluster: LoopbackCluster,
     `ray:` asks for node_b's resource has its worker on node_b, relayed to on 127.0.0.3; a
     model with `ray: false` stays a local process; unloading one stops its worker on the
     node, and the gateway's stop stops the rest."""
+    alive_node_b(cluster)
     gw = gateway_factory(
         [fake_model("on-b", None, "--host", "{host}", ray={"resources": {"node_b": 1}}),
          fake_model("here", None, ray=False)],
@@ -459,3 +468,69 @@ def test_a_gateway_runs_its_models_on_the_cluster(cluster: LoopbackCluster,
     assert fake_workers(cluster, "node_b")
     gw.stop()
     assert wait_for(lambda: not fake_workers(cluster, "node_b"), timeout=15)
+
+
+@pytest.mark.timeout(300)
+def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
+        cluster: LoopbackCluster, gateway_factory: GatewayFactory) -> None:
+    """`replicas: 2`, each replica reserving one CPU (each node has one): one replica per
+    node. Under a constant load node_b is killed: no request fails (one that node_b's replica
+    had not answered is retried on node_a's), and when node_b is started again the model is
+    back to two replicas, one on each node. Kills node_b: it runs last."""
+    alive_node_b(cluster)
+    node_b = next(n for n in cluster.nodes if n.name == "node_b")
+    gw = gateway_factory(
+        [fake_model("two", None, "--host", "{host}", replicas=2, max_restarts=30,
+                    ray={"num_cpus": 1})],
+        env={"MODELHOST_RAY_ADDRESS": f"ray://127.0.0.2:{cluster.client_port}",
+             "MODELHOST_RAY_PLACEMENT_TIMEOUT": "5", "MODELHOST_RAY_LOST_AFTER": "3"})
+
+    def replicas() -> list[dict[str, Any]]:
+        cards: list[dict[str, Any]] = gw.admin_card("two")["replicas"]
+        return cards
+
+    def hosts() -> set[str]:
+        return {httpx.URL(c["base_url"]).host for c in replicas()
+                if c["state"] == "ready" and c["base_url"]}
+
+    assert httpx.post(gw.url + "/api/admin/models/two/load", timeout=60).status_code == 200
+    assert wait_for(lambda: hosts() == {"127.0.0.2", "127.0.0.3"}, 60), replicas()
+    failures: list[str] = []
+    done: list[int] = []
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    resp = http.post(gw.url + "/v1/chat/completions", json={
+                        "model": "two", "messages": [{"role": "user", "content": "hi"}],
+                        "fake": {"first_token_delay": 0.05}})
+                    if resp.status_code != 200:
+                        failures.append(f"client {index}: {resp.status_code} {resp.text}")
+                    done.append(1)
+                except httpx.HTTPError as exc:
+                    failures.append(f"client {index}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(lambda: len(done) >= 8, 30), failures
+        node_b.kill()
+        assert wait_for(lambda: hosts() == {"127.0.0.2"}, 15), replicas()
+        served = len(done)
+        time.sleep(2)
+        assert len(done) > served  # node_a's replica goes on serving
+        cluster.nodes.remove(node_b)
+        cluster.start_node("node_b", "127.0.0.3", {"node_b": 1}, gpus=2)
+        assert wait_for(lambda: hosts() == {"127.0.0.2", "127.0.0.3"}, 90), replicas()
+        served = len(done)
+        time.sleep(1)
+        assert len(done) > served
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert failures == [], failures[:5]
+    assert gw.model("two")["state"] == "ready"

@@ -104,7 +104,8 @@ class Model:
         # `replicas: N` > 1: workers 1 … N-1 (`registry.replicas`); None keeps N = 1 as it was.
         self.replicas = None if workers == 1 else \
             Replicas(self.name, spec, lambda: ctx.local_launcher(spec), lambda: self._weights,
-                     lambda: self._gpus)
+                     lambda: self._gpus, lambda: self._upstream if self._state is State.ready
+                     else None)
 
     # -- what the owner keeps, read-only ------------------------------------------------
 
@@ -341,8 +342,8 @@ class Model:
         worker = self._worker
         if worker is not None and not worker.watched:  # a remote server: nothing to restart
             return False
-        if self.replicas and (lost := await self.replicas.lost(base, grace)) is not None:
-            return lost
+        if self.replicas is not None:  # another replica takes the retry, if one is ready
+            return await self.replicas.lost(base, grace)
         deadline = time.monotonic() + grace
         while self._upstream == base and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

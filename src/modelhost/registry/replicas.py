@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # A worker that stayed up this long is healthy again: its crash count starts over.
 HEALTHY_UPTIME = 60.0
 MAX_BACKOFF = 30.0
+# A replica a call could not reach is passed over this long (its exit may be reported later).
+SHUNNED = 5.0
 
 
 @dataclass(eq=False)
@@ -57,26 +59,40 @@ class Replicas:
     """Replicas 1 … N-1 of one model (see the module's docstring)."""
 
     def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[], Launcher],
-                 weights: Callable[[], Path | None], gpus: Callable[[], list[int]]) -> None:
+                 weights: Callable[[], Path | None], gpus: Callable[[], list[int]],
+                 primary: Callable[[], str | None]) -> None:
         self.name = name
         self.spec = spec
         self._launcher = launcher
         self._weights = weights
         self._gpus = gpus
+        self._primary = primary  # replica 0's base URL while the model is ready
         self.extra = [Replica(i) for i in range(1, spec.replicas)]
         self.primary_in_flight = 0  # replica 0's (the model's own worker)
         self.primary_served = 0
+        self.shunned: dict[str, float] = {}  # base URL: until when it is passed over
 
     # -- the request path ----------------------------------------------------------------
 
     def pick(self, primary: str | None) -> str | None:
         """The base URL of the ready replica with the fewest in flight (`primary`: replica
-        0's when it is ready), None when none is."""
+        0's when it is ready), None when none is. A replica a call just failed to reach is
+        passed over for `SHUNNED` seconds, unless none other is ready."""
+        if self.shunned and primary in self.shunned and self._shunned(primary):
+            primary = None
         best, load = primary, self.primary_in_flight if primary is not None else 1 << 30
         for replica in self.extra:
-            if replica.base is not None and replica.in_flight < load:
-                best, load = replica.base, replica.in_flight
+            base = replica.base
+            if base is not None and replica.in_flight < load and not (
+                    self.shunned and base in self.shunned and self._shunned(base)):
+                best, load = base, replica.in_flight
         return best
+
+    def _shunned(self, base: str | None) -> bool:
+        if time.monotonic() < self.shunned.get(base or "", 0.0):
+            return True
+        self.shunned.pop(base or "", None)
+        return False
 
     def took(self, base: str) -> Replica | None:
         """A call picked the replica at `base`: the replica to hand back to `done` (None
@@ -103,16 +119,22 @@ class Replicas:
                 return replica
         return None
 
-    async def lost(self, base: str, grace: float) -> bool | None:
-        """After a connection to `base` failed: None when `base` is no extra replica's; else
-        True once its worker's exit was noticed (it left the rotation), within `grace`."""
+    async def lost(self, base: str, grace: float) -> bool:
+        """After a connection to the replica at `base` failed (nothing was answered): True
+        when the call may be retried, on another replica. The replica leaves the rotation
+        for `SHUNNED` seconds, before its worker's exit is even seen (a lost Ray node is
+        reported seconds later); with no other replica ready, wait up to `grace` for the
+        exit to be seen (its restart is under way: the retry waits for it)."""
+        self.shunned[base] = time.monotonic() + SHUNNED
+        if self.pick(self._primary()) not in (None, base):
+            return True
         replica = self.at(base)
-        if replica is None:
-            return None
         deadline = time.monotonic() + grace
-        while replica.base == base and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if (replica.base if replica is not None else self._primary()) != base:
+                return True
             await asyncio.sleep(0.01)
-        return replica.base != base
+        return False
 
     def cards(self, primary: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**primary, "in_flight": self.primary_in_flight,
