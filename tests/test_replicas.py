@@ -143,3 +143,17 @@ def test_one_replica_has_no_replica_cards(gateway_factory: GatewayFactory) -> No
     assert resp.status_code == 200
     card = gw.admin_card("m")
     assert card["replicas"] is None and "replicas" not in card["spec"]
+
+
+def test_a_failed_model_stops_its_other_replicas(gateway_factory: GatewayFactory,
+                                                 tmp_path: Path) -> None:
+    """Replica 0 crashes with no restart left: the model is `failed`, and its other
+    replicas are stopped with it (none is left running behind a failed model)."""
+    gw = gateway_factory([fake_model("m", tmp_path / "events", replicas=2, max_restarts=0)])
+    assert admin(gw, "POST", "/models/m/load").status_code == 200
+    assert wait_for(lambda: ready(gw, 2), 30), replicas(gw)
+    first, other = replicas(gw)
+    os.kill(first["pid"], signal.SIGKILL)
+    gw.wait_state("m", "failed", 10)
+    assert wait_for(lambda: not pid_alive(other["pid"]), 15), replicas(gw)
+    assert replicas(gw)[1]["state"] == "stopped"

@@ -393,6 +393,8 @@ class Model:
                     await self._watch()
                 elif state is State.ready:
                     await self._stop()
+                elif state is State.failed and self.replicas and self.replicas.running:
+                    await self.replicas.stop()  # a failed model serves from none of them
                 elif state is State.failed and self._retry:
                     await self._retry_failed()
                 else:

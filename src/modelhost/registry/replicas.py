@@ -150,6 +150,10 @@ class Replicas:
                 replica.task = asyncio.create_task(
                     self._keep(replica), name=f"replica:{self.name}:{replica.index}")
 
+    @property
+    def running(self) -> bool:
+        return any(r.task is not None and not r.task.done() for r in self.extra)
+
     async def stop(self) -> None:
         """Stop every extra replica (the model's worker is stopping)."""
         tasks = [r.task for r in self.extra if r.task is not None and not r.task.done()]
