@@ -7,6 +7,7 @@ admin API (a blue-green rollout) drops nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -18,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from modelhost.config import ModelSpec
+from modelhost.registry.replicas import Replicas
+from modelhost.workers.launchers import Launcher
 from tests.conftest import Gateway, GatewayFactory, fake_model, pid_alive, wait_for
 
 FAST = {"MODELHOST_ROLLOUT_WATCH_SECONDS": "1", "MODELHOST_ROLLOUT_PROBE_EVERY": "0.2",
@@ -157,3 +161,29 @@ def test_a_failed_model_stops_its_other_replicas(gateway_factory: GatewayFactory
     gw.wait_state("m", "failed", 10)
     assert wait_for(lambda: not pid_alive(other["pid"]), 15), replicas(gw)
     assert replicas(gw)[1]["state"] == "stopped"
+
+
+def no_launcher() -> Launcher:
+    raise AssertionError("no worker is started here")
+
+
+def test_the_pick_is_the_least_loaded_ready_replica_and_passes_over_a_shunned_one() -> None:
+    spec = ModelSpec.model_validate({"id": "m", "backend": "command", "replicas": 3,
+                                     "command": ["x", "{port}"]})
+    chosen = Replicas("m", spec, no_launcher, lambda: None, lambda: [], lambda: "http://a/v1")
+    one, two = chosen.extra
+    assert chosen.pick("http://a/v1") == "http://a/v1"  # the others are not ready yet
+    assert chosen.pick(None) is None
+    one.base, two.base = "http://b/v1", "http://c/v1"
+    assert chosen.took(chosen.pick("http://a/v1") or "") is None  # replica 0, none in flight
+    assert chosen.took(chosen.pick("http://a/v1") or "") is one
+    assert chosen.pick("http://a/v1") == "http://c/v1"
+    chosen.done(None)
+    assert chosen.pick("http://a/v1") == "http://a/v1"
+    # A replica a call could not reach is passed over, until it is the only one left.
+    assert asyncio.run(chosen.lost("http://a/v1", grace=0)) is True
+    assert chosen.pick("http://a/v1") == "http://c/v1"
+    one.base = two.base = None
+    assert chosen.pick("http://a/v1") == "http://a/v1"
+    chosen.done(one)
+    assert one.in_flight == 0 and chosen.primary_in_flight == 0

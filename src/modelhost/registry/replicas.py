@@ -78,20 +78,25 @@ class Replicas:
         """The base URL of the ready replica with the fewest in flight (`primary`: replica
         0's when it is ready), None when none is. A replica a call just failed to reach is
         passed over for `SHUNNED` seconds, unless none other is ready."""
-        if self.shunned and primary in self.shunned and self._shunned(primary):
-            primary = None
-        best, load = primary, self.primary_in_flight if primary is not None else 1 << 30
+        best, load = None, 1 << 30
+        if primary is not None and not (self.shunned and self._shunned(primary)):
+            best, load = primary, self.primary_in_flight
         for replica in self.extra:
             base = replica.base
             if base is not None and replica.in_flight < load and not (
-                    self.shunned and base in self.shunned and self._shunned(base)):
+                    self.shunned and self._shunned(base)):
                 best, load = base, replica.in_flight
+        if best is None and self.shunned:  # only shunned ones: better them than a wait
+            best = primary or next((r.base for r in self.extra if r.base is not None), None)
         return best
 
-    def _shunned(self, base: str | None) -> bool:
-        if time.monotonic() < self.shunned.get(base or "", 0.0):
+    def _shunned(self, base: str) -> bool:
+        until = self.shunned.get(base)
+        if until is None:
+            return False
+        if time.monotonic() < until:
             return True
-        self.shunned.pop(base or "", None)
+        del self.shunned[base]
         return False
 
     def took(self, base: str) -> Replica | None:
@@ -125,7 +130,9 @@ class Replicas:
         for `SHUNNED` seconds, before its worker's exit is even seen (a lost Ray node is
         reported seconds later); with no other replica ready, wait up to `grace` for the
         exit to be seen (its restart is under way: the retry waits for it)."""
-        self.shunned[base] = time.monotonic() + SHUNNED
+        now = time.monotonic()
+        self.shunned = {b: t for b, t in self.shunned.items() if t > now}  # dead ones go
+        self.shunned[base] = now + SHUNNED
         if self.pick(self._primary()) not in (None, base):
             return True
         replica = self.at(base)
