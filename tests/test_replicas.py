@@ -22,7 +22,14 @@ import httpx
 from modelhost.config import ModelSpec
 from modelhost.registry.replicas import Replicas
 from modelhost.workers.launchers import Launcher
-from tests.conftest import Gateway, GatewayFactory, fake_model, pid_alive, wait_for
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    fake_model,
+    pid_alive,
+    wait_for,
+    wait_gone,
+)
 
 FAST = {"MODELHOST_ROLLOUT_WATCH_SECONDS": "1", "MODELHOST_ROLLOUT_PROBE_EVERY": "0.2",
         "MODELHOST_ROLLOUT_MIN_REQUESTS": "3", "MODELHOST_ROLLOUT_PROBE_TIMEOUT": "20",
@@ -111,6 +118,8 @@ def test_three_replicas_share_the_load_and_survive_a_kill(gateway_factory: Gatew
     assert not pid_alive(victim["pid"]) and not pid_alive(first["pid"])
     assert all(c["in_flight"] == 0 for c in cards), cards  # every call let go of its replica
     assert served(cards[1]) > 0
+    gw.stop()  # every replica's worker goes with the gateway
+    assert all(wait_gone(c["pid"]) for c in cards), cards
 
 
 def test_scaling_through_the_admin_api_drops_nothing(gateway_factory: GatewayFactory,
