@@ -220,7 +220,8 @@ def test_smollm2_update_rollback_and_broken_update_under_load(
     steps = history(gw, model)
     assert [(h["version"], h["action"], h["actor"]) for h in steps] == [
         (1, "created", "config-file"), (2, "updated", "config-file"),
-        (3, "rollback", "admin-api"), (4, "updated", "admin-api"),
+        # Through the admin API, named by the key (none configured here: anonymous).
+        (3, "rollback", "anonymous"), (4, "updated", "anonymous"),
         (5, "updated", "config-file"), (6, "rollback", "rollout")]
     assert steps[2]["spec"] == first == steps[0]["spec"]
     assert "rollback to version 1" in steps[2]["reason"]
