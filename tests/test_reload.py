@@ -168,4 +168,4 @@ def test_a_declared_model_changed_through_the_api_stays_the_files(
     assert list(reload(gw).json()["changed"]) == ["a"]
     assert admin(gw, "/models/a")["spec"]["idle_ttl"] == 22
     assert [(h["action"], h["actor"]) for h in admin(gw, "/models/a/history")["data"]] == [
-        ("created", "config-file"), ("updated", "admin-api"), ("updated", "config-file")]
+        ("created", "config-file"), ("updated", "anonymous"), ("updated", "config-file")]
