@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import resource
@@ -20,7 +19,7 @@ from modelhost.cli_check import check
 from modelhost.cli_doctor import doctor
 from modelhost.config import ConfigError, json_schema, load_models_file
 from modelhost.errors import validation_message
-from modelhost.settings import Settings
+from modelhost.settings import Settings, is_loopback
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -94,17 +93,6 @@ def serve(host: str | None = None, port: int | None = None, config_file: Path | 
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost."""
-    name = host.strip().lower().strip("[]").rstrip(".")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _open_files_for(connections: int) -> None:

@@ -8,6 +8,7 @@ The names of the gateway this project grew from (``API_HOST``, ``API_PORT``,
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,3 +236,15 @@ class Settings(BaseSettings):
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (`api_host`) is 127.0.0.0/8, ::1 or localhost: a server there is
+    reachable from this machine only."""
+    name = host.strip().lower().strip("[]").rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

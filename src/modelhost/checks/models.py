@@ -3,7 +3,6 @@ start timeouts) and the process settings (a public address without keys)."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from modelhost.config import (
     UrlSource,
     load_models_file,
 )
-from modelhost.settings import Settings
+from modelhost.settings import Settings, is_loopback
 
 
 def looks_like_models_file(root: Node | None) -> bool:
@@ -102,17 +101,6 @@ def _error_line(message: str, root: Node | None) -> int | None:
         if id_node is not None and id_node.scalar() == match[1]:
             return id_node.line
     return None
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost (as `modelhost serve` judges it; not imported from the
-    CLI, which imports this package)."""
-    name = host.strip().lower().strip("[]").rstrip(".")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def check_settings(settings: Settings) -> list[Finding]:
