@@ -3,6 +3,9 @@
     .venv/bin/python -m bench            quick mode (a few minutes)
     .venv/bin/python -m bench --full     full mode (longer, more rates and rounds)
     .venv/bin/python -m bench --only overhead,streaming,profile,model,large
+    .venv/bin/python -m bench --ray      also the "ray" part: the relay to a worker on another
+                                         Ray node (a two-node cluster on loopback; about two
+                                         minutes more; needs Ray); --only ray runs it alone
     .venv/bin/python -m bench --report   render docs/benchmarks.md from bench/results/ only
     .venv/bin/python -m bench --scrape 15   the "modelhost (scraped)" arm scraped every 15 s
                                             (default 1 s; 0 leaves that arm out)
@@ -22,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("overhead", "streaming", "profile", "model", "large")
+PARTS = ("overhead", "streaming", "profile", "model", "large")  # the default run
+OPT_IN = ("ray",)  # run when named in --only, or with --ray
 
 
 def install_requirements() -> None:
@@ -59,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="the long run (default: quick)")
     parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts to run, of {', '.join(PARTS)}")
+                        help=f"comma-separated parts to run, of {', '.join(PARTS + OPT_IN)} "
+                             f"(default: {','.join(PARTS)})")
+    parser.add_argument("--ray", action="store_true",
+                        help="also run the 'ray' part: what the relay to a worker on another "
+                             "Ray node costs per request (a two-node Ray cluster on loopback, "
+                             "two gateways, one with a local worker and one with its worker on "
+                             "the other node; about two minutes; skipped where Ray is not "
+                             "installed)")
     parser.add_argument("--no-litellm", action="store_true",
                         help="leave out the LiteLLM arm (it is then reported as not run)")
     parser.add_argument("--no-install", action="store_true",
@@ -77,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                              "temporary folder) instead of the working tree's")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
+    if args.ray and "ray" not in parts:
+        parts.append("ray")
+    unknown = set(parts) - set(PARTS + OPT_IN)
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     if args.scrape < 0:

@@ -59,8 +59,10 @@ def start_upstream(procs: Procs, cpus: set[int] | None) -> Arm:
 
 def start_modelhost(procs: Procs, workdir: Path, models: list[dict[str, Any]], *,
                     cpus: set[int] | None = None, include_builtin: bool = False,
-                    name: str = "modelhost", log_level: str | None = None) -> Arm:
-    """`python -m modelhost serve --config FILE --port P`, with an API key, as users run it."""
+                    name: str = "modelhost", log_level: str | None = None,
+                    env: dict[str, str] | None = None) -> Arm:
+    """`python -m modelhost serve --config FILE --port P`, with an API key, as users run it
+    (`env`: more settings, e.g. MODELHOST_RAY_ADDRESS)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"include_builtin": include_builtin, "models": models},
@@ -71,6 +73,7 @@ def start_modelhost(procs: Procs, workdir: Path, models: list[dict[str, Any]], *
              "HF_HUB_OFFLINE": "1", "MODELHOST_STOP_TIMEOUT": "5"}
     if log_level is not None:
         extra["LOG_LEVEL"] = log_level
+    extra.update(env or {})
     proc = procs.start(name, [sys.executable, "-m", "modelhost", "serve", "--config",
                               str(config), "--port", str(port)],
                        env=clean_env(**extra), cpus=cpus, cwd=workdir)

@@ -26,13 +26,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 from .arms import ADMIN_KEY, Arm, remote_models, start_modelhost, start_upstream
-from .loadgen import Client, closed_loop_max
-from .overhead import BODY, MODEL
+from .overhead import MODEL, cpu_per_request
 from .procs import Procs, pinning_possible
 from .runner import GATEWAY_CPUS, LOAD_CPUS, ROOT
 
@@ -44,21 +42,6 @@ def export(rev: str, folder: Path) -> Path:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder / "src"
-
-
-async def cpu_per_request(arm: Arm, concurrency: int, seconds: float) -> tuple[float, float]:
-    """The gateway's CPU µs per request and the requests per second, in a closed loop."""
-    client = Client(arm.target)
-    try:
-        await closed_loop_max(client, BODY, concurrency, 0.5)  # warm connections
-        cpu0, t0 = arm.proc.cpu_seconds(), time.perf_counter()
-        rps, errors = await closed_loop_max(client, BODY, concurrency, seconds)
-        cpu1, t1 = arm.proc.cpu_seconds(), time.perf_counter()
-    finally:
-        client.close()
-    if errors:
-        raise RuntimeError(f"{arm.name}: {errors} errors")
-    return (cpu1 - cpu0) / (rps * (t1 - t0)) * 1e6, rps
 
 
 def scrape(arms: list[Arm], every: float, stop: threading.Event) -> int:

@@ -212,3 +212,18 @@ async def capacity_check(direct: Arm, rate: int, duration: float, timeout: float
             "p99_from_due_ms": finite(p99_due), "lag_p99_ms": finite(percentile(res.lag, 99) * 1e3),
             "sustained": error_rate <= KNEE_ERROR_RATE and p99_due < 20.0,
             "closed_loop_max_rps": peak, "closed_loop_errors": peak_errors}
+
+
+async def cpu_per_request(arm: Arm, concurrency: int, seconds: float) -> tuple[float, float]:
+    """The gateway's CPU µs per request and the requests per second, in a closed loop."""
+    client = Client(arm.target)
+    try:
+        await closed_loop_max(client, BODY, concurrency, 0.5)  # warm connections
+        cpu0, t0 = arm.proc.cpu_seconds(), time.perf_counter()
+        rps, errors = await closed_loop_max(client, BODY, concurrency, seconds)
+        cpu1, t1 = arm.proc.cpu_seconds(), time.perf_counter()
+    finally:
+        client.close()
+    if errors:
+        raise RuntimeError(f"{arm.name}: {errors} errors")
+    return (cpu1 - cpu0) / (rps * (t1 - t0)) * 1e6, rps

@@ -82,7 +82,7 @@ def summarize(raw: Path, top: int = 30) -> dict[str, Any]:
         else:
             components[_component(frames)] += n
         own[leaf] += n
-        for frame in set(frames):
+        for frame in dict.fromkeys(frames):  # not a set: ties keep one order, run to run
             inclusive[frame] += n
     def share(counter: collections.Counter[str], n: int) -> list[dict[str, Any]]:
         return [{"what": k, "share": v / total} for k, v in counter.most_common(n)]

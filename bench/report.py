@@ -11,6 +11,7 @@ from . import plots, profiling
 from .report_fmt import cores, f, pct, table
 from .report_large import large_section
 from .report_model import model_section, profile_section
+from .report_ray import ray_section
 from .report_scrape import scrape_goals, scrape_section
 from .report_text import ARMS, CAVEATS, HEADER, HISTORY
 
@@ -45,6 +46,7 @@ def render() -> Path:
         profile.update(profiling.summarize(RESULTS / profile["raw"]))
     model = _load("realmodel")
     large = _load("large")
+    ray = _load("ray")  # opt-in (bench/run --ray): its section says when it was not run
     failed = {name: data["failed"] for name, data in
               (("overhead", overhead), ("streaming", streaming), ("realmodel", model),
                ("profile", profile), ("large", large)) if data and "failed" in data}
@@ -53,7 +55,8 @@ def render() -> Path:
         for data in (overhead, streaming, profile, model, large))
     out: list[str] = [HEADER]
     out.append(_machine(machine, overhead or streaming, {
-        "overhead": overhead, "streaming": streaming, "profile": profile, "real model": model}))
+        "overhead": overhead, "streaming": streaming, "profile": profile, "real model": model,
+        "ray": None if ray and "failed" in ray else ray}))
     if failed:
         out.append("## Parts that failed in this run\n\n" + "\n".join(
             f"- **{name}**:\n\n  ```\n  " + why.strip().replace("\n", "\n  ")[-1500:] + "\n  ```"
@@ -68,6 +71,7 @@ def render() -> Path:
                               machine.get("other_work_cores")))
     if large:
         out.append(large_section(large))
+    out.append(ray_section(ray))
     if model:
         out.append(model_section(model))
     if profile:

@@ -111,6 +111,8 @@ rewrites this page. Benchmarks print figures; the test suite never asserts timin
 bench/run                 # quick mode: a few minutes (what this page shows unless noted)
 bench/run --full          # full mode: more rates, longer steps, more rounds (about 35 minutes)
 bench/run --only overhead,streaming   # parts: overhead, streaming, profile, model, large
+bench/run --ray           # also the "ray" part (opt-in, about two minutes, needs Ray): the
+                          # relay to a worker on another Ray node; --only ray runs it alone
 bench/run --no-litellm    # leave the LiteLLM arm out
 bench/run --scrape 15     # scrape the "modelhost (scraped)" arm's /metrics every 15 s
                           # (default: every 1 s; --scrape 0 leaves that arm out)
@@ -132,7 +134,8 @@ dependencies (`bench/requirements.txt`: matplotlib, numpy, psutil, py-spy) into 
 on first use creates `bench/.venv-litellm` with `pip install 'litellm[proxy]' httptools`
 (httptools is the HTTP parser that `uvicorn[standard]` brings and modelhost uses; without it
 LiteLLM's uvicorn would fall back to h11). Every process it starts listens on 127.0.0.1 only
-and is stopped when the run ends, Ctrl-C included; every step is bounded in time and in
+(the `ray` part's two Ray nodes and the worker on the second: 127.0.0.2 and 127.0.0.3, loopback
+too) and is stopped when the run ends, Ctrl-C included; every step is bounded in time and in
 requests. Results go to `bench/results/*.json`, figures to `docs/benchmarks/*.png`.
 """
 

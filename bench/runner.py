@@ -34,6 +34,7 @@ from .meta import machine
 from .overhead import BODY, OverheadPlan, capacity_check, run_overhead
 from .procs import Procs, pinning_possible, sigterm_as_interrupt
 from .profiling import profile_gateway
+from .raynode import RayPlan, ray_missing, run_ray
 from .realmodel import ModelPlan, run_realmodel
 from .scrape import Scraper, difference, idle_cost, start_scraper, summary
 from .streaming import MODELS as STREAM_MODELS
@@ -59,6 +60,7 @@ class Mode:
     profile_seconds: float
     model: ModelPlan
     large: LargePlan
+    ray: RayPlan
 
 
 QUICK = Mode(
@@ -71,6 +73,9 @@ QUICK = Mode(
     profile_rate=300, profile_seconds=8,
     model=ModelPlan(rounds=4, max_tokens=64, swaps=2, idle_ttl=1.0, speech_rounds=4),
     large=LargePlan(duration=2.0, rounds=2),
+    ray=RayPlan(overhead=OverheadPlan(rates=[100, 500], duration=2.0, warmup=0.5, rounds=3,
+                                      timeout=5.0),
+                cpu_rounds=4, cpu_seconds=3.0),
 )
 FULL = Mode(
     name="full",
@@ -83,6 +88,9 @@ FULL = Mode(
     profile_rate=500, profile_seconds=25,
     model=ModelPlan(rounds=12, max_tokens=128, swaps=5, idle_ttl=1.0, speech_rounds=8),
     large=LargePlan(duration=5.0, rounds=3),
+    ray=RayPlan(overhead=OverheadPlan(rates=[100, 500, 1000], duration=6.0, warmup=1.0,
+                                      rounds=4, timeout=10.0),
+                cpu_rounds=6, cpu_seconds=5.0),
 )
 
 
@@ -198,6 +206,8 @@ def run_all(full: bool, parts: list[str], litellm: bool = True, scrape: float = 
                     result = run_realmodel(procs, work / "model", mode.model, say)
                     result["machine"] = meta
                     write("realmodel", result)
+            if "ray" in parts:
+                _ray_part(procs, work, mode, meta, pin)
     except KeyboardInterrupt:
         say("interrupted: every process started was stopped")
         raise
@@ -206,9 +216,35 @@ def run_all(full: bool, parts: list[str], litellm: bool = True, scrape: float = 
         foreign = (_busy_seconds() - busy0) - (_our_seconds() - ours0)
         meta["other_work_cores"] = round(max(foreign, 0.0) / meta["seconds"], 2)
         meta["load_at_end"] = [round(x, 2) for x in os.getloadavg()[:2]]
-        write("machine", meta)
+        if set(parts) - {"ray"}:
+            # The `ray` part alone leaves the page's machine (that of the other parts) as it
+            # was: its own is in ray.json.
+            write("machine", meta)
         shutil.rmtree(work, ignore_errors=True)
     say(f"done in {time.monotonic() - started:.0f} s; results in {RESULTS}")
+
+
+def _ray_part(procs: Procs, work: Path, mode: Mode, meta: dict[str, Any], pin: bool) -> None:
+    """The relay to a worker on another Ray node (`bench.raynode`); skipped, with the reason,
+    where Ray is not installed (bench/results/ray.json is then left as it was)."""
+    missing = ray_missing()
+    if missing:
+        say(f"== ray: skipped: {missing}")
+        return
+    say("== ray: the relay to a worker on another Ray node (two nodes on loopback)")
+    all_cpus = os.sched_getaffinity(0) if pin else set()
+    if pin:
+        os.sched_setaffinity(0, LOAD_CPUS)  # the cluster's nodes inherit it
+    try:
+        with part("ray", meta):
+            result = run_ray(procs, work / "ray", mode.ray, LOAD_CPUS if pin else None,
+                             GATEWAY_CPUS if pin else None, say)
+            result["machine"] = meta
+            write("ray", result)
+    finally:
+        procs.stop_all()
+        if pin:
+            os.sched_setaffinity(0, all_cpus)
 
 
 def _relay_benchmarks(procs: Procs, work: Path, mode: Mode, parts: list[str],
