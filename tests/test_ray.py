@@ -473,27 +473,30 @@ def test_a_gateway_runs_its_models_on_the_cluster(cluster: LoopbackCluster,
 @pytest.mark.timeout(300)
 def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
         cluster: LoopbackCluster, gateway_factory: GatewayFactory) -> None:
-    """`replicas: 2`, each replica reserving one CPU (each node has one): one replica per
-    node. Under a constant load node_b is killed: no request fails (one that node_b's replica
-    had not answered is retried on node_a's), and when node_b is started again the model is
-    back to two replicas, one on each node. Kills node_b: it runs last."""
+    """The built-in chat model (SmolLM2 in llama.cpp) with `replicas: 2`, each replica
+    reserving one CPU (each node has one): one replica per node. Under a constant load
+    node_b is killed: no request fails (one that node_b's replica had not answered is
+    retried on node_a's), and when node_b is started again the model is back to two
+    replicas, one on each node. Kills node_b: it runs last."""
     alive_node_b(cluster)
     node_b = next(n for n in cluster.nodes if n.name == "node_b")
+    builtin = next(m for m in BUILTIN_MODELS if m.id == "smollm2-135m")
     gw = gateway_factory(
-        [fake_model("two", None, "--host", "{host}", replicas=2, max_restarts=30,
-                    ray={"num_cpus": 1})],
+        [{**builtin.model_dump(mode="json", exclude_defaults=True), "aliases": ["two"],
+          "replicas": 2, "max_restarts": 30, "ray": {"num_cpus": 1}}],
         env={"MODELHOST_RAY_ADDRESS": f"ray://127.0.0.2:{cluster.client_port}",
              "MODELHOST_RAY_PLACEMENT_TIMEOUT": "5", "MODELHOST_RAY_LOST_AFTER": "3"})
 
     def replicas() -> list[dict[str, Any]]:
-        cards: list[dict[str, Any]] = gw.admin_card("two")["replicas"]
+        cards: list[dict[str, Any]] = gw.admin_card("smollm2-135m")["replicas"]
         return cards
 
     def hosts() -> set[str]:
         return {httpx.URL(c["base_url"]).host for c in replicas()
                 if c["state"] == "ready" and c["base_url"]}
 
-    assert httpx.post(gw.url + "/api/admin/models/two/load", timeout=60).status_code == 200
+    assert httpx.post(gw.url + "/api/admin/models/smollm2-135m/load",
+                      timeout=120).status_code == 200
     assert wait_for(lambda: hosts() == {"127.0.0.2", "127.0.0.3"}, 60), replicas()
     failures: list[str] = []
     done: list[int] = []
@@ -504,8 +507,8 @@ def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
             while not stop.is_set():
                 try:
                     resp = http.post(gw.url + "/v1/chat/completions", json={
-                        "model": "two", "messages": [{"role": "user", "content": "hi"}],
-                        "fake": {"first_token_delay": 0.05}})
+                        "model": "two", "max_tokens": 4, "temperature": 0,
+                        "messages": [{"role": "user", "content": "Say hi."}]})
                     if resp.status_code != 200:
                         failures.append(f"client {index}: {resp.status_code} {resp.text}")
                     done.append(1)
@@ -533,4 +536,4 @@ def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
         for thread in threads:
             thread.join(60)
     assert failures == [], failures[:5]
-    assert gw.model("two")["state"] == "ready"
+    assert gw.model("smollm2-135m")["state"] == "ready"
