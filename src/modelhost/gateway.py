@@ -498,8 +498,10 @@ class Gateway:
                     return plan(self.file_specs, declared, current, self.api_models)
 
                 # Updates being watched of the models to change end first (their outcome
-                # recorded before this reload's changes).
-                for model_id in [*(s.id for s in todo().changed), *todo().removed]:
+                # recorded before this reload's changes); the plan is made again after them,
+                # since a settled update may have changed what is current.
+                first = todo()
+                for model_id in [*(s.id for s in first.changed), *first.removed]:
                     await self.rollouts.settle(model_id)
                 return await self._apply(todo(), declared)
         except (ConfigError, ReloadError) as exc:
