@@ -241,3 +241,52 @@ class ModelWorker(Base):
     # The worker's base URL (ending in /v1), as the owner's relay reaches it.
     address: Mapped[str] = mapped_column(sa.String(512))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ModelActivity(Base):
+    """When each gateway sharing a PostgreSQL database last relayed a request to a model
+    (``modelhost.cluster``): the owner of a model's worker unloads it for idleness only when
+    no gateway has used it for its ``idle_ttl``. Written at most every few seconds per
+    gateway and model, only while the model is used."""
+
+    __tablename__ = "model_activity"
+
+    model_id: Mapped[str] = mapped_column(sa.String(MODEL_ID_LENGTH), primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(sa.String(GATEWAY_ID_LENGTH), primary_key=True)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelSecret(Base):
+    """The secrets of a model added through the admin API (the values that the stored spec
+    shows as ``***``), sealed with the deployment's secret key (``MODELHOST_SECRET_KEY``), so
+    that every gateway sharing the database can serve the model while the database alone
+    reveals nothing."""
+
+    __tablename__ = "model_secrets"
+
+    model_id: Mapped[str] = mapped_column(sa.String(MODEL_ID_LENGTH), primary_key=True)
+    # The sealed JSON object of secret values (authenticated encryption; see the module that
+    # writes it for the format).
+    sealed: Mapped[str] = mapped_column(sa.Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+SESSION_HASH_LENGTH = 64
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard session, shared by every gateway using the database. Only a
+    digest of the session id is stored (the browser's cookie holds the id), and the key it was
+    opened with by its id only, never the key."""
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (sa.Index("ix_dashboard_sessions_seen_at", "seen_at"),)
+
+    # SHA-256 of the session id, in hex.
+    id_hash: Mapped[str] = mapped_column(sa.String(SESSION_HASH_LENGTH), primary_key=True)
+    # The id of the admin key that opened it (null: no keys configured).
+    key_id: Mapped[str | None] = mapped_column(sa.String(USAGE_KEY_LENGTH))
+    actor: Mapped[str] = mapped_column(sa.String(AUDIT_ACTOR_LENGTH))
+    csrf: Mapped[str] = mapped_column(sa.String(SESSION_HASH_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
