@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import cast
@@ -23,6 +23,7 @@ from modelhost.dashboard.sessions import Sessions
 from modelhost.dashboard.traffic import Traffic, quantile
 from modelhost.gateway import Gateway as GatewayService
 from modelhost.metrics.requests import RequestMetrics
+from modelhost.persistence import Persistence
 from modelhost.settings import Settings
 from tests.conftest import Gateway, GatewayFactory, fake_model
 
@@ -230,13 +231,86 @@ def test_another_prefix(tmp_path: Path) -> None:
         assert client.get("/ui/login").status_code == 404
 
 
-def test_sessions_expire() -> None:
-    sessions = Sessions(idle=0.05, longest=10)
-    sid, session = sessions.open("k", "key-x")
-    assert sessions.get(sid) is session
-    time.sleep(0.1)
-    assert sessions.get(sid) is None and len(sessions) == 0
-    assert sessions.get("") is None and sessions.get("nope") is None
+def _with_sessions(tmp_path: Path, check: Callable[[Persistence], Awaitable[None]]) -> None:
+    """Run `check` with a real state database (SQLite) opened as the gateway opens it."""
+    async def run() -> None:
+        persistence = Persistence(f"sqlite:///{tmp_path / 'state.db'}")
+        await persistence.open()
+        try:
+            await check(persistence)
+        finally:
+            await persistence.close()
+
+    asyncio.run(run())
+
+
+def _rows(persistence: Persistence) -> list[tuple[object, ...]]:
+    assert persistence.store is not None
+    with persistence.store.engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM dashboard_sessions")]
+
+
+def test_sessions_expire(tmp_path: Path) -> None:
+    async def check(persistence: Persistence) -> None:
+        sessions = Sessions(lambda: persistence, ["k"], idle=1, longest=10)
+        sid, session = await sessions.open("k", "key-x")
+        assert await sessions.get(sid) is session
+        await asyncio.sleep(1.1)
+        assert await sessions.get(sid) is None and _rows(persistence) == []
+        assert await sessions.get("") is None and await sessions.get("nope") is None
+        longest = Sessions(lambda: persistence, ["k"], idle=10, longest=1)
+        sid, _ = await longest.open("k", "key-x")
+        assert await longest.get(sid) is not None
+        await asyncio.sleep(1.1)
+        assert await longest.get(sid) is None
+
+    _with_sessions(tmp_path, check)
+
+
+def test_sessions_are_shared_and_keep_no_secret(tmp_path: Path) -> None:
+    """Two gateways' `Sessions` on one database: a session opened on one works on the other
+    (and after a restart: a new `Sessions`), with the key its id names in this gateway's
+    configuration; sign-out on one ends it on the other within a second; a key no longer
+    configured ends its sessions; the table holds neither the id nor the key."""
+    key = "sk-dash-shared-admin-0123456789"
+
+    async def check(persistence: Persistence) -> None:
+        a = Sessions(lambda: persistence, [key])
+        b = Sessions(lambda: persistence, ["sk-other", key])
+        sid, opened = await a.open(key, key_id(key))
+        on_b = await b.get(sid)
+        assert on_b is not None and on_b.key == key and on_b.actor == key_id(key)
+        assert on_b.csrf == opened.csrf and on_b.csrf_ok(opened.csrf)
+        assert not on_b.csrf_ok("wrong") and not on_b.csrf_ok(None)
+        restarted = Sessions(lambda: persistence, [key])
+        assert (await restarted.get(sid) or opened).key == key
+        dump = repr(_rows(persistence))
+        assert sid not in dump and key not in dump and key_id(key) in dump
+
+        await a.close(sid)
+        assert await a.get(sid) is None  # at once where it was signed out
+        t0 = time.monotonic()
+        while await b.get(sid) is not None:
+            assert time.monotonic() - t0 < 1.5, "still open on the other gateway"
+            await asyncio.sleep(0.05)
+        assert _rows(persistence) == []
+
+        sid, _ = await a.open(key, key_id(key))
+        removed = Sessions(lambda: persistence, ["sk-a-new-admin-key"])
+        assert await removed.get(sid) is None and _rows(persistence) == []
+
+    _with_sessions(tmp_path, check)
+
+
+def test_sessions_are_capped(tmp_path: Path) -> None:
+    async def check(persistence: Persistence) -> None:
+        sessions = Sessions(lambda: persistence, ["k"], cap=3)
+        sids = [(await sessions.open("k", "key-x"))[0] for _ in range(5)]
+        assert len(_rows(persistence)) == 3
+        fresh = Sessions(lambda: persistence, ["k"])  # no cache: what the table says
+        assert [await fresh.get(s) is not None for s in sids] == [False] * 2 + [True] * 3
+
+    _with_sessions(tmp_path, check)
 
 
 def test_quantile_interpolates_in_its_bucket() -> None:

@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -46,12 +45,11 @@ from modelhost.errors import (
 from modelhost.events import EventBus
 from modelhost.hub import HubService
 from modelhost.hubtoken import TokenError, delete_token, resolve_token, token_info, write_token
-from modelhost.persistence import Persistence, SecretFile, spec_dict, spec_json, spec_secrets
+from modelhost.persistence import Persistence, keep_secrets, spec_dict, spec_json, spec_secrets
 from modelhost.redaction import (
     Scrubber,
     ScrubFilter,
     redact_spec,
-    restore_masked,
     secret_texts,
 )
 from modelhost.registry.history import NoSuchVersion, NotServable, earlier_spec
@@ -65,11 +63,6 @@ from modelhost.settings import Settings
 log = logging.getLogger(__name__)
 
 SECRETS_FILE = "secrets.json"
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
 
 
 class NotSaved(ModelhostError):
@@ -105,16 +98,17 @@ class Gateway:
         self.started = time.time()
         self.api_models: set[str] = set()
         self.closing = False
-        if persistence.secrets is None:
-            persistence.secrets = SecretFile(settings.data_dir / SECRETS_FILE)
+        persistence.keep_secrets(settings.data_dir / SECRETS_FILE, settings.secret_key)
         self.remote_policy = RemotePolicy.parse(settings.remote_allow_list)
         self.scrub = Scrubber()
         self._log_filter = ScrubFilter(self.scrub)
         events.scrub = self.scrub.value
         # Spec changes one at a time: each is checked, committed, then applied.
         self._changes = asyncio.Lock()
-        # Remote models added through the API are checked again at every load.
-        registry.ctx = dataclasses.replace(registry.ctx, remote_policy=self._remote_policy)
+        # Remote models added through the API are checked again at every load; a model
+        # whose secrets this gateway cannot get does not start (`secretkeeper`).
+        registry.ctx = dataclasses.replace(registry.ctx, remote_policy=self._remote_policy,
+                                           locked=lambda spec: persistence.locked.get(spec.id))
         registry.add_listener(self._remember_desired)
         # Blue-green updates; the models file's specs as last read (what a reload compares).
         self.rollouts = Rollouts(registry, RolloutSettings.from_settings(settings),
@@ -408,7 +402,7 @@ class Gateway:
                 if owner is not None and owner.id != spec.id:
                     raise Conflict(f"name '{name}' is already used by model '{owner.id}'")
             if existing is not None:
-                spec = self._keep_secrets(existing, spec)
+                spec = keep_secrets(existing, spec, self.persistence.locked.get(spec.id))
                 # An update being watched ends first (its outcome is recorded before this).
                 await self.rollouts.settle(spec.id)
             url = remote_url(spec)
@@ -551,21 +545,6 @@ class Gateway:
                  len(todo.added), len(rollouts), sum(r.rolled_back for r in rollouts),
                  len(todo.removed), len(todo.unchanged))
         return result
-
-    @staticmethod
-    def _keep_secrets(existing: ModelSpec, spec: ModelSpec) -> ModelSpec:
-        """A `***` sent back in place of a secret (a card's spec, changed and PUT again)
-        keeps the stored secret; a remote's only while its URL names the same server, so
-        that a stored key is never sent to another one."""
-        data = spec_dict(spec)
-        restored = restore_masked(data, spec_secrets(existing))
-        if restored == data:
-            return spec
-        old, new = remote_url(existing), remote_url(spec)
-        if new is not None and (old is None or _origin(old) != _origin(new)):
-            raise InvalidRequest("the remote URL names another server: give its key (and "
-                                 "credentials) again instead of '***'", param="source.api_key")
-        return ModelSpec.model_validate(restored)
 
     async def delete_model(self, model_id: str) -> None:
         """Remove a model added through the API, once the deletion is committed."""

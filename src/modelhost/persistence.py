@@ -10,9 +10,10 @@
 
 * Secrets (`redaction`): the database holds specs with their secrets replaced by `***`
   (a remote server's key, URL credentials, `env` values, secret engine arguments); the values
-  of the models added through the API are kept in `secrets.json` in the data folder, a file
-  of mode 0600 written whole (temporary file, fsync, rename), and put back into the specs
-  when they are restored at start. The models file's own secrets stay in the models file.
+  of the models added through the API are kept by `secretkeeper.Keeper`: in `secrets.json`
+  in the data folder (a file of mode 0600 written whole), or, with a secret key
+  (`MODELHOST_SECRET_KEY`), sealed in the database for every gateway; they are put back into
+  the specs when they are restored. The models file's own secrets stay in the models file.
 * Durability: a change asked through the admin API (`commit`) is written before the answer,
   in order after the queued writes, and its failure is raised to the caller; the other
   writes (desired states, download progress) are queued (`later`) and a failure is logged.
@@ -27,18 +28,24 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
+from modelhost.admin_policy import remote_url
 from modelhost.config import UNION_TAGS, ModelSpec
 from modelhost.db.store import Store
-from modelhost.errors import validation_message
-from modelhost.redaction import merge_spec, split_spec
+from modelhost.db.workers import spec_version
+from modelhost.errors import InvalidRequest, validation_message
+from modelhost.redaction import MASK, restore_masked, split_spec
+from modelhost.sealing import Sealer
+from modelhost.secretkeeper import Keeper, SecretFile, SpecSecrets
+
+__all__ = ["Persistence", "SecretFile", "keep_secrets", "spec_dict", "spec_json",
+           "spec_secrets"]
 
 log = logging.getLogger(__name__)
 
@@ -47,69 +54,34 @@ log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 5.0
 
 
-class SecretFile:
-    """The secrets of the models added through the API: {model id: {place: value}}, in a
-    JSON file of mode 0600 (its folder 0700 when created here)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> dict[str, dict[str, str]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.path} is not a JSON object")
-        return {str(k): {str(p): str(v) for p, v in dict(v).items()} for k, v in data.items()}
-
-    def get(self, model_id: str) -> dict[str, str]:
-        return self.load().get(model_id, {})
-
-    def set(self, model_id: str, secrets: dict[str, str] | None) -> None:
-        """Record (or with None or {}, forget) a model's secrets; durable on return."""
-        data = self.load()
-        if secrets:
-            data[model_id] = secrets
-        elif model_id in data:
-            del data[model_id]
-        else:
-            return
-        self._write(data)
-
-    def _write(self, data: dict[str, dict[str, str]]) -> None:
-        folder = self.path.parent
-        if not folder.is_dir():
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:  # mkstemp: mode 0600
-                json.dump(data, out, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-
 class Persistence:
     def __init__(self, url: str, secrets: SecretFile | None = None) -> None:
         self.url = url
         self.secrets = secrets
+        self.sealer: Sealer | None = None
+        # Why the models whose secrets this gateway cannot get cannot be served here, by id
+        # (`secretkeeper`); their start fails with it (`ModelContext.locked`).
+        self.locked: dict[str, str] = {}
         self.store: Store | None = None
         self._queue: asyncio.Queue[Callable[[Store], Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         # This gateway's id among several sharing PostgreSQL (`cluster.member`): its spec
         # changes then notify the others. None: alone (SQLite).
         self.origin: str | None = None
+
+    def keep_secrets(self, file: Path, key: SecretStr | None) -> None:
+        """Where the secrets of the API's models go: `file` (unless one was given), or,
+        with a secret key, sealed into the database (`secretkeeper`)."""
+        if self.secrets is None:
+            self.secrets = SecretFile(file)
+        if key is not None:
+            self.sealer = Sealer(key.get_secret_value())
+            log.info("secrets of models added through the API are sealed in the state "
+                     "database (secret key id %s)", self.sealer.key_id)
+
+    @property
+    def keeper(self) -> Keeper:
+        return Keeper(self.secrets, self.sealer)
 
     async def open(self) -> Store:
         store = await asyncio.to_thread(Store.open, self.url)
@@ -134,33 +106,40 @@ class Persistence:
 
     async def commit(self, model_id: str, secrets: dict[str, str] | None,
                      write: Callable[[Store], Any]) -> Any:
-        """Record a model's secrets and run `write`, after the queued writes; durable when
-        it returns. Raises what failed, and then neither is changed (the secrets are put back
-        as they were)."""
+        """Record a model's secrets (`spec_secrets`: those of the spec `write` stores) and
+        run `write`, after the queued writes; durable when it returns. Raises what failed,
+        and then neither is changed (the secrets are put back as they were)."""
         assert self.store is not None
         await self._queue.join()
-        file = self.secrets
+        keeper = self.keeper
 
         def run(store: Store) -> Any:
-            before = file.get(model_id) if file is not None else {}
-            if file is not None and before != (secrets or {}):
-                file.set(model_id, secrets)
+            store = store.waiting_at_most(COMMIT_WAIT_S)
+            before = keeper.snapshot(store, model_id)
+            keeper.put(store, model_id, secrets, before)
             try:
-                return write(store.waiting_at_most(COMMIT_WAIT_S))
+                return write(store)
             except BaseException:
-                if file is not None and before != (secrets or {}):
-                    try:
-                        file.set(model_id, before)
-                    except OSError:
-                        log.exception("could not restore the secrets of model %s", model_id)
+                try:
+                    keeper.restore(store, model_id, before)
+                except Exception:
+                    log.exception("could not restore the secrets of model %s", model_id)
                 raise
 
-        return await asyncio.to_thread(run, self.store)
+        result = await asyncio.to_thread(run, self.store)
+        self.locked.pop(model_id, None)  # this gateway gave them (`keep_secrets`)
+        return result
 
     async def now(self, call: Callable[[Store], Any]) -> Any:
         """Run a call after the queued writes, and return its result."""
         assert self.store is not None
         await self._queue.join()
+        return await asyncio.to_thread(call, self.store)
+
+    async def at_once(self, call: Callable[[Store], Any]) -> Any:
+        """Run a short call in a thread now, not after the queued writes (the dashboard's
+        sessions, which none of them touch), and return its result."""
+        assert self.store is not None
         return await asyncio.to_thread(call, self.store)
 
     async def _write_loop(self) -> None:
@@ -176,23 +155,29 @@ class Persistence:
 
     async def move_secrets_out(self) -> int:
         """Specs stored with secrets in clear (by a modelhost before 0.x, or by hand): the
-        current API models' secrets go to the secrets file, and every stored spec, current
-        and past, is rewritten with `***`. Returns how many specs were rewritten."""
-        file = self.secrets
+        current API models' secrets go to the secrets file (or are sealed), and every
+        stored spec, current and past, is rewritten with `***`. With a secret key, the
+        secrets file's entries are then sealed into the database (`Keeper.move_file_in`).
+        Returns how many specs were rewritten."""
+        keeper = self.keeper
 
         def run(store: Store) -> int:
             found = {row.model_id: split_spec(row.spec())[1]
                      for row in store.models() if row.source == "api"}
             found = {k: v for k, v in found.items() if v}
-            if found and file is not None:
+            if found and keeper.sealer is None:
                 for model_id, secrets in found.items():
-                    file.set(model_id, {**file.get(model_id), **secrets})
+                    keeper.file.set(model_id, {**keeper.file.get(model_id), **secrets})
 
             def rewrite(model_id: str, text: str) -> str:
                 data = json.loads(text)
                 return json.dumps(split_spec(data)[0] if isinstance(data, dict) else data)
 
-            return store.rewrite_specs(rewrite)
+            changed = store.rewrite_specs(rewrite)
+            if found and keeper.sealer is not None:
+                keeper.move_in(store, found)
+            keeper.move_file_in(store)
+            return changed
 
         try:
             changed: int = await self.now(run)
@@ -201,7 +186,8 @@ class Persistence:
             return 0
         if changed:
             log.warning("the state database held %d spec(s) with secrets in clear: moved "
-                        "to %s", changed, file.path if file is not None else "nowhere")
+                        "to %s", changed, "sealed rows" if keeper.sealer is not None
+                        else keeper.file.path)
         return changed
 
     async def record_specs(self, specs: list[ModelSpec], actor: str, source: str) -> None:
@@ -212,21 +198,14 @@ class Persistence:
         await self.now(write)
 
     async def api_specs(self) -> list[ModelSpec]:
-        """Models added or changed through the admin API, still valid with this version
-        (with their secrets put back)."""
+        """Models added or changed through the API, still valid with this version (with
+        their secrets put back, or `locked` when this gateway cannot get them)."""
         rows = await self.now(lambda store: store.models())
-        file = self.secrets
-        try:
-            secrets = await asyncio.to_thread(file.load) if file is not None else {}
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the secrets file: %s; models added through the API come "
-                      "back without their secrets", exc)
-            secrets = {}
         specs = []
         for row in rows:
             if row.source != "api":
                 continue
-            data = merge_spec(row.spec(), secrets.get(row.model_id, {}))
+            data = await self.stored_spec(row)
             try:
                 specs.append(ModelSpec.model_validate(data))
             except ValidationError as exc:
@@ -234,6 +213,45 @@ class Persistence:
                 log.error("stored spec of model %s is no longer valid, skipped: %s",
                           row.model_id, problems)
         return specs
+
+    async def stored_spec(self, row: Any) -> dict[str, Any]:
+        """A stored model's spec (a `ModelRow`), with its secrets put back where this
+        gateway can get them; else with `***`, and the reason in `locked` (logged)."""
+        keeper = self.keeper
+        try:
+            data, reason = await self.now(lambda store: keeper.spec_of(store, row))
+        except (OSError, ValueError) as exc:
+            data, reason = row.spec(), f"its secrets cannot be read: {exc}"
+        if reason is None:
+            self.locked.pop(row.model_id, None)
+        elif self.locked.get(row.model_id) != reason:
+            self.locked[row.model_id] = reason
+            log.error("model %s cannot be served by this gateway: %s", row.model_id, reason)
+        return dict(data)
+
+
+def keep_secrets(existing: ModelSpec, spec: ModelSpec, locked: str | None) -> ModelSpec:
+    """A `***` sent back in place of a secret (a card's spec, changed and PUT again) keeps
+    the stored secret; a remote's only while its URL names the same server, so that a
+    stored key is never sent to another one. A model whose secrets this gateway does not
+    have (`locked`, why) needs them given again."""
+    data = spec_dict(spec)
+    restored = restore_masked(data, spec_secrets(existing))
+    if locked is not None and MASK in json.dumps(restored):
+        raise InvalidRequest(f"model '{spec.id}': {locked}; give its secrets again instead "
+                             "of '***'", param="spec", code="secrets_unavailable")
+    if restored == data:
+        return spec
+    old, new = remote_url(existing), remote_url(spec)
+    if new is not None and (old is None or _origin(old) != _origin(new)):
+        raise InvalidRequest("the remote URL names another server: give its key (and "
+                             "credentials) again instead of '***'", param="source.api_key")
+    return ModelSpec.model_validate(restored)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 def spec_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -245,6 +263,8 @@ def spec_json(spec: ModelSpec) -> str:
     return json.dumps(split_spec(spec_dict(spec))[0], sort_keys=True)
 
 
-def spec_secrets(spec: ModelSpec) -> dict[str, str]:
-    """The secrets that `spec_json` leaves out, by place."""
-    return split_spec(spec_dict(spec))[1]
+def spec_secrets(spec: ModelSpec) -> SpecSecrets:
+    """The secrets that `spec_json` leaves out, by place (with the version of that JSON)."""
+    public, secrets = split_spec(spec_dict(spec))
+    text = json.dumps(public, sort_keys=True)
+    return SpecSecrets(secrets, spec_version(text, spec.id))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -172,6 +172,11 @@ class Settings(BaseSettings):
                                          validation_alias=_env("RAY_PLACEMENT_TIMEOUT"))
     ray_heartbeat: float = Field(1.0, gt=0, validation_alias=_env("RAY_HEARTBEAT"))
     ray_lost_after: float = Field(5.0, gt=0, validation_alias=_env("RAY_LOST_AFTER"))
+    # Seals the secrets of models added through the admin API into the state database
+    # (sealing.py), so that every gateway with the same key serves them; unset: they stay in
+    # DATA_DIR/secrets.json. Or the path of a file that holds it (Docker/Kubernetes secrets).
+    secret_key: SecretStr | None = Field(None, validation_alias=_env("SECRET_KEY"))
+    secret_key_file: Path | None = Field(None, validation_alias=_env("SECRET_KEY_FILE"))
     # Where the web dashboard is served (`/` redirects there); its pages check their own
     # session (an admin key signs in), the API routes keep theirs.
     dashboard_prefix: str = Field("/ui", pattern=r"^(/[A-Za-z0-9._~-]+)+$",
@@ -185,6 +190,23 @@ class Settings(BaseSettings):
                      "openapi.json"}:
             raise ValueError(f"'/{first}' is the API's; choose another prefix (e.g. /ui)")
         return value
+
+    @model_validator(mode="after")
+    def _secret_key(self) -> Settings:
+        from modelhost.sealing import MIN_KEY_LENGTH
+
+        if self.secret_key is None and self.secret_key_file is not None:
+            try:
+                text = self.secret_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"MODELHOST_SECRET_KEY_FILE cannot be read: "
+                                 f"{exc.strerror or exc}") from None
+            self.secret_key = SecretStr(text)
+        if self.secret_key is not None and len(self.secret_key.get_secret_value()) \
+                < MIN_KEY_LENGTH:
+            raise ValueError(f"MODELHOST_SECRET_KEY must be at least {MIN_KEY_LENGTH} "
+                             "characters (e.g. `openssl rand -base64 32`)")
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -124,6 +124,13 @@ def check_settings(settings: Settings) -> list[Finding]:
             R.ANY_HOST, "MODELHOST_ALLOWED_HOSTS accepts any host name (*)",
             fix="List the names clients use (e.g. llm.example.com, .example.com).",
             path="(environment)"))
+    url = settings.database_url
+    if url is not None and not url.startswith("sqlite") and settings.secret_key is None:
+        out.append(Finding(
+            R.SHARED_NO_KEY, "MODELHOST_DATABASE_URL is not SQLite (gateways may share it) "
+            "and MODELHOST_SECRET_KEY is not set",
+            fix="Set the same MODELHOST_SECRET_KEY on every gateway (at least 32 random "
+            "characters: openssl rand -base64 32).", path="(environment)"))
     if settings.config_file is not None and not settings.config_file.is_file():
         out.append(Finding(
             R.MODELS_MISSING, f"MODELHOST_CONFIG is {settings.config_file}, which does not "

@@ -191,6 +191,13 @@ ANY_HOST = Rule(
     "settings.allowed-hosts-any", "Any Host header is accepted", W,
     "MODELHOST_ALLOWED_HOSTS=* turns off the Host check that stops DNS rebinding: a web page "
     "can then reach a gateway on loopback or a private network through the browser.")
+SHARED_NO_KEY = Rule(
+    "settings.shared-database-without-secret-key",
+    "Gateways share a database but have no secret key", W,
+    "With MODELHOST_DATABASE_URL on PostgreSQL several gateways serve the same models, but "
+    "without MODELHOST_SECRET_KEY the secrets of a model added through the admin API (a "
+    "remote server's key, ...) stay in the data folder of the gateway it was added through: "
+    "the others cannot serve it.")
 
 RULES: dict[str, Rule] = {
     rule.id: rule for rule in (
@@ -204,5 +211,6 @@ RULES: dict[str, Rule] = {
         BASE_UNPINNED, DOCKER_ROOT, DOCKER_HEALTH,
         ENV_COMMITTED, ENV_PERMISSIONS, TOKEN_FORMAT,
         MODELS_INVALID, MODELS_MISSING, START_TIMEOUT, EXPOSED, ALLOW_CODE, ANY_HOST,
+        SHARED_NO_KEY,
     )
 }

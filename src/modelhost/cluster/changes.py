@@ -14,7 +14,10 @@ changes (`Gateway._changes`), never written back:
   none of its business.
 
 Secrets: the database holds specs with `***` for their secrets (`redaction`); they are put
-back from this gateway's secrets file, which is per data folder (docs/scale-out.md).
+back by `Persistence.stored_spec`: sealed in the database with the deployment's secret key,
+which every gateway with that key opens, or else from this gateway's own secrets file. A
+model whose secrets this gateway cannot get is still applied, with `***`, and fails to start
+here with the reason (`secretkeeper`); a change of a model's secrets alone is notified too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from modelhost.config import ModelSpec
 from modelhost.db.rows import ModelRow
 from modelhost.db.store import Store
 from modelhost.gateway import Gateway
-from modelhost.redaction import merge_spec
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,9 @@ class Follower:
                 return
             if current is None and row.source != "api":
                 return  # another gateway's models file
-            file = gateway.persistence.secrets
-            secrets = await asyncio.to_thread(file.get, model_id) if file is not None else {}
+            data = await gateway.persistence.stored_spec(row)
             try:
-                spec = ModelSpec.model_validate(merge_spec(row.spec(), secrets))
+                spec = ModelSpec.model_validate(data)
             except ValidationError as exc:
                 log.error("model %s as changed by another gateway is not valid here, "
                           "skipped: %s", model_id, exc)

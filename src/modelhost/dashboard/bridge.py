@@ -12,7 +12,7 @@ behind: the API sees a plain client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -49,7 +49,8 @@ def csrf_failed() -> ModelhostError:
 class Bridge:
     """An ASGI endpoint serving `outer` + rest as `inner` + rest on `target()`."""
 
-    def __init__(self, outer: str, inner: str, session: Callable[[Scope], Session | None],
+    def __init__(self, outer: str, inner: str,
+                 session: Callable[[Scope], Awaitable[Session | None]],
                  target: Callable[[], ASGIApp]) -> None:
         self.outer = outer
         self.inner = inner
@@ -57,7 +58,7 @@ class Bridge:
         self.target = target
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = self.session(scope)
+        session = await self.session(scope)
         error: ModelhostError | None = None
         if session is None:
             error = session_required()

@@ -5,7 +5,8 @@ from the admin API and /v1 through `bridge.Bridge` under the session cookie, and
 from one server-sent-events stream (`/ui/events`) built on the admin event bus. The gate
 (`serving/front.py:Front.gate`) judges these routes as it judges every route (Host, a foreign
 Origin on a state-changing request, draining); they need no API key of their own: a session
-(sessions.py), or none at all when no key is configured (the loopback development server).
+(sessions.py: in the state database, shared by every gateway using it), or none at all when
+no key is configured (the loopback development server).
 
 Nothing here runs unless a dashboard page asks: no hook on the request path, and the traffic
 sampler (traffic.py) and the log tail run only while a page's stream is connected.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mimetypes
 import secrets
 import time
@@ -56,6 +58,8 @@ from modelhost.metrics.requests import RequestMetrics
 from modelhost.serving.answers import read_body
 from modelhost.settings import Settings
 from modelhost.workers.launchers import worker_log
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/ui"
 HERE = Path(__file__).parent
@@ -100,7 +104,8 @@ class Dashboard:
         self.guard = guard
         self.settings = settings
         self.target = target
-        self.sessions = Sessions()
+        self.sessions = Sessions(lambda: getattr(gateway, "persistence", None),
+                                 settings.admin_api_keys)
         # No key configured: one session for everyone (the development server on loopback);
         # its CSRF token still guards the forms against other local pages.
         self.open_session = Session(None, "anonymous")
@@ -111,7 +116,7 @@ class Dashboard:
 
     # ----------------------------------------------------------------------- sessions
 
-    def session_of(self, scope: Scope) -> Session | None:
+    async def session_of(self, scope: Scope) -> Session | None:
         if self.guard.open:
             return self.open_session
         raw = header(scope, b"cookie")
@@ -120,7 +125,7 @@ class Dashboard:
         for part in raw.split(";"):
             name, _, value = part.strip().partition("=")
             if name == COOKIE:
-                return self.sessions.get(value)
+                return await self.sessions.get(value)
         return None
 
     def _cookie(self, request: Request, response: Response, name: str, value: str,
@@ -156,7 +161,7 @@ class Dashboard:
         name = request.path_params.get("page", "models")
         if name not in PAGES:
             return _error(NotFound(f"no dashboard page '{name}'"))
-        session = self.session_of(request.scope)
+        session = await self.session_of(request.scope)
         if session is None:
             query = urlencode({"next": request.url.path})
             return RedirectResponse(f"{self.prefix}/login?{query}", status_code=303)
@@ -188,7 +193,12 @@ class Dashboard:
         if role <= 0 or not role & ADMIN:
             return await self.login_page(request, "That is not an admin key of this gateway.",
                                          401)
-        sid, _ = self.sessions.open(key, key_id(key))
+        try:
+            sid, _ = await self.sessions.open(key, key_id(key))
+        except Exception as exc:
+            log.error("cannot record a dashboard session: %s", exc)
+            return await self.login_page(request, "The session could not be recorded (the "
+                                         "state database): try again.", 503)
         target = _safe_next(fields.get("next"), self.prefix + "/models")
         response = RedirectResponse(target, status_code=303)
         self._cookie(request, response, COOKIE, sid, None)
@@ -196,11 +206,11 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        session = self.session_of(request.scope)
+        session = await self.session_of(request.scope)
         token = (await _form(request)).get("csrf")
         if session is None or not session.csrf_ok(token):
             return _error(csrf_failed() if session is not None else session_required())
-        self.sessions.close(request.cookies.get(COOKIE))
+        await self.sessions.close(request.cookies.get(COOKIE))
         response = RedirectResponse(self.prefix + "/login", status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
@@ -217,7 +227,7 @@ class Dashboard:
     async def check_spec(self, request: Request) -> Response:
         """A spec validated like the models file, every problem by field (the add/edit
         form shows each next to its input); the admin API's own checks after that."""
-        session = self.session_of(request.scope)
+        session = await self.session_of(request.scope)
         if session is None:
             return _error(session_required())
         if not session.csrf_ok(request.headers.get("x-csrf-token")):
@@ -249,13 +259,15 @@ class Dashboard:
     # ----------------------------------------------------------------------- live
 
     async def events(self, request: Request) -> Response:
-        if self.session_of(request.scope) is None:
+        if await self.session_of(request.scope) is None:
             return _error(session_required())
-        return StreamingResponse(self._stream(), media_type="text/event-stream",
+        return StreamingResponse(self._stream(request.scope), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
-    async def _stream(self) -> AsyncIterator[bytes]:
+    async def _stream(self, scope: Scope) -> AsyncIterator[bytes]:
+        """The page's live updates; they end with the session (signed out, here or on
+        another gateway, or expired), checked at every tick."""
         gateway = self.gateway
         async with gateway.events.subscribe() as queue, self.traffic.watch() as samples:
             yield _sse("snapshot", {"models": gateway.cards(), "gpus": gateway.gpus(),
@@ -269,6 +281,8 @@ class Dashboard:
                     yield _sse(event["type"], event)
                 except TimeoutError:
                     next_tick = time.monotonic() + TICK_SECONDS
+                    if await self.session_of(scope) is None:
+                        return
                     gpus = gateway.gpus()
                     for gpu in gpus["gpus"]:
                         gpu.pop("history", None)
@@ -277,7 +291,7 @@ class Dashboard:
                     yield _sse("traffic", samples.get_nowait())
 
     async def logs(self, request: Request) -> Response:
-        if self.session_of(request.scope) is None:
+        if await self.session_of(request.scope) is None:
             return _error(session_required())
         model = self.gateway.model(request.path_params["model_id"])
         path = worker_log(self.settings.logs_path, model.spec.id)

@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from modelhost.db import audit, usage, workers
+from modelhost.db import audit, secrets, sessions, usage, workers
 from modelhost.db.audit import AuditEntry, AuditRow
 from modelhost.db.engine import (
     DB_FILENAME,
@@ -76,6 +76,7 @@ from modelhost.db.schema import (
     RevisionAction,
     utcnow,
 )
+from modelhost.db.sessions import SessionRow
 from modelhost.db.usage import Counts, UsageRow
 
 __all__ = [
@@ -508,3 +509,41 @@ class Store:
         """Downloads that were queued or running when the gateway stopped: to resume at
         start (``huggingface_hub`` resumes a partly downloaded file)."""
         return self.downloads(states=ACTIVE_DOWNLOAD_STATES)
+
+    # -- sealed model secrets (``secrets``) and dashboard sessions (``sessions``) ---------
+
+    def sealed_secrets(self, model_id: str | None = None) -> dict[str, str]:
+        """{model id: sealed value} of one model (empty when it has none), or of all."""
+        with self._read() as session:
+            if model_id is None:
+                return secrets.every(session)
+            value = secrets.get(session, model_id)
+            return {model_id: value} if value is not None else {}
+
+    def put_sealed_secrets(self, model_id: str, sealed: str | None,
+                           notify: bool = False) -> None:
+        """Store (None: delete) a model's sealed secrets (`notify`: `db.secrets.put`)."""
+        check_text("model_id", model_id, MODEL_ID_LENGTH)
+        self._retry(lambda session: secrets.put(session, model_id, sealed, self.origin,
+                                                notify))
+
+    def open_dashboard_session(self, row: SessionRow, cap: int, seen_before: datetime,
+                               created_before: datetime) -> None:
+        """Sweep the expired sessions, make room under `cap`, insert `row`."""
+        def write(session: Session) -> None:
+            sessions.sweep(session, seen_before, created_before)
+            sessions.open_(session, row, cap)
+
+        self._retry(write)
+
+    def dashboard_session(self, id_hash: str) -> SessionRow | None:
+        with self._read() as session:
+            return sessions.get(session, id_hash)
+
+    def touch_dashboard_session(self, id_hash: str, seen_at: datetime) -> None:
+        with self._write() as session:
+            sessions.touch(session, id_hash, seen_at)
+
+    def close_dashboard_session(self, id_hash: str) -> bool:
+        with self._write() as session:
+            return sessions.close(session, id_hash)

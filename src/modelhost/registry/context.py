@@ -15,6 +15,7 @@ from modelhost.admin_policy import RemotePolicy
 from modelhost.config import HubSource, ModelSpec, RaySpec
 from modelhost.upstream import UpstreamClient
 from modelhost.workers.launchers import Launcher, LocalProcessLauncher
+from modelhost.workers.process import BackendConfigError
 
 
 class Target(StrEnum):
@@ -64,11 +65,22 @@ class ModelContext:
     # Where a remote model may connect (None: anywhere, as the models file says); the
     # gateway gives the policy of `admin_policy` for the models added through the API.
     remote_policy: Callable[[ModelSpec], RemotePolicy | None] | None = None
+    # Why a model cannot start here (None: it can): its secrets are unknown to this gateway
+    # (`secretkeeper`; the gateway gives `Persistence.locked`).
+    locked: Callable[[ModelSpec], str | None] | None = None
     # The gateway's HTTP client (the relay's): remote servers' readiness probes.
     client: UpstreamClient = field(default_factory=UpstreamClient)
     # A Ray cluster for the workers (settings.ray_address; `workers.ray_launcher.RayCluster`,
     # typed loosely so that Ray is imported only where one is configured).
     ray: Any = None
+
+    def check_servable(self, spec: ModelSpec) -> None:
+        """Raises BackendConfigError (a start that fails for good) saying why `spec` cannot
+        start on this gateway, if `locked` says so."""
+        reason = self.locked(spec) if self.locked is not None else None
+        if reason is not None:
+            raise BackendConfigError(f"model {spec.id} cannot be served by this gateway: "
+                                     f"{reason}")
 
     def on_cluster(self, spec: ModelSpec) -> bool:
         """Whether `spec`'s worker runs on the Ray cluster (which places it itself)."""

@@ -516,6 +516,7 @@ class Model:
         cluster chooses (`ModelContext.local_launcher`).
         """
         spec = self.spec
+        self.ctx.check_servable(spec)
         self._running_pin = self._pin
         launcher: Launcher
         if spec.backend is Backend.remote:
