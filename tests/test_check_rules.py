@@ -178,6 +178,7 @@ CASES = [
     Case("settings.admin-allow-code", {}, settings={
         "api_host": "10.0.0.5", "admin_keys": "k", "admin_allow_code": True}),
     Case("settings.allowed-hosts-any", {}, settings={"allowed_hosts": "*"}),
+    Case("settings.worker-host-exposed", {}, settings={"worker_host": "10.0.0.5"}),
     Case("settings.shared-database-without-secret-key", {}, settings={
         "database_url": "postgresql+psycopg://modelhost@db.internal/modelhost"}),
 ]

@@ -23,7 +23,7 @@ import pytest
 from modelhost.cluster.member import Member, libpq_url
 from modelhost.config import HubSource
 from modelhost.db.store import Store
-from modelhost.db.workers import CHANNEL
+from modelhost.db.workers import CHANNEL, Change, parse_payload
 from modelhost.downloads.cache import repo_folder
 from modelhost.persistence import Persistence
 from tests.conftest import (
@@ -257,15 +257,24 @@ def test_a_committed_change_notifies_the_others(database: str, store: Store) -> 
         def heard() -> list[dict[str, str]]:
             return [json.loads(n.payload) for n in listener.notifies(timeout=0.5)]
 
+        changed = {"model": "noted", "gateway": "gateway-x", "kind": "spec"}
         store.upsert_model(spec, "noted", source="api", actor="test")
-        assert heard() == [{"model": "noted", "gateway": "gateway-x"}]
+        assert heard() == [changed]
         store.upsert_model(spec, "noted", source="api", actor="test")  # unchanged: silent
         assert heard() == []
         store.delete_model("noted", actor="test")
-        assert heard() == [{"model": "noted", "gateway": "gateway-x"}]
+        assert heard() == [changed]
+        store.unload_everywhere("noted")  # with its desired state, in one transaction
+        assert heard() == [{**changed, "kind": "unload"}]
+        assert store.desired_states()["noted"].desired == "unloaded"
         store.origin = None  # a store outside a cluster (the CLI) tells nobody
         store.upsert_model(spec, "noted", source="api", actor="test")
         assert heard() == []
+    # A payload of an earlier version (no kind) is a spec change; others are not ours.
+    assert parse_payload('{"model":"m","gateway":"g"}') == Change("m", "g", "spec")
+    assert parse_payload('{"model":"m","gateway":"g","kind":"unload"}') == \
+        Change("m", "g", "unload")
+    assert parse_payload("[1]") is None and parse_payload("not json") is None
 
 
 async def _members(database: str, count: int) -> list[Member]:

@@ -38,6 +38,7 @@ from modelhost.auth import ADMIN_PREFIXES, KeyGuard
 from modelhost.catalog import Catalog
 from modelhost.cluster.changes import Follower
 from modelhost.cluster.launcher import ClusterContext
+from modelhost.cluster.lifecycle import SharedLifecycle
 from modelhost.cluster.member import Member
 from modelhost.dashboard import Dashboard
 from modelhost.downloads import Downloader
@@ -209,7 +210,9 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
                        stop_timeout=settings.stop_timeout, hf_token=hf_token,
                        download=hub.download, max_audio_seconds=settings.max_audio_seconds,
                        worker_log_bytes=settings.worker_log_bytes,
-                       worker_log_backups=settings.worker_log_backups, client=client)
+                       worker_log_backups=settings.worker_log_backups, client=client,
+                       worker_host=settings.worker_host,
+                       worker_advertised_host=settings.worker_advertise_host)
     # Workers on a Ray cluster (docs/scale-out.md); Ray is imported only when one is set.
     ray = _ray_cluster(settings) if settings.ray_address else None
     if ray is not None:
@@ -223,6 +226,8 @@ def build_app(settings: Settings, catalog: Catalog | None = None) -> Front:
         ctx = dataclasses.replace(ctx, download=member.download(hub.download,
                                                                   settings.model_cache_dir))
     registry = Registry(catalog, ctx, lazy=settings.lazy_load_models)
+    if member is not None:  # unloads and idleness are the cluster's (cluster/lifecycle.py)
+        registry.shared = SharedLifecycle(member, registry)
 
     def publish_state(rt: Model, previous: State) -> None:
         events.publish("state", model=rt.spec.id, state=rt.state.value,

@@ -290,6 +290,7 @@ class Gateway:
 
     async def unload(self, model_id: str, wait: bool = True) -> dict[str, Any]:
         model = self.model(model_id)
+        await self.registry.unloading(model)  # other gateways sharing the database: theirs too
         if wait:
             await self._until(model, Target.stopped,
                               {State.cached, State.absent, State.failed, State.downloading})

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     )
     # Seconds between SIGTERM and SIGKILL when a worker is stopped.
     stop_timeout: float = Field(15.0, gt=0, validation_alias=_env("STOP_TIMEOUT"))
+    # The address local workers listen on, and the one other gateways sharing the database
+    # reach them at (default: the worker host; required when that is 0.0.0.0 or ::). Workers
+    # take no key: anything but loopback belongs on a private network (docs/scale-out.md).
+    worker_host: str = Field("127.0.0.1", min_length=1, validation_alias=_env("WORKER_HOST"))
+    worker_advertise_host: str | None = Field(None, min_length=1,
+                                              validation_alias=_env("WORKER_ADVERTISE_HOST"))
 
     # ---------------------------------------------------------------- security (docs/security.md)
     # Comma-separated admin keys: the admin API (and /metrics when protected) needs one; an
@@ -192,6 +198,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _worker_advertise_host(self) -> Settings:
+        if self.worker_advertise_host is None and is_unspecified(self.worker_host):
+            raise ValueError(f"MODELHOST_WORKER_HOST is {self.worker_host} (every interface): "
+                             "set MODELHOST_WORKER_ADVERTISE_HOST to the address other "
+                             "gateways reach this machine's workers at")
+        return self
+
+    @model_validator(mode="after")
     def _secret_key(self) -> Settings:
         from modelhost.sealing import MIN_KEY_LENGTH
 
@@ -268,5 +282,13 @@ def is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether an address is 0.0.0.0 or :: (every interface: no address to reach it at)."""
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_unspecified
     except ValueError:
         return False

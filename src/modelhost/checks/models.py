@@ -131,6 +131,14 @@ def check_settings(settings: Settings) -> list[Finding]:
             "and MODELHOST_SECRET_KEY is not set",
             fix="Set the same MODELHOST_SECRET_KEY on every gateway (at least 32 random "
             "characters: openssl rand -base64 32).", path="(environment)"))
+    if not is_loopback(settings.worker_host):
+        out.append(Finding(
+            R.WORKER_EXPOSED, f"MODELHOST_WORKER_HOST is {settings.worker_host}: workers "
+            "listen there with no key",
+            fix="Keep it on a private network that only the gateways reach (a firewall "
+            "letting only the gateways' addresses in), or on 127.0.0.1 when the gateways "
+            "share one machine.", replacement="MODELHOST_WORKER_HOST=127.0.0.1",
+            path="(environment)"))
     if settings.config_file is not None and not settings.config_file.is_file():
         out.append(Finding(
             R.MODELS_MISSING, f"MODELHOST_CONFIG is {settings.config_file}, which does not "

@@ -199,6 +199,12 @@ SHARED_NO_KEY = Rule(
     "remote server's key, ...) stay in the data folder of the gateway it was added through: "
     "the others cannot serve it.")
 
+WORKER_EXPOSED = Rule(
+    "settings.worker-host-exposed", "Workers listen on a non-loopback address", W,
+    "With MODELHOST_WORKER_HOST off loopback (gateways on several machines relaying to each "
+    "other's workers), every worker listens there without a key: anyone who reaches that "
+    "address and port uses the model directly, past the gateway's keys, limits and audit.")
+
 RULES: dict[str, Rule] = {
     rule.id: rule for rule in (
         INPUT_UNREADABLE, NOT_RECOGNISED,
@@ -211,6 +217,7 @@ RULES: dict[str, Rule] = {
         BASE_UNPINNED, DOCKER_ROOT, DOCKER_HEALTH,
         ENV_COMMITTED, ENV_PERMISSIONS, TOKEN_FORMAT,
         MODELS_INVALID, MODELS_MISSING, START_TIMEOUT, EXPOSED, ALLOW_CODE, ANY_HOST,
+        WORKER_EXPOSED,
         SHARED_NO_KEY,
     )
 }

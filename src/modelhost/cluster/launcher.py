@@ -22,10 +22,14 @@ the old version's owner keeps the old one until it applies the change itself.
   published address changed (the owner restarted its worker): the model's owner task starts
   again (`Model._watch`: a short backoff), and this gateway takes the lock or relays to the
   new address. The owner gateway's death is seen within `WATCH_S`, plus that backoff.
+  An owner that let the model go because it was unloaded everywhere (`lifecycle`: its
+  desired state is `unloaded` since this relay began, or another gateway said so) is not
+  taken over: the relay stops too (`Member.unloaded`).
 
-An address of a local worker is on the owner's loopback interface: relaying to it works
-between gateways of one machine; gateways on different machines relay to workers that
-listen on an address the others reach (Ray's workers: docs/scale-out.md).
+The published address of a local worker is its advertised one (`MODELHOST_WORKER_HOST`,
+`MODELHOST_WORKER_ADVERTISE_HOST`; loopback by default: gateways of one machine); the owner
+itself relays over the address its worker listens on. Ray's workers are published as they
+are (their node's address).
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class ClusterWorker:
         self._worker: Worker | None = None  # owner: the worker this gateway runs
         self._epoch: int | None = None  # owner: the lock's epoch
         self._owner: str | None = None  # relay: the gateway whose worker it reaches
+        self._desired: tuple[str, str] | None = None  # relay: the desired state it began with
+        self._published: str | None = None  # owner: the address the others relay to
         self._created = time.monotonic()
         self._version = spec_version(spec_json(spec), spec.id)
         self.base_url = ""
@@ -99,12 +105,16 @@ class ClusterWorker:
         model_id = self._spec.id
         deadline = time.monotonic() + timeout
         while True:
+            if self._member.unloaded_after(model_id, self._created):
+                raise WorkerStartError(f"model {model_id} was unloaded on every gateway "
+                                       "while it started")
             epoch = await self._member.own(model_id, self._version)
             if epoch is not None:
                 await self._start_owned(epoch, max(deadline - time.monotonic(), 0.1))
                 return
             found = await self._member.address(model_id, self._version)
             if found is not None and found[0] != self._member.gateway_id:
+                self._desired = await self._member.desired(model_id)
                 self._owner, self.base_url = found
                 log.info("model %s is owned by gateway %s: relaying to its worker",
                          model_id, self._owner)
@@ -125,7 +135,9 @@ class ClusterWorker:
             self._worker = await self._inner.start(self._spec, self._weights, self._gpus)
             await self._worker.wait_ready(timeout)
             self.base_url = self._worker.base_url
-            await self._member.publish(model_id, self._version, self.base_url)
+            # Where the others reach it (`LocalWorker.advertised_url`; others: base_url).
+            self._published = getattr(self._worker, "advertised_url", None) or self.base_url
+            await self._member.publish(model_id, self._version, self._published)
         except BaseException:
             await self._finish()
             raise
@@ -152,6 +164,8 @@ class ClusterWorker:
                 if await self._member.owner_gone(self._spec.id, self._version):
                     if await self._member.current_version(self._spec.id) != self._version:
                         continue  # an old version (a rollout's, standing by): not restarted
+                    if await self._unloaded():
+                        continue  # stopped here too (`Member.unloaded`): cancels this wait
                     log.warning("model %s: its owner gateway %s is gone: taking over",
                                 self._spec.id, self._owner)
                     return OWNER_GONE
@@ -162,6 +176,21 @@ class ClusterWorker:
             if found is None or found[1] != self.base_url:
                 log.info("model %s: its owner's worker moved: relaying again", self._spec.id)
                 return OWNER_GONE
+
+    async def _unloaded(self) -> bool:
+        """Whether the owner let the model go because it was unloaded everywhere since this
+        relay began (heard, or its desired state now `unloaded` and changed since): then it
+        is stopped here too, instead of taken over."""
+        model_id = self._spec.id
+        if self._member.unloaded_after(model_id, self._created):
+            return True
+        desired = await self._member.desired(model_id)
+        if desired is None or desired[0] != "unloaded" or desired == self._desired:
+            return False
+        log.info("model %s was unloaded on every gateway (its owner %s let it go): "
+                 "stopping it here", model_id, self._owner)
+        self._member.unloaded(model_id)
+        return True
 
     async def stop(self) -> None:
         await self._finish()
@@ -176,7 +205,7 @@ class ClusterWorker:
         if epoch is None:
             return
         with contextlib.suppress(Exception):  # the row is cleared by the next owner anyway
-            await self._member.unpublish(self._spec.id, self._version, self.base_url or None)
+            await self._member.unpublish(self._spec.id, self._version, self._published)
         await self._member.disown(self._spec.id, self._version, epoch)
 
 

@@ -5,6 +5,10 @@ Made only when the state database is not SQLite (`Member.wanted`). It names the 
 advisory locks (`locks`), listens to the others' changes (`notify`), checks its lock
 session every second (`HEARTBEAT_S`: a broken session has lost its locks, and the workers
 it guarded are stopped), and reads and writes the `model_workers` table through the store.
+
+Unloads act on every gateway (`lifecycle`): one announced here (`announce_unload`) or
+heard from another gateway (`unloaded`) is remembered per model (`unloaded_after`), so that
+a start already under way here does not take the model over.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import logging
 import os
 import secrets
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +32,7 @@ from modelhost.cluster.notify import ChangeListener, OnChange
 from modelhost.config import HubSource
 from modelhost.db.engine import is_sqlite
 from modelhost.db.store import Store
+from modelhost.db.workers import SPEC, UNLOAD, Change
 from modelhost.persistence import Persistence
 from modelhost.registry.context import DownloadFn, Progress
 
@@ -54,6 +61,9 @@ class Member:
         # A spec change this gateway commits notifies the others (`db.workers`).
         persistence.origin = self.gateway_id
         self.on_change: OnChange | None = None
+        # A model unloaded on every gateway, told by another one (`lifecycle` stops it here).
+        self.on_unload: Callable[[str], None] | None = None
+        self._unloads: dict[str, float] = {}  # model id: when its last unload was heard
         self._listener: ChangeListener | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._epoch_moved = asyncio.Event()
@@ -86,11 +96,46 @@ class Member:
             await asyncio.to_thread(self._listener.stop)
         await asyncio.to_thread(self.locks.close)
 
-    def _heard(self, change: tuple[str, str] | None) -> None:
-        if change is not None and change[1] == self.gateway_id:
+    def _heard(self, change: Change | None) -> None:
+        if change is not None and change.gateway == self.gateway_id:
             return  # this gateway's own change: already applied
-        if self.on_change is not None:
-            self.on_change(change)
+        if change is not None and change.kind == UNLOAD:
+            self.unloaded(change.model)
+        elif (change is None or change.kind == SPEC) and self.on_change is not None:
+            # (other kinds are a later version's)
+            self.on_change(None if change is None else (change.model, change.gateway))
+
+    # -- unloads on every gateway (`lifecycle`) ---------------------------------------------
+
+    def unloaded(self, model_id: str) -> None:
+        """The model was unloaded on every gateway (another one said so, or its stored
+        desired state did): remember when, and stop it here."""
+        self._unloads[model_id] = time.monotonic()
+        if self.on_unload is not None:
+            self.on_unload(model_id)
+
+    def unloaded_after(self, model_id: str, since: float) -> bool:
+        """Whether the model was unloaded everywhere after `since` (monotonic clock)."""
+        return self._unloads.get(model_id, float("-inf")) > since
+
+    async def announce_unload(self, model_id: str) -> None:
+        """Record the model as unloaded and tell the others to stop it, before this
+        gateway stops it: none of them then takes it over when its owner lets it go."""
+        self._unloads[model_id] = time.monotonic()
+        await self.persistence.now(lambda store: store.unload_everywhere(model_id))
+
+    async def desired(self, model_id: str) -> tuple[str, str] | None:
+        """The model's stored desired state and when it was set (`db.workers.desired`)."""
+        return await asyncio.to_thread(self._store().desired, model_id)
+
+    async def record_use(self, ages: dict[str, float]) -> None:
+        await asyncio.to_thread(self._store().record_use, self.gateway_id, ages)
+
+    async def idle_for(self, model_id: str) -> float | None:
+        return await asyncio.to_thread(self._store().idle_for, model_id)
+
+    async def forget_uses(self, older_than: float) -> None:
+        await asyncio.to_thread(self._store().forget_uses, self.gateway_id, older_than)
 
     async def _beat(self) -> None:
         epoch = self.locks.epoch

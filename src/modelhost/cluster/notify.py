@@ -1,4 +1,5 @@
-"""LISTEN for the model changes the other gateways commit, on a connection of its own.
+"""LISTEN for the model changes (and unloads) the other gateways commit, on a connection of
+its own.
 
 A thread waits on the connection (`Connection.notifies`, woken at least twice a second to
 see whether it should stop) and hands each payload to the event loop. When the connection
@@ -13,18 +14,20 @@ import logging
 import threading
 from collections.abc import Callable
 
-from modelhost.db.workers import CHANNEL, parse_payload
+from modelhost.db.workers import CHANNEL, Change, parse_payload
 
 log = logging.getLogger(__name__)
 
 RECONNECT_S = 1.0
 
-# (model id, the gateway that changed it), or None: re-read everything.
+# A notification (model, gateway, kind: `db.workers.Change`), or None: re-read everything.
+OnNote = Callable[[Change | None], None]
+# A spec change another gateway made (model, gateway), or None: re-read every model.
 OnChange = Callable[[tuple[str, str] | None], None]
 
 
 class ChangeListener:
-    def __init__(self, conninfo: str, on_change: OnChange,
+    def __init__(self, conninfo: str, on_change: OnNote,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._conninfo = conninfo
         self._on_change = on_change
@@ -41,7 +44,7 @@ class ChangeListener:
         self._stopping.set()
         self._thread.join(timeout=5)
 
-    def _tell(self, change: tuple[str, str] | None) -> None:
+    def _tell(self, change: Change | None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._on_change, change)
         except RuntimeError:  # the loop is closed: the gateway is stopping

@@ -505,6 +505,29 @@ class Store:
         with self._read() as session:
             return workers.current_version(session, model_id)
 
+    def unload_everywhere(self, model_id: str) -> None:
+        """Desired state `unloaded`, and every other gateway told to stop the model."""
+        self._retry(lambda session: workers.unload_everywhere(session, model_id, self.origin))
+
+    def desired(self, model_id: str) -> tuple[str, str] | None:
+        """(desired state, when set) of one model, or None."""
+        with self._read() as session:
+            return workers.desired(session, model_id)
+
+    def record_use(self, gateway_id: str, ages: dict[str, float]) -> None:
+        """When this gateway last used these models (`model_activity`; PostgreSQL)."""
+        with self._write() as session:
+            workers.record_use(session, gateway_id, ages)
+
+    def idle_for(self, model_id: str) -> float | None:
+        """Seconds since any gateway used the model (None: never recorded)."""
+        with self._read() as session:
+            return workers.idle_for(session, model_id)
+
+    def forget_uses(self, gateway_id: str, older_than: float) -> None:
+        with self._write() as session:
+            workers.forget_uses(session, gateway_id, older_than)
+
     def interrupted_downloads(self) -> list[DownloadRow]:
         """Downloads that were queued or running when the gateway stopped: to resume at
         start (``huggingface_hub`` resumes a partly downloaded file)."""

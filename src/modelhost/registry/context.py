@@ -14,7 +14,7 @@ from typing import Any
 from modelhost.admin_policy import RemotePolicy
 from modelhost.config import HubSource, ModelSpec, RaySpec
 from modelhost.upstream import UpstreamClient
-from modelhost.workers.launchers import Launcher, LocalProcessLauncher
+from modelhost.workers.launchers import LOOPBACK, Launcher, LocalProcessLauncher
 from modelhost.workers.process import BackendConfigError
 
 
@@ -73,6 +73,10 @@ class ModelContext:
     # A Ray cluster for the workers (settings.ray_address; `workers.ray_launcher.RayCluster`,
     # typed loosely so that Ray is imported only where one is configured).
     ray: Any = None
+    # Where local workers listen, and where other gateways reach them (settings.worker_host,
+    # settings.worker_advertise_host; docs/scale-out.md).
+    worker_host: str = LOOPBACK
+    worker_advertised_host: str | None = None
 
     def check_servable(self, spec: ModelSpec) -> None:
         """Raises BackendConfigError (a start that fails for good) saying why `spec` cannot
@@ -98,4 +102,5 @@ class ModelContext:
                                num_cpus=own.num_cpus)
         return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
                                     self.max_audio_seconds, self.worker_log_bytes,
-                                    self.worker_log_backups)
+                                    self.worker_log_backups, self.worker_host,
+                                    self.worker_advertised_host)

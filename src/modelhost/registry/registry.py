@@ -5,7 +5,12 @@ A blue-green update (`rollout`) runs a second version of a model beside the one 
 the versions out of service (`extras`: the new one on trial, the old one standing by) are
 seen by GPU placement like any worker, and `switch` makes one of them the served one, in one
 step with the catalog, so that a request resolves either the old version or the new one,
-never a mix."""
+never a mix.
+
+Several gateways sharing a PostgreSQL database (`shared`: `cluster.lifecycle`) unload a
+model together: an unload asked here (`unloading`, before the model is told to stop) is
+announced to the others, and the idle reaper unloads a model only once no gateway has used
+it for its `idle_ttl`. Alone (SQLite), `shared` is None and none of this runs."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
+from typing import Protocol
 
 from modelhost.catalog import Catalog
 from modelhost.config import ModelSpec
@@ -24,6 +31,21 @@ from modelhost.registry.model import Listener, Model, ModelContext, Target
 from modelhost.registry.tenants import seen_by
 
 log = logging.getLogger(__name__)
+
+
+class Shared(Protocol):
+    """What gateways sharing a database do together (`cluster.lifecycle.SharedLifecycle`)."""
+
+    async def unloading(self, model: Model) -> None:
+        """The model is about to be unloaded here: every other gateway unloads it too."""
+
+    async def tick(self, models: Iterable[Model]) -> None:
+        """Every `reap_interval`: record which models this gateway used."""
+
+    async def idle(self, model: Model, ttl: float) -> bool:
+        """Whether no gateway used the model for `ttl` seconds."""
+
+    async def close(self) -> None: ...
 
 
 class Registry:
@@ -42,6 +64,7 @@ class Registry:
         self.scheduler: Scheduler = VersionScheduler(self)
         self.rebuild()
         self._reaper: asyncio.Task[None] | None = None
+        self.shared: Shared | None = None
 
     def resolve(self, name: str) -> ModelSpec:
         spec = self.catalog.get(name)
@@ -126,11 +149,19 @@ class Registry:
         self.catalog.remove(model_id)
         await model.close()
 
+    async def unloading(self, model: Model) -> None:
+        """An unload was asked for (admin API, idle reaper): with other gateways, tell them
+        first, so that each one stops the model and none takes it over."""
+        if self.shared is not None:
+            await self.shared.unloading(model)
+
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self.shared is not None:
+            await self.shared.close()
         await asyncio.gather(*(model.close() for model in [*self.models.values(),
                                                            *self.extras]))
         await self.gpus.stop()
@@ -140,20 +171,29 @@ class Registry:
                 if model.spec.required and model.state is not State.ready]
 
     async def _reap(self) -> None:
-        """Unload models idle for longer than their idle_ttl; never a busy one."""
+        """Unload models idle for longer than their idle_ttl; never a busy one (nor, with
+        other gateways, one that another gateway used within its idle_ttl)."""
         while True:
             await asyncio.sleep(self.reap_interval)
+            shared = self.shared
+            if shared is not None:
+                await shared.tick(self.models.values())
             now = time.monotonic()
-            for model in self.models.values():
+            for model in list(self.models.values()):
                 ttl = model.spec.idle_ttl
                 if ttl <= 0 or model.spec.required or model.state is not State.ready:
                     continue
-                if model.busy:
+                if model.busy or now - model.last_used <= ttl:
                     continue
-                if now - model.last_used > ttl:
-                    log.info("model %s idle for %.0f s: unloading", model.spec.id,
-                             now - model.last_used)
-                    model.want(Target.stopped)
+                if shared is not None and not await shared.idle(model, ttl):
+                    continue  # used through another gateway
+                if model.state is not State.ready or model.busy or \
+                        time.monotonic() - model.last_used <= ttl:
+                    continue  # used or changed meanwhile
+                log.info("model %s idle for %.0f s: unloading", model.spec.id,
+                         now - model.last_used)
+                await self.unloading(model)
+                model.want(Target.stopped)
 
 
 class VersionScheduler(Scheduler):

@@ -4,8 +4,10 @@ What a worker *is* (the command line that serves a spec) is `plans`; where it ru
 launcher's, so that the model's owner (`registry.model.Model`) drives every worker the same
 way, wherever it is (DESIGN §8):
 
-* `LocalProcessLauncher`: a child process on a loopback port of this machine, supervised by
+* `LocalProcessLauncher`: a child process on a free port of this machine, supervised by
   `process.WorkerProcess` (today's workers: vLLM, llama.cpp, modelhost's own apps, commands).
+  It listens on loopback unless `MODELHOST_WORKER_HOST` says otherwise (gateways on other
+  machines relaying to it: its `advertised_url` is where they reach it).
 * `RemoteLauncher`: an OpenAI-compatible server that already runs at a URL (`remote`
   backend). Nothing is started or stopped; "ready" means `GET <url>/models` answered 200,
   asked with the gateway's own HTTP client (`modelhost.upstream`, the relay's). A remote
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +39,12 @@ from modelhost.config import ModelSpec, UrlSource
 from modelhost.redaction import redact_url
 from modelhost.upstream import UpstreamClient
 from modelhost.workers.plans import launch_plan
-from modelhost.workers.process import WorkerProcess, WorkerStartError, free_port
+from modelhost.workers.process import (
+    WorkerProcess,
+    WorkerStartError,
+    free_port,
+    url_host,
+)
 
 LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT = 10.0  # a remote server's readiness probe, in all
@@ -97,14 +105,17 @@ class Launcher(Protocol):
 
 
 class LocalWorker:
-    """A worker process on this machine's loopback interface."""
+    """A worker process on this machine: `base_url` is where this gateway reaches it,
+    `advertised_url` where other gateways do (the same unless the worker host is set)."""
 
     watched = True
     connect_to = None
 
-    def __init__(self, process: WorkerProcess) -> None:
+    def __init__(self, process: WorkerProcess, advertised_host: str | None = None) -> None:
         self.process = process
         self.base_url = process.base_url + "/v1"
+        self.advertised_url = self.base_url if advertised_host is None else \
+            f"http://{url_host(advertised_host)}:{process.port}/v1"
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +144,9 @@ class LocalWorker:
 
 @dataclass(frozen=True)
 class LocalProcessLauncher:
-    """Workers as child processes on a free loopback port (`process.WorkerProcess`)."""
+    """Workers as child processes on a free port (`process.WorkerProcess`) of `host`
+    (loopback by default); `advertised_host` is where other gateways reach them (None: the
+    same as this gateway)."""
 
     log_dir: Path
     stop_timeout: float
@@ -141,18 +154,33 @@ class LocalProcessLauncher:
     max_audio_seconds: float
     log_bytes: int
     log_backups: int
+    host: str = LOOPBACK
+    advertised_host: str | None = None
 
     async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
                     ) -> LocalWorker:
-        port = free_port(LOOPBACK)
-        plan = launch_plan(spec, weights, LOOPBACK, port, gpus, self.hf_token(),
+        port = free_port(self.host)
+        plan = launch_plan(spec, weights, self.host, port, gpus, self.hf_token(),
                            max_audio_seconds=self.max_audio_seconds)
         plan.env.update(spec.env)
-        process = WorkerProcess(spec.id, plan, LOOPBACK, port,
+        process = WorkerProcess(spec.id, plan, reach(self.host), port,
                                 worker_log(self.log_dir, spec.id), self.stop_timeout,
                                 log_bytes=self.log_bytes, log_backups=self.log_backups)
         await process.start()
-        return LocalWorker(process)
+        return LocalWorker(process, self.advertised_host)
+
+
+def reach(host: str) -> str:
+    """Where this machine reaches a server listening on `host`: loopback for every
+    interface (0.0.0.0, ::), else `host` itself."""
+    bare = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:  # a name
+        return bare
+    if address.is_unspecified:
+        return LOOPBACK if address.version == 4 else "::1"
+    return bare
 
 
 # --------------------------------------------------------------------------- remote server

@@ -97,9 +97,16 @@ def worker_environment(extra: dict[str, str]) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+    """A port free on `host` (an IPv4 or IPv6 address, or a name), for a worker to bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host.strip("[]"), 0))
         return int(sock.getsockname()[1])
+
+
+def url_host(host: str) -> str:
+    """`host` as the host part of a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 class WorkerProcess:
@@ -110,7 +117,7 @@ class WorkerProcess:
         self.plan = plan
         self.host = host
         self.port = port
-        self.base_url = f"http://{host}:{port}"
+        self.base_url = f"http://{url_host(host)}:{port}"
         self.log_file = log_file
         self.stop_timeout = stop_timeout
         self.log_bytes = log_bytes

@@ -1,0 +1,214 @@
+"""Several gateways sharing one PostgreSQL database act as one on a model's lifecycle (issue
+18, docs/scale-out.md): an unload through any gateway unloads it on all, idleness counts
+every gateway's requests, and workers listen where gateways on other machines reach them.
+
+Real PostgreSQL (`tests/postgres.py`), real `modelhost serve` processes, fake workers
+(`tests/fake_worker.py`); "other machines" are loopback addresses (127.0.0.2, 127.0.0.3).
+The tests without gateways check the parts (settings, the local launcher) on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from modelhost.config import ModelSpec
+from modelhost.db.schema import ModelActivity, ModelWorker
+from modelhost.db.store import Store
+from modelhost.settings import Settings
+from modelhost.workers.launchers import LocalProcessLauncher, reach
+from tests.conftest import GatewayFactory, fake_model, pid_alive, started_pids, wait_for
+from tests.postgres import missing, postgres_server
+from tests.test_multigateway import admin, chat, env, listed, within
+
+needs_postgres = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def store(database: str) -> Iterator[Store]:
+    with Store.open(database) as opened:
+        yield opened
+
+
+def card(gw: Any, model: str) -> dict[str, Any]:
+    answer = admin(gw, "GET", f"/models/{model}")
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()
+    return data
+
+
+def alive(events: Path) -> list[int]:
+    return [pid for pid in started_pids(events) if pid_alive(pid)]
+
+
+@needs_postgres
+def test_unload_through_the_relaying_gateway_unloads_everywhere(
+        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
+    a = gateway_factory(models=[], env=env(database))
+    b = gateway_factory(models=[], env=env(database))
+    events = tmp_path / "unload.events"
+    assert admin(a, "PUT", "/models/unl", json=fake_model("unl", events)).status_code == 200
+    within(1.0, lambda: listed(b, "unl") == 200)
+    assert chat(a, "unl").status_code == 200  # A owns it
+    assert chat(b, "unl").status_code == 200  # B relays to A's worker
+    [owner_worker] = alive(events)
+    assert card(b, "unl")["worker"] is None
+
+    # Unloaded through B, which only relays: A's worker stops, within a second or so.
+    answer = admin(b, "POST", "/models/unl/unload")
+    assert answer.status_code == 200, answer.text
+    print(f"owner's worker gone: {within(5.0, lambda: not pid_alive(owner_worker)):.2f} s")
+    assert wait_for(lambda: card(a, "unl")["state"] == "cached", 5), card(a, "unl")
+    assert card(b, "unl")["state"] == "cached"
+    assert store.desired_states()["unl"].desired == "unloaded"
+    # Nobody takes it over: no worker anywhere for a few seconds (takeover would be ~2 s).
+    time.sleep(3)
+    assert len(started_pids(events)) == 1 and alive(events) == []
+    assert {card(a, "unl")["state"], card(b, "unl")["state"]} == {"cached"}
+
+    # A request through either starts it again: one worker, the other gateway relays.
+    assert chat(b, "unl").status_code == 200
+    assert chat(a, "unl").status_code == 200
+    assert len(alive(events)) == 1 and len(started_pids(events)) == 2
+    assert [card(gw, "unl")["worker"] is not None for gw in (a, b)] == [False, True]
+
+    # Unloaded through the owner (B now): A, relaying, does not take it over.
+    assert admin(b, "POST", "/models/unl/unload").status_code == 200
+    assert wait_for(lambda: alive(events) == [], 5)
+    time.sleep(3)
+    assert len(started_pids(events)) == 2 and alive(events) == []
+    assert card(a, "unl")["state"] == "cached"
+    # A load through the admin API of either starts it again, once.
+    assert admin(a, "POST", "/models/unl/load").status_code == 200
+    assert chat(b, "unl").status_code == 200
+    assert len(alive(events)) == 1 and len(started_pids(events)) == 3
+
+
+@needs_postgres
+def test_idle_time_counts_the_requests_of_every_gateway(
+        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
+    """idle_ttl 4 s: requests through B only keep A's worker up well past it; once they
+    stop, it is unloaded (everywhere) within the TTL and a few seconds, and stays so. (Each
+    gateway records its uses every 2 s: a TTL must be longer than that, as 900 s is.)"""
+    a = gateway_factory(models=[], env=env(database))
+    b = gateway_factory(models=[], env=env(database))
+    events = tmp_path / "idle.events"
+    spec = fake_model("idle", events, idle_ttl=4)
+    assert admin(a, "PUT", "/models/idle", json=spec).status_code == 200
+    within(1.0, lambda: listed(b, "idle") == 200)
+    assert chat(a, "idle").status_code == 200  # A owns it; no more requests through A
+    [worker] = alive(events)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 9:  # well past idle_ttl for A
+        assert chat(b, "idle").status_code == 200
+        time.sleep(0.3)
+    assert pid_alive(worker) and len(started_pids(events)) == 1
+    assert card(a, "idle")["state"] == "ready"
+    with store.engine.connect() as conn:  # B's uses are recorded, not A's alone
+        gateways = conn.scalars(sa.select(ModelActivity.gateway_id)
+                                .where(ModelActivity.model_id == "idle")).all()
+    assert len(set(gateways)) == 2, gateways
+
+    stopped = time.monotonic()
+    assert wait_for(lambda: not pid_alive(worker), 10)
+    took = time.monotonic() - stopped
+    print(f"unloaded {took:.1f} s after the last request (idle_ttl 4 s)")
+    assert took >= 3.5, took  # not before the TTL (less the last request's own duration)
+    assert wait_for(lambda: card(b, "idle")["state"] == "cached", 3), card(b, "idle")
+    time.sleep(3)
+    assert len(started_pids(events)) == 1 and alive(events) == []
+    assert card(a, "idle")["state"] == "cached"
+
+
+@needs_postgres
+def test_workers_listen_where_the_other_gateways_reach_them(
+        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
+    """Gateway A's workers on 127.0.0.2 only, B's on 127.0.0.3: B relays to A's worker at
+    the address A published."""
+    a = gateway_factory(models=[], env={**env(database), "MODELHOST_WORKER_HOST": "127.0.0.2"})
+    b = gateway_factory(models=[], env={**env(database), "MODELHOST_WORKER_HOST": "127.0.0.3"})
+    events = tmp_path / "far.events"
+    spec = fake_model("far", events, "--host", "{host}")
+    assert admin(a, "PUT", "/models/far", json=spec).status_code == 200
+    within(1.0, lambda: listed(b, "far") == 200)
+    assert chat(a, "far").status_code == 200  # A owns it
+    with store.engine.connect() as conn:
+        [address] = conn.scalars(sa.select(ModelWorker.address)
+                                 .where(ModelWorker.model_id == "far")).all()
+    port = card(a, "far")["worker"]["port"]
+    assert address == f"http://127.0.0.2:{port}/v1"
+    with socket.create_connection(("127.0.0.2", port), timeout=2):
+        pass
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    for gw in (b, a, b):
+        answer = chat(gw, "far")
+        assert answer.status_code == 200, answer.text
+    assert len(started_pids(events)) == 1
+    assert card(b, "far")["worker"] is None  # relayed to A's worker
+
+    # A stops: B takes the model over, its own worker on 127.0.0.3, published so.
+    a.stop()
+    assert wait_for(lambda: chat(b, "far").status_code == 200
+                    and card(b, "far")["worker"] is not None, 15)
+
+    def published() -> list[str]:
+        with store.engine.connect() as conn:
+            return list(conn.scalars(sa.select(ModelWorker.address)
+                                     .where(ModelWorker.model_id == "far")).all())
+
+    port = card(b, "far")["worker"]["port"]
+    assert wait_for(lambda: published() == [f"http://127.0.0.3:{port}/v1"], 5), published()
+
+
+# -- the parts -------------------------------------------------------------------------------
+
+
+def test_worker_host_settings() -> None:
+    assert Settings.with_overrides().worker_host == "127.0.0.1"  # loopback, as alone
+    for everywhere in ("0.0.0.0", "::"):
+        with pytest.raises(ValidationError, match="MODELHOST_WORKER_ADVERTISE_HOST"):
+            Settings.with_overrides(worker_host=everywhere)
+        settings = Settings.with_overrides(worker_host=everywhere,
+                                           worker_advertise_host="10.0.0.7")
+        assert settings.worker_advertise_host == "10.0.0.7"
+    assert (reach("0.0.0.0"), reach("::"), reach("10.0.0.7")) == ("127.0.0.1", "::1",
+                                                                  "10.0.0.7")
+
+
+def test_a_local_worker_listens_on_the_worker_host(tmp_path: Path) -> None:
+    """It answers on the worker host, not on 127.0.0.1; this gateway reaches it there, the
+    others at the advertised host."""
+    spec = ModelSpec.model_validate(fake_model("here", None, "--host", "{host}"))
+
+    async def main() -> None:
+        launcher = LocalProcessLauncher(tmp_path, 5.0, lambda: None, 60.0, 1 << 20, 1,
+                                        host="127.0.0.2", advertised_host="gw-a.internal")
+        worker = await launcher.start(spec, None, [])
+        try:
+            await worker.wait_ready(20)
+            assert worker.base_url == f"http://127.0.0.2:{worker.port}/v1"
+            assert worker.advertised_url == f"http://gw-a.internal:{worker.port}/v1"
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", worker.port)
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    default = LocalProcessLauncher(tmp_path, 5.0, lambda: None, 60.0, 1 << 20, 1)
+    assert default.host == "127.0.0.1" and default.advertised_host is None
