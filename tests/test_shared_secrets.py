@@ -86,6 +86,59 @@ def test_the_secret_key_setting(tmp_path: Path) -> None:
         Settings.with_overrides(secret_key_file=tmp_path / "missing")
 
 
+def test_a_reader_never_pairs_a_spec_with_the_secrets_of_another_version(
+        tmp_path: Path) -> None:
+    """The secrets are sealed by spec version and written before the spec: between the two
+    writes a reader still gets the stored spec with its own secrets; after them, the new
+    ones; a version the table has no secrets for is refused, not served with `***`."""
+    from modelhost.config import ModelSpec
+    from modelhost.db.store import Store
+    from modelhost.persistence import spec_json, spec_secrets
+    from modelhost.secretkeeper import Keeper, SecretFile
+
+    def spec(url: str, key: str) -> ModelSpec:
+        return ModelSpec.model_validate({"id": "m", **remote_spec(url, key)})
+
+    old, new = spec("http://old.example/v1", "sk-old-0123456789"), \
+        spec("http://new.example/v1", "sk-new-0123456789")
+    keeper = Keeper(SecretFile(tmp_path / "secrets.json"), Sealer(SECRET_KEY))
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        store.migrate()
+
+        def change(to: ModelSpec) -> None:
+            keeper.put(store, "m", spec_secrets(to), keeper.snapshot(store, "m"))
+
+        def served() -> tuple[dict[str, Any], str | None]:
+            row = store.model("m")
+            assert row is not None
+            return keeper.spec_of(store, row)
+
+        change(old)
+        store.upsert_model(spec_json(old), "m", source="api", actor="t")
+        assert served() == (old.model_dump(mode="json", exclude_defaults=True), None)
+        change(new)  # the spec itself not yet written: the old one, with its own key
+        assert served()[0]["source"]["api_key"] == "sk-old-0123456789"
+        store.upsert_model(spec_json(new), "m", source="api", actor="t")
+        assert served()[0]["source"]["api_key"] == "sk-new-0123456789"
+        assert served()[0]["source"]["url"].startswith(f"http://user:{URL_PASSWORD}@new.")
+        sealed = store.sealed_secrets("m")["m"]
+        assert "sk-new" not in sealed and not (tmp_path / "secrets.json").exists()
+
+        # Written by hand (or by a gateway that died between its two writes): refused.
+        third = spec("http://third.example/v1", "sk-third-0123456789")
+        store.upsert_model(spec_json(third), "m", source="api", actor="t")
+        data, reason = served()
+        assert data["source"]["api_key"] == "***"
+        assert reason is not None and "another version" in reason
+        changed = sealed[:-2] + ("AA" if not sealed.endswith("AA") else "BB")
+        store.upsert_model(spec_json(new), "m", source="api", actor="t")
+        assert served()[0]["source"]["api_key"] == "sk-new-0123456789"
+        store.put_sealed_secrets("m", changed)  # changed in the database
+        data, reason = served()
+        assert data["source"]["api_key"] == "***"
+        assert reason is not None and "cannot be opened" in reason and "changed" in reason
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
