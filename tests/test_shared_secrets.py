@@ -291,6 +291,31 @@ def test_a_model_with_a_secret_added_through_one_is_served_by_the_other(
     assert "sealed" not in sealed_rows(database)
 
 
+@needs_postgres
+def test_a_models_file_model_changed_through_another_gateway_keeps_its_secrets(
+        gateway_factory: GatewayFactory, database: str) -> None:
+    """Both gateways declare the model in their models file, with its key there. A change
+    through A's admin API (its card sent back, `***` and all) reaches B, which keeps the key
+    of its own file rather than serving `***`."""
+    with upstream(free_port(), REMOTE_KEY) as url:
+        declared = [{"id": "filed", **remote_spec(url, REMOTE_KEY)}]
+        a = gateway_factory(models=declared, env=env(database))
+        b = gateway_factory(models=declared, env=env(database))
+        assert chat(b, "filed").status_code == 200
+        card = admin(a, "GET", "/models/filed").json()["spec"]
+        assert card["source"]["api_key"] == "***"
+        assert admin(a, "PUT", "/models/filed", json={**card, "max_queue": 7}
+                     ).status_code == 200
+
+        def applied() -> bool:
+            return admin(b, "GET", "/models/filed").json()["spec"].get("max_queue") == 7
+
+        assert wait_for(applied, 2, interval=0.05)
+        answer = chat(b, "filed")
+        assert answer.status_code == 200, answer.text
+        assert "cannot be served by this gateway" not in b.output()
+
+
 def dashboard(gw: Gateway, cookie: str | None = None) -> httpx.Client:
     client = httpx.Client(base_url=gw.url, timeout=30)
     if cookie is not None:

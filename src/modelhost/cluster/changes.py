@@ -13,16 +13,20 @@ changes (`Gateway._changes`), never written back:
 * a row of another gateway's models file (source `file`) that this one does not serve is
   none of its business.
 
-Secrets: the database holds specs with `***` for their secrets (`redaction`); they are put
-back by `Persistence.stored_spec`: sealed in the database with the deployment's secret key,
-which every gateway with that key opens, or else from this gateway's own secrets file. A
-model whose secrets this gateway cannot get is still applied, with `***`, and fails to start
-here with the reason (`secretkeeper`); a change of a model's secrets alone is notified too.
+Secrets: the database holds specs with `***` for their secrets (`redaction`). A models
+file's model gets them back from the spec this gateway serves (its own models file: a
+change another gateway made through the API keeps them; one that needs others is not
+applied). A model of the API's gets them from `Persistence.stored_spec`: sealed in the
+database with the deployment's secret key, which every gateway with that key opens, or else
+from this gateway's own secrets file; a model whose secrets this gateway cannot get is still
+applied, with `***`, and fails to start here with the reason (`secretkeeper`). A change of a
+model's secrets alone is notified too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from pydantic import ValidationError
@@ -31,6 +35,8 @@ from modelhost.config import ModelSpec
 from modelhost.db.rows import ModelRow
 from modelhost.db.store import Store
 from modelhost.gateway import Gateway
+from modelhost.persistence import spec_secrets
+from modelhost.redaction import MASK, restore_masked
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,14 @@ class Follower:
                 return
             if current is None and row.source != "api":
                 return  # another gateway's models file
-            data = await gateway.persistence.stored_spec(row)
+            if row.source == "api" or current is None:
+                data = await gateway.persistence.stored_spec(row)
+            else:  # a models file's model: its secrets are in this gateway's own file
+                data = restore_masked(row.spec(), spec_secrets(current.spec))
+                if MASK in json.dumps(data):
+                    log.error("model %s as changed by another gateway has secrets that are "
+                              "not in this gateway's models file, not applied", model_id)
+                    return
             try:
                 spec = ModelSpec.model_validate(data)
             except ValidationError as exc:
