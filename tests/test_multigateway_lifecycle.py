@@ -25,7 +25,14 @@ from modelhost.db.schema import ModelActivity, ModelWorker
 from modelhost.db.store import Store
 from modelhost.settings import Settings
 from modelhost.workers.launchers import LocalProcessLauncher, reach
-from tests.conftest import GatewayFactory, fake_model, pid_alive, started_pids, wait_for
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    fake_model,
+    pid_alive,
+    started_pids,
+    wait_for,
+)
 from tests.postgres import missing, postgres_server
 from tests.test_multigateway import admin, chat, env, listed, within
 
@@ -38,13 +45,20 @@ def database() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def pair(module_gateway_factory: GatewayFactory, database: str) -> tuple[Gateway, Gateway]:
+    """Two gateways on the database, shared by the tests that use models of their own."""
+    return (module_gateway_factory(models=[], env=env(database)),
+            module_gateway_factory(models=[], env=env(database)))
+
+
 @pytest.fixture
 def store(database: str) -> Iterator[Store]:
     with Store.open(database) as opened:
         yield opened
 
 
-def card(gw: Any, model: str) -> dict[str, Any]:
+def card(gw: Gateway, model: str) -> dict[str, Any]:
     answer = admin(gw, "GET", f"/models/{model}")
     assert answer.status_code == 200, answer.text
     data: dict[str, Any] = answer.json()
@@ -57,9 +71,8 @@ def alive(events: Path) -> list[int]:
 
 @needs_postgres
 def test_unload_through_the_relaying_gateway_unloads_everywhere(
-        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
-    a = gateway_factory(models=[], env=env(database))
-    b = gateway_factory(models=[], env=env(database))
+        pair: tuple[Gateway, Gateway], store: Store, tmp_path: Path) -> None:
+    a, b = pair
     events = tmp_path / "unload.events"
     assert admin(a, "PUT", "/models/unl", json=fake_model("unl", events)).status_code == 200
     within(1.0, lambda: listed(b, "unl") == 200)
@@ -100,12 +113,11 @@ def test_unload_through_the_relaying_gateway_unloads_everywhere(
 
 @needs_postgres
 def test_idle_time_counts_the_requests_of_every_gateway(
-        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
+        pair: tuple[Gateway, Gateway], store: Store, tmp_path: Path) -> None:
     """idle_ttl 4 s: requests through B only keep A's worker up well past it; once they
     stop, it is unloaded (everywhere) within the TTL and a few seconds, and stays so. (Each
     gateway records its uses every 2 s: a TTL must be longer than that, as 900 s is.)"""
-    a = gateway_factory(models=[], env=env(database))
-    b = gateway_factory(models=[], env=env(database))
+    a, b = pair
     events = tmp_path / "idle.events"
     spec = fake_model("idle", events, idle_ttl=4)
     assert admin(a, "PUT", "/models/idle", json=spec).status_code == 200
