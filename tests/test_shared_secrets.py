@@ -308,7 +308,7 @@ def test_a_models_file_model_changed_through_another_gateway_keeps_its_secrets(
                      ).status_code == 200
 
         def applied() -> bool:
-            return admin(b, "GET", "/models/filed").json()["spec"].get("max_queue") == 7
+            return bool(admin(b, "GET", "/models/filed").json()["spec"].get("max_queue") == 7)
 
         assert wait_for(applied, 2, interval=0.05)
         answer = chat(b, "filed")
