@@ -34,7 +34,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.postgres import missing, postgres_server
-from tests.test_multigateway import admin, chat, env, listed, within
+from tests.test_multigateway import _close, _members, admin, chat, env, listed, within
 
 needs_postgres = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -189,6 +189,50 @@ def test_workers_listen_where_the_other_gateways_reach_them(
 
 
 # -- the parts -------------------------------------------------------------------------------
+
+
+@needs_postgres
+def test_an_unload_and_the_uses_through_the_database(database: str) -> None:
+    """An unload announced by one member is heard by the other (not echoed to itself), with
+    the desired state; uses are recorded per gateway, the most recent one counts, and a
+    gateway's rows go when it forgets them."""
+
+    async def main() -> None:
+        first, second = await _members(database, 2)
+        heard: dict[str, list[str]] = {"first": [], "second": []}
+        first.on_unload, second.on_unload = heard["first"].append, heard["second"].append
+        try:
+            await first.start()
+            await second.start()
+            t0 = time.monotonic()
+            await first.announce_unload("m")
+            for _ in range(100):
+                if heard["second"]:
+                    break
+                await asyncio.sleep(0.01)
+            print(f"unload heard after {time.monotonic() - t0:.3f} s")
+            assert heard == {"first": [], "second": ["m"]}
+            assert first.unloaded_after("m", t0) and second.unloaded_after("m", t0)
+            assert not second.unloaded_after("m", time.monotonic())
+            desired = await second.desired("m")
+            assert desired is not None and desired[0] == "unloaded"
+
+            assert await first.idle_for("m") is None
+            await first.record_use({"m": 30.0})
+            await second.record_use({"m": 2.0})
+            await first.record_use({"m": 60.0})  # older than what it recorded: kept
+            idle = await first.idle_for("m")
+            assert idle is not None and 2.0 <= idle < 5.0, idle
+            await second.forget_uses(24 * 3600.0)  # the second stops
+            idle = await first.idle_for("m")
+            assert idle is not None and 30.0 <= idle < 33.0, idle
+            await first.forget_uses(24 * 3600.0)
+            assert await first.idle_for("m") is None
+        finally:
+            await _close([first, second])
+
+    asyncio.run(main())
+
 
 
 def test_worker_host_settings() -> None:
