@@ -216,6 +216,16 @@ def test_an_unload_and_the_uses_through_the_database(database: str) -> None:
             assert not second.unloaded_after("m", time.monotonic())
             desired = await second.desired("m")
             assert desired is not None and desired[0] == "unloaded"
+            # A relay that finds `unloaded` stored: heard since it began, an unload...
+            assert await second.hears_unload("m", t0, 1.0)
+            # ...not heard while listening: a gateway's late note of its own stop, not one.
+            later = time.monotonic()
+            assert not await second.hears_unload("m", later, 0.2)
+            assert heard["second"] == ["m"]
+            # Not listening: the stored state is believed, and the model stopped here.
+            await second.stop()
+            assert await second.hears_unload("m", later, 0.2)
+            assert heard["second"] == ["m", "m"]
 
             assert await first.idle_for("m") is None
             await first.record_use({"m": 30.0})

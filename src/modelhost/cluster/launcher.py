@@ -58,6 +58,8 @@ WATCH_S: Final = 1.0
 POLL_S: Final = 0.1
 # The "exit status" of a relay whose owner is gone (126-127 are the shim's own).
 OWNER_GONE: Final = 75
+# How long a relay that finds an unload recorded waits for its notification.
+NOTIFY_GRACE_S: Final = 1.0
 
 
 class ClusterWorker:
@@ -179,17 +181,19 @@ class ClusterWorker:
 
     async def _unloaded(self) -> bool:
         """Whether the owner let the model go because it was unloaded everywhere since this
-        relay began (heard, or its desired state now `unloaded` and changed since): then it
-        is stopped here too, instead of taken over."""
+        relay began (heard, or its desired state now `unloaded`, changed since, and the
+        unload's notification due: `Member.hears_unload`): then it is stopped here too
+        (`Member.unloaded`), instead of taken over."""
         model_id = self._spec.id
         if self._member.unloaded_after(model_id, self._created):
             return True
         desired = await self._member.desired(model_id)
         if desired is None or desired[0] != "unloaded" or desired == self._desired:
             return False
+        if not await self._member.hears_unload(model_id, self._created, NOTIFY_GRACE_S):
+            return False
         log.info("model %s was unloaded on every gateway (its owner %s let it go): "
-                 "stopping it here", model_id, self._owner)
-        self._member.unloaded(model_id)
+                 "not taking it over", model_id, self._owner)
         return True
 
     async def stop(self) -> None:

@@ -118,6 +118,23 @@ class Member:
         """Whether the model was unloaded everywhere after `since` (monotonic clock)."""
         return self._unloads.get(model_id, float("-inf")) > since
 
+    async def hears_unload(self, model_id: str, since: float, grace: float) -> bool:
+        """The stored desired state says the model was unloaded: whether that was an unload
+        everywhere since `since`. Its notification was committed before any owner let the
+        model go, so it is heard within `grace` (then True); not heard while this gateway
+        listens, the record was a gateway's own late note of its stop, not an unload (False).
+        Not listening (the connection is down), the record is believed (True)."""
+        deadline = time.monotonic() + grace
+        while not self.unloaded_after(model_id, since):
+            listening = self._listener is not None and self._listener.listening.is_set()
+            if not listening:
+                self.unloaded(model_id)
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def announce_unload(self, model_id: str) -> None:
         """Record the model as unloaded and tell the others to stop it, before this
         gateway stops it: none of them then takes it over when its owner lets it go."""

@@ -69,6 +69,7 @@ class ChangeListener:
                             change = parse_payload(note.payload)
                             if change is not None:
                                 self._tell(change)
+                    self.listening.clear()  # stopped
             except psycopg.Error as exc:
                 self.listening.clear()
                 if not self._stopping.is_set():
