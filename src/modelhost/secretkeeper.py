@@ -222,8 +222,9 @@ class Keeper:
         moved = 0
         for model_id, secrets in found.items():
             if model_id in held:
-                log.warning("model %s: the secrets kept in secrets.json are dropped: the "
-                            "state database already holds sealed ones", model_id)
+                log.warning("model %s: the secrets found in secrets.json (or in a spec "
+                            "stored in clear) are dropped: the state database already holds "
+                            "sealed ones", model_id)
                 continue
             version = store.current_version(model_id)
             if version is None or not secrets:
