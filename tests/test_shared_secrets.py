@@ -67,6 +67,16 @@ def test_sealed_values_open_with_their_key_and_model_only() -> None:
             sealer.open("m", broken)
     assert SECRET_KEY not in repr(sealer) and sealer.key_id in repr(sealer)
 
+    # Changing the key: the earlier one as a fallback opens what it sealed, and says so.
+    rotated = Sealer(OTHER_KEY, fallbacks=(SECRET_KEY,))
+    assert rotated.sealed_with_fallback(sealed) and rotated.open("m", sealed) == value
+    again = rotated.seal("m", value)
+    assert not rotated.sealed_with_fallback(again) and Sealer(OTHER_KEY).open("m", again)
+    with pytest.raises(WrongKey):
+        sealer.open("m", again)
+    with pytest.raises(ValueError, match="at least 32"):
+        Sealer(OTHER_KEY, fallbacks=("short",))
+
 
 def test_the_secret_key_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 32"):
@@ -84,6 +94,13 @@ def test_the_secret_key_setting(tmp_path: Path) -> None:
     assert from_file.secret_key.get_secret_value() == SECRET_KEY
     with pytest.raises(ValidationError, match="cannot be read"):
         Settings.with_overrides(secret_key_file=tmp_path / "missing")
+    both = Settings.with_overrides(secret_key=OTHER_KEY,
+                                   secret_key_fallbacks=f"{SECRET_KEY}, {SECRET_KEY[::-1]}")
+    assert both.secret_key_fallback_list == (SECRET_KEY, SECRET_KEY[::-1])
+    with pytest.raises(ValidationError, match="needs MODELHOST_SECRET_KEY"):
+        Settings.with_overrides(secret_key_fallbacks=SECRET_KEY)
+    with pytest.raises(ValidationError, match="at least 32"):
+        Settings.with_overrides(secret_key=OTHER_KEY, secret_key_fallbacks="short")
 
 
 def test_a_reader_never_pairs_a_spec_with_the_secrets_of_another_version(
@@ -391,7 +408,7 @@ def test_a_secrets_file_moves_into_the_database_when_a_key_is_set(
         gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     """One gateway on SQLite: without a key, secrets.json as before; with a key, its entries
     are sealed into the database and the file goes; a wrong key says so and does not crash;
-    the right key again serves."""
+    the right key again serves; a new key with the old one as a fallback seals them again."""
     data = tmp_path / "data"
     with upstream(free_port(), REMOTE_KEY) as url:
         plain = {**env(secret_key=None), "MODELHOST_DATA_DIR": str(data)}
@@ -418,4 +435,16 @@ def test_a_secrets_file_moves_into_the_database_when_a_key_is_set(
         gw.stop()
 
         gw = gateway_factory(models=[], env=sealed)
+        assert chat(gw, "kept").status_code == 200
+        gw.stop()
+
+        # A new key, the old one as a fallback: sealed again at start; then the new alone.
+        rotated = {**sealed, "MODELHOST_SECRET_KEY": OTHER_KEY,
+                   "MODELHOST_SECRET_KEY_FALLBACKS": SECRET_KEY}
+        gw = gateway_factory(models=[], env=rotated)
+        assert chat(gw, "kept").status_code == 200
+        assert "sealed again with the secret key" in gw.output()
+        gw.stop()
+        del rotated["MODELHOST_SECRET_KEY_FALLBACKS"]
+        gw = gateway_factory(models=[], env=rotated)
         assert chat(gw, "kept").status_code == 200

@@ -98,7 +98,8 @@ class Gateway:
         self.started = time.time()
         self.api_models: set[str] = set()
         self.closing = False
-        persistence.keep_secrets(settings.data_dir / SECRETS_FILE, settings.secret_key)
+        persistence.keep_secrets(settings.data_dir / SECRETS_FILE, settings.secret_key,
+                                 settings.secret_key_fallback_list)
         self.remote_policy = RemotePolicy.parse(settings.remote_allow_list)
         self.scrub = Scrubber()
         self._log_filter = ScrubFilter(self.scrub)

@@ -69,13 +69,15 @@ class Persistence:
         # changes then notify the others. None: alone (SQLite).
         self.origin: str | None = None
 
-    def keep_secrets(self, file: Path, key: SecretStr | None) -> None:
+    def keep_secrets(self, file: Path, key: SecretStr | None,
+                     fallbacks: tuple[str, ...] = ()) -> None:
         """Where the secrets of the API's models go: `file` (unless one was given), or,
-        with a secret key, sealed into the database (`secretkeeper`)."""
+        with a secret key, sealed into the database (`secretkeeper`; `fallbacks`: earlier
+        keys, whose values are sealed again with `key` at start)."""
         if self.secrets is None:
             self.secrets = SecretFile(file)
         if key is not None:
-            self.sealer = Sealer(key.get_secret_value())
+            self.sealer = Sealer(key.get_secret_value(), fallbacks)
             log.info("secrets of models added through the API are sealed in the state "
                      "database (secret key id %s)", self.sealer.key_id)
 
@@ -177,6 +179,7 @@ class Persistence:
             if found and keeper.sealer is not None:
                 keeper.move_in(store, found)
             keeper.move_file_in(store)
+            keeper.reseal(store)
             return changed
 
         try:

@@ -7,6 +7,10 @@ makes a good one); like LiteLLM's salt key it is not used as is but derived, wit
 (RFC 5869), into a 256-bit AES key and, separately, a short key id. The key's strength is
 its own randomness: HKDF does not stretch a weak password.
 
+Changing the key (`Sealer(key, fallbacks)`): a value sealed with one of the fallback keys
+(`MODELHOST_SECRET_KEY_FALLBACKS`) still opens, and `sealed_with_fallback` tells the caller to
+seal it again with the key.
+
 A sealed value is text: `mh1.<key id>.<base64url(nonce | ciphertext | tag)>`, AES-256-GCM
 with a random 96-bit nonce, and the model's id as associated data, so that a value copied
 onto another model's row does not open. The key id says whether a value was sealed with this
@@ -55,12 +59,14 @@ def _derive(key: str, info: bytes, length: int) -> bytes:
 
 
 class Sealer:
-    """Seals and opens JSON-like values with one secret key."""
+    """Seals and opens JSON-like values with one secret key; opens with `fallbacks` too
+    (earlier keys, while values sealed with them are sealed again)."""
 
-    def __init__(self, key: str) -> None:
-        if len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"the secret key must be at least {MIN_KEY_LENGTH} characters "
-                             "(e.g. the output of `openssl rand -base64 32`)")
+    def __init__(self, key: str, fallbacks: tuple[str, ...] = ()) -> None:
+        for text in (key, *fallbacks):
+            if len(text) < MIN_KEY_LENGTH:
+                raise ValueError(f"the secret key must be at least {MIN_KEY_LENGTH} "
+                                 "characters (e.g. the output of `openssl rand -base64 32`)")
         try:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         except ImportError as exc:  # a dependency of modelhost: a broken install
@@ -68,6 +74,14 @@ class Sealer:
                              "pip install cryptography") from exc
         self._aead = AESGCM(_derive(key, _KEY_INFO, 32))
         self.key_id = _derive(key, _ID_INFO, 4).hex()
+        self._fallbacks = {_derive(text, _ID_INFO, 4).hex(): AESGCM(_derive(text, _KEY_INFO, 32))
+                           for text in fallbacks}
+        self._fallbacks.pop(self.key_id, None)
+
+    def sealed_with_fallback(self, sealed: str) -> bool:
+        """Whether a value is sealed with a fallback key (to be sealed again with the key)."""
+        parts = sealed.split(".")
+        return len(parts) == 3 and parts[1] in self._fallbacks
 
     def __repr__(self) -> str:
         return f"Sealer(key_id={self.key_id!r})"
@@ -86,7 +100,8 @@ class Sealer:
         parts = sealed.split(".")
         if len(parts) != 3 or parts[0] != PREFIX:
             raise Malformed("not a value sealed by this version of modelhost")
-        if parts[1] != self.key_id:
+        aead = self._aead if parts[1] == self.key_id else self._fallbacks.get(parts[1])
+        if aead is None:
             raise WrongKey(f"sealed with another secret key (key id {parts[1]}; this "
                            f"gateway's key has id {self.key_id})")
         try:
@@ -96,7 +111,7 @@ class Sealer:
         if len(raw) < NONCE_BYTES + 16:
             raise Malformed("the sealed value is too short")
         try:
-            plain = self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad(model_id))
+            plain = aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad(model_id))
         except InvalidTag:
             raise Tampered("the sealed value was changed, or belongs to another model: it "
                            "does not authenticate with this key") from None

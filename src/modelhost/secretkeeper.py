@@ -234,6 +234,29 @@ class Keeper:
             moved += 1
         return moved
 
+    def reseal(self, store: Store) -> int:
+        """At start: the values sealed with a fallback key (an earlier one) are sealed again
+        with the key; returns how many."""
+        if self.sealer is None:
+            return 0
+        done = 0
+        for model_id, sealed in store.sealed_secrets().items():
+            if not self.sealer.sealed_with_fallback(sealed):
+                continue
+            try:
+                value = self.sealer.open(model_id, sealed)
+            except SealError as exc:
+                log.error("model %s: its sealed secrets cannot be sealed again with the "
+                          "new key: %s", model_id, exc)
+                continue
+            store.put_sealed_secrets(model_id, self.sealer.seal(model_id, value))
+            done += 1
+        if done:
+            log.warning("the secrets of %d model(s) were sealed with an earlier key "
+                        "(MODELHOST_SECRET_KEY_FALLBACKS): sealed again with the secret key "
+                        "(id %s)", done, self.sealer.key_id)
+        return done
+
     def move_file_in(self, store: Store) -> int:
         """At start with a key: the entries of `secrets.json` go to the table, then the file
         is deleted. Returns how many models' secrets moved."""

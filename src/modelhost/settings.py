@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     # DATA_DIR/secrets.json. Or the path of a file that holds it (Docker/Kubernetes secrets).
     secret_key: SecretStr | None = Field(None, validation_alias=_env("SECRET_KEY"))
     secret_key_file: Path | None = Field(None, validation_alias=_env("SECRET_KEY_FILE"))
+    # Earlier secret keys (comma-separated): what they sealed still opens, and is sealed
+    # again with secret_key at start (changing the key: docs/configuration.md#secret-key).
+    secret_key_fallbacks: SecretStr | None = Field(
+        None, validation_alias=_env("SECRET_KEY_FALLBACKS"))
     # Where the web dashboard is served (`/` redirects there); its pages check their own
     # session (an admin key signs in), the API routes keep theirs.
     dashboard_prefix: str = Field("/ui", pattern=r"^(/[A-Za-z0-9._~-]+)+$",
@@ -220,6 +224,11 @@ class Settings(BaseSettings):
                 < MIN_KEY_LENGTH:
             raise ValueError(f"MODELHOST_SECRET_KEY must be at least {MIN_KEY_LENGTH} "
                              "characters (e.g. `openssl rand -base64 32`)")
+        if any(len(k) < MIN_KEY_LENGTH for k in self.secret_key_fallback_list):
+            raise ValueError(f"each of MODELHOST_SECRET_KEY_FALLBACKS must be at least "
+                             f"{MIN_KEY_LENGTH} characters")
+        if self.secret_key_fallback_list and self.secret_key is None:
+            raise ValueError("MODELHOST_SECRET_KEY_FALLBACKS needs MODELHOST_SECRET_KEY")
         return self
 
     @field_validator("log_level")
@@ -256,6 +265,11 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.rstrip("/") for o in _split(self.cors_origins)]
+
+    @property
+    def secret_key_fallback_list(self) -> tuple[str, ...]:
+        value = self.secret_key_fallbacks
+        return tuple(_split(value.get_secret_value())) if value is not None else ()
 
     @property
     def remote_allow_list(self) -> list[str]:
