@@ -1,20 +1,23 @@
 """Instructions per relayed request, counted by Valgrind: a figure that load cannot move.
 
-    .venv/bin/python -m bench.instructions REV_A [REV_B] [--requests N]    (REV_B: working tree)
+    .venv/bin/python -m bench.instructions REV_A [REV_B ...] [--requests N]
+                                        (one revision: compared with the working tree)
 
 `bench.compare` measures CPU time, which moves by several percent with whatever else the
 machine runs; to tell where a few microseconds per request went between two revisions that is
 too coarse. Here each gateway runs under Valgrind's callgrind with counting off while it starts
 (the import alone is billions of instructions). Counting is then switched on, `--warmup`
-requests are sent and the counters zeroed; `N` requests are sent one after another on one
-keep-alive connection and the counters dumped; then the gateway is left idle for as long as
-those requests took, and the counters dumped again: what its timers (usage ledger, access log,
-metrics) cost in that time, taken off the first figure. The result is instructions (Ir) per
-request, the same from one run to the next within a fraction of a percent, whatever the load.
+requests are sent, and two windows of `--seconds` each are counted: `N` requests paced evenly
+over the first, `2N` over the second, one after another on one keep-alive connection. The
+gateway's timers (the usage ledger's flush to the database once a second, the access log, the
+metrics) do the same in both windows, whatever the rate: the difference of the two counts is
+what `N` requests cost on their own, divided by `N`. The result is instructions (Ir) per
+request, the same from one run to the next within about a percent, whatever the load (a run
+whose requests overran a window says so: the timers' share then differs).
 
 Each dump is a callgrind profile (`callgrind_annotate FILE` shows where the instructions went,
 by C function: the interpreter's, the libraries', the kernel boundary's). Slow: the gateway runs
-about 50 times slower under Valgrind (about 2 minutes to start). Needs `valgrind` (Debian's).
+about 50 times slower under Valgrind (half a minute to start). Needs `valgrind` (Debian's).
 """
 
 from __future__ import annotations
@@ -60,23 +63,31 @@ def _zero(pid: int) -> None:
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
 
 
-def _requests(port: int, n: int) -> float:
-    """`n` chat requests one after another on one connection; the seconds they took."""
+def _requests(port: int, n: int, seconds: float = 0.0) -> float:
+    """`n` chat requests one after another on one connection, paced evenly over `seconds`
+    (0: as fast as they go); the seconds they took."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     headers = {"Authorization": f"Bearer {MODELHOST_KEY}", "Content-Type": "application/json"}
     start = time.monotonic()
-    for _ in range(n):
+    for i in range(n):
+        wait = start + i * seconds / n - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         conn.request("POST", "/v1/chat/completions", body=BODY, headers=headers)
         answer = conn.getresponse()
         body = answer.read()
         if answer.status != 200:
             raise RuntimeError(f"status {answer.status}: {body[:200]!r}")
+    if seconds:
+        time.sleep(max(start + seconds - time.monotonic(), 0.0))
     conn.close()
     return time.monotonic() - start
 
 
 def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int,
-            n: int, warmup: int) -> dict[str, float]:
+            n: int, warmup: int, seconds: float) -> dict[str, float]:
+    """Two windows of `seconds` each, `n` and then `2n` requests paced over it: what the
+    gateway's timers do in that time is in both, so the difference is `n` requests' own."""
     workdir = work / name
     workdir.mkdir(parents=True)
     config = workdir / "models.yaml"
@@ -96,24 +107,29 @@ def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int,
                    capture_output=True)
     _requests(port, warmup)
     _zero(proc.pid)
-    took = _requests(port, n)
-    busy = _dump(proc.pid, out, "requests")
+    took_low = _requests(port, n, seconds)
+    low = _dump(proc.pid, out, "low")
     _zero(proc.pid)
-    time.sleep(took)
-    idle = _dump(proc.pid, out, "idle")
+    took_high = _requests(port, 2 * n, seconds)
+    high = _dump(proc.pid, out, "high")
     procs.stop(proc)
-    per = (busy - idle) / n
-    print(f"{name}: {n} requests in {took:.1f} s: {busy:,} Ir, idle for as long {idle:,} Ir: "
-          f"{per:,.0f} Ir per request", flush=True)
-    return {"ir_per_request": per, "busy": busy, "idle": idle, "seconds": took}
+    if max(took_low, took_high) > seconds * 1.1:
+        print(f"{name}: the requests overran their window ({took_low:.1f} s, {took_high:.1f} s "
+              f"for {seconds:g} s): use fewer --requests or more --seconds", flush=True)
+    per = (high - low) / n
+    print(f"{name}: {n} requests in {took_low:.1f} s {low:,} Ir, {2 * n} in {took_high:.1f} s "
+          f"{high:,} Ir: {per:,.0f} Ir per request", flush=True)
+    return {"ir_per_request": per, "low": low, "high": high}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("a", help="a revision (e.g. 061adbe)")
-    parser.add_argument("b", nargs="?", help="another revision (default: the working tree)")
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("revisions", nargs="+", metavar="REV",
+                        help="revisions (e.g. 061adbe HEAD); one alone: with the working tree")
+    parser.add_argument("--requests", type=int, default=400,
+                        help="requests in the first window (twice as many in the second)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="each window's length")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here")
     args = parser.parse_args(argv)
@@ -122,23 +138,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="modelhost-ir-") as tmp:
         work = Path(tmp)
-        sources = {"A": export(args.a, (work / "a").resolve())}
-        sources["B"] = export(args.b, (work / "b").resolve()) if args.b else ROOT / "src"
-        labels = {"A": args.a, "B": args.b or "working tree"}
+        sources: dict[str, Path] = {}
+        labels: dict[str, str] = {}
+        for i, rev in enumerate(args.revisions):
+            name = chr(ord("A") + i)
+            sources[name], labels[name] = export(rev, (work / f"src-{name}").resolve()), rev
+        if len(args.revisions) == 1:
+            sources["B"], labels["B"] = ROOT / "src", "working tree"
         results: dict[str, dict[str, float]] = {}
         with Procs(work / "logs") as procs:
             upstream = start_upstream(procs, None)
             for name, src in sources.items():
-                results[name] = measure(procs, work, name, src, upstream.target.port,
-                                        args.requests, args.warmup)
+                try:
+                    results[name] = measure(procs, work, name, src, upstream.target.port,
+                                            args.requests, args.warmup, args.seconds)
+                except RuntimeError as exc:  # a revision that does not start: the others go on
+                    print(f"{name} {labels[name]}: not measured: "
+                          f"{str(exc).splitlines()[-1]}", flush=True)
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             for path in work.glob("*/callgrind.out*"):
                 shutil.copy(path, args.keep / f"{path.parent.name}-{path.name}")
-    a, b = results["A"]["ir_per_request"], results["B"]["ir_per_request"]
-    print(f"A {labels['A']}: {a:,.0f} Ir per request")
-    print(f"B {labels['B']}: {b:,.0f} Ir per request")
-    print(f"B / A: x{b / a:.3f} instructions per request")
+    if not results:
+        return 1
+    first = next(iter(results.values()))["ir_per_request"]
+    for name, figures in results.items():
+        per = figures["ir_per_request"]
+        print(f"{name} {labels[name]:>14}: {per:10,.0f} Ir per request  x{per / first:.3f}")
     return 0
 
 

@@ -93,6 +93,31 @@ slower in-process (170-195 µs against 130-160 µs per request, interleaved runs
 coroutines cost more than CPython's here. The remaining cost is the interpreter's: a further
 step would move the HTTP parsing callbacks and the relay into native code (a C or Rust
 extension), which this project has not taken on.
+
+**Instructions per request, commit by commit** (2026-12-06). Observability (issue 15) and
+everything after it made a relayed request cost x1.37 the CPU time of 061adbe in
+`bench.compare`, a figure that moves by several percent with the machine's load and so could
+not say which change cost what. `python -m bench.instructions REV...` counts instead: each
+revision's gateway runs under Valgrind's callgrind, counting only two paced windows of 30 s
+(400 and then 800 requests: the timers do the same in both, so the difference is the requests'
+own), the same to within 0.3 % from one run to the next on a loaded machine. Per request:
+
+| revision | what it added | instructions per request |
+|---|---|---|
+| 061adbe | (the reference) | 184,010 |
+| e3b9955 | issue 14: one request path, one owner per model | 184,432 (x1.002) |
+| 34871e6 | logs with request ids, X-Request-ID, Server-Timing, the metrics registry | 209,063 (x1.134) |
+| 88c5753 | the relayed calls' metrics tallies | 216,717 (x1.175) |
+| f9fe510 | usage by key (the answer's `usage` read, the ledger) | 241,322 (x1.308) |
+| 9d38897 | the rest: ids to workers as UUIDs, rollouts' status, access log, replicas | 245,524 (x1.331) |
+
+`python -m bench.calls A B` (Python calls per request by function, exact counts) shows each
+step as a dozen or so small calls, none over a few thousand instructions: the usage step is
+`answer_tokens` with its JSON decode of the `usage` object, the key's id, the ledger's hour
+bucket, and so on. Nothing stands out to remove: what a request costs now is what it is
+measured and counted by. The same windows also show the usage ledger's flush, a SQLAlchemy
+upsert once a second in the database thread, at about 3 million instructions a second while
+requests come in (a millisecond of CPU a second, whatever the rate).
 """
 
 
@@ -122,6 +147,10 @@ bench/run --commit HEAD   # measure a commit's src/ (exported with git archive),
 .venv/bin/python -m bench.compare main~5   # two revisions side by side (the second: the
                           # working tree, or a second REV): the gateway's CPU per request and
                           # closed-loop throughput, alternating rounds, medians and their ratio
+.venv/bin/python -m bench.instructions 061adbe HEAD   # instructions per request under
+                          # Valgrind (apt-get install valgrind), any number of revisions:
+                          # exact whatever the load, about 2 minutes per revision
+.venv/bin/python -m bench.calls 061adbe HEAD   # Python calls per request, by function
 ```
 
 `bench.compare` is for a change that should cost nothing per request (a restructuring): the
