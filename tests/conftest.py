@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,3 +276,49 @@ def module_gateway_factory(tmp_path_factory: pytest.TempPathFactory
     when the module is done."""
     with gateways(tmp_path_factory.mktemp("gateways")) as make:
         yield make
+
+
+
+# Parallel runs (pytest-xdist): how many workers, and which tests go together
+# (tests/parallel.py, docs/testing.md).
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """A whole-suite run (no paths named) runs on `parallel.WORKERS` xdist workers unless
+    `-n` says otherwise; `-n 0`, `-p no:xdist` or `--pdb` keep it in one process. Tests are
+    handed out by module (`--dist loadfile`, with `parallel.ModuleScheduling`)."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    from tests import parallel
+
+    option = config.option
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if option.numprocesses is None and not option.usepdb and whole_suite:
+        option.numprocesses = parallel.WORKERS
+    if option.numprocesses and option.dist == "no":
+        option.dist = "loadfile"
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """By module (`--dist loadfile`, the default here, or `loadgroup`): modules that must
+    not overlap together, the longest first (tests/parallel.py). Other `--dist` modes are
+    xdist's own."""
+    if config.option.dist not in ("loadfile", "loadgroup"):
+        return None
+    from tests import parallel
+
+    return parallel.ModuleScheduling(config, log)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On an xdist worker, a lone surrogate in a test's captured output (test_logs logs one
+    on purpose) is written as its escape: the worker sends reports to the controller in
+    UTF-8, which has no lone surrogates, and would otherwise crash."""
+    report = yield
+    if hasattr(item.config, "workerinput"):
+        report.sections = [(name, text.encode("utf-8", "backslashreplace").decode())
+                           for name, text in report.sections]
+    return report
