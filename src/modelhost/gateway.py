@@ -259,7 +259,7 @@ class Gateway:
                 {**card, "error": self.scrub(card["error"]) if card["error"] else None}
                 for card in model.replicas.cards({
                     "replica": 0, "state": model.state.value, "restarts": model.restarts,
-                    "base_url": worker.base_url if worker is not None else None,
+                    "gpus": model.gpus, "base_url": worker.base_url if worker else None,
                     "pid": worker.pid if worker is not None else None,
                     "error": model.last_error})],
             "spec": redact_spec(spec_dict(model.spec)),

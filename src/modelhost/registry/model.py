@@ -104,8 +104,8 @@ class Model:
         # `replicas: N` > 1: workers 1 … N-1 (`registry.replicas`); None keeps N = 1 as it was.
         self.replicas = None if workers == 1 else \
             Replicas(self.name, spec, lambda: ctx.local_launcher(spec), lambda: self._weights,
-                     lambda: self._gpus, lambda: self._upstream if self._state is State.ready
-                     else None)
+                     None if ctx.on_cluster(spec) else scheduler.place,
+                     lambda: self._upstream if self._state is State.ready else None)
 
     # -- what the owner keeps, read-only ------------------------------------------------
 

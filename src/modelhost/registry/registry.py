@@ -197,7 +197,8 @@ class Registry:
 
 
 class VersionScheduler(Scheduler):
-    """The registry's scheduler: placement sees every worker, a rollout's versions included.
+    """The registry's scheduler: placement sees every worker, a rollout's versions and the
+    models' extra replicas included.
 
     Placement knows a model by its id, and two versions of one model share it: each place
     is asked over the models as the one placed sees them (`tenants.seen_by`: the other
@@ -208,5 +209,11 @@ class VersionScheduler(Scheduler):
         self.registry = registry
 
     async def place(self, tenant: Tenant) -> list[int]:
-        seen = seen_by(tenant, [*self.registry.models.values(), *self.registry.extras])
+        models = [*self.registry.models.values(), *self.registry.extras]
+        # A model's extra replicas hold GPUs of their own (`registry.replicas`); placing one
+        # never evicts the model it is a replica of.
+        replicas = [r for m in models if m.replicas is not None for r in m.replicas.extra]
+        kept = next((m for m in models if m.replicas is not None and any(
+            r is tenant for r in m.replicas.extra)), None)
+        seen = seen_by(tenant, [*models, *replicas], kept=kept)
         return await Scheduler(self.monitor, seen).place(tenant)

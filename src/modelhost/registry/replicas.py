@@ -11,6 +11,15 @@ is `starting`, yet the others still serve (`Model.ready_upstream`).
 
 In flight is counted by the relay's calls (`took` when a call picks a replica, `done` at its
 release); N = 1 has no `Replicas` at all, so its path is unchanged.
+
+GPUs: each local replica is placed on GPUs of its own by the gateway's scheduler (`place`,
+asked just before its worker starts, as the model's own worker is): a replica is a `Tenant`
+that placement sees beside every other worker (`Registry`'s scheduler lists them), under a
+name of its own, so that two replicas of a model that wants a GPU go to two GPUs with room,
+never onto one that has none. A spec that pins `gpus` keeps its replicas on those GPUs (the
+placement checks they have room for each). A replica is never evicted to make room for
+another model (it goes with its model). Replicas that Ray places (`place` None) are placed
+by the cluster on its nodes' GPUs.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from modelhost.config import ModelSpec
+from modelhost.gpu.placement import PlacementError
 from modelhost.workers.launchers import Launcher, Worker
 
 log = logging.getLogger(__name__)
@@ -38,7 +48,10 @@ SHUNNED = 5.0
 
 @dataclass(eq=False)
 class Replica:
+    """One extra replica; also a `gpu.scheduler.Tenant`, as placement sees it."""
+
     index: int
+    spec: ModelSpec
     state: str = "stopped"  # starting, ready, stopped, failed
     worker: Worker | None = None
     base: str | None = None  # while ready
@@ -46,28 +59,61 @@ class Replica:
     served: int = 0
     restarts: int = 0
     error: str | None = None
+    gpus: list[int] = field(default_factory=list)  # where its worker runs
+    weights: Path | None = None
+    last_used: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def card(self) -> dict[str, Any]:
         return {"replica": self.index, "state": self.state, "base_url": self.base,
                 "in_flight": self.in_flight, "served": self.served,
-                "restarts": self.restarts, "error": self.error,
+                "restarts": self.restarts, "error": self.error, "gpus": self.gpus,
                 "pid": self.worker.pid if self.worker is not None else None}
+
+    # -- as a Tenant of the GPU scheduler ------------------------------------------------
+
+    @property
+    def replica_index(self) -> int:  # how placement names it (`tenants.seen_by`)
+        return self.index
+
+    @property
+    def pin(self) -> tuple[int, ...] | None:
+        return None  # the spec's own `gpus`, if it pins any
+
+    @property
+    def holds_gpus(self) -> bool:
+        return bool(self.gpus) and self.state in ("starting", "ready")
+
+    @property
+    def starting(self) -> bool:
+        return self.state == "starting"
+
+    @property
+    def busy(self) -> bool:
+        return True  # never evicted on its own: it goes with its model
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self.worker.pid if self.worker is not None else None
+
+    async def evict(self) -> None:  # never asked (busy)
+        raise PlacementError(f"replica {self.index} of {self.spec.id} is not evicted alone")
 
 
 class Replicas:
     """Replicas 1 … N-1 of one model (see the module's docstring)."""
 
     def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[], Launcher],
-                 weights: Callable[[], Path | None], gpus: Callable[[], list[int]],
+                 weights: Callable[[], Path | None],
+                 place: Callable[[Replica], Awaitable[list[int]]] | None,
                  primary: Callable[[], str | None]) -> None:
         self.name = name
         self.spec = spec
         self._launcher = launcher
         self._weights = weights
-        self._gpus = gpus
+        self._place = place  # the GPU scheduler's (None: the cluster places them)
         self._primary = primary  # replica 0's base URL while the model is ready
-        self.extra = [Replica(i) for i in range(1, spec.replicas)]
+        self.extra = [Replica(i, spec) for i in range(1, spec.replicas)]
         self.primary_in_flight = 0  # replica 0's (the model's own worker)
         self.primary_served = 0
         self.shunned: dict[str, float] = {}  # base URL: until when it is passed over
@@ -106,6 +152,7 @@ class Replicas:
             if replica.base == base:
                 replica.in_flight += 1
                 replica.served += 1
+                replica.last_used = time.monotonic()
                 return replica
         self.primary_in_flight += 1
         self.primary_served += 1
@@ -175,8 +222,12 @@ class Replicas:
         try:
             while True:
                 replica.state = "starting"
+                replica.weights = self._weights()
                 try:
-                    worker = await self._launcher().start(spec, self._weights(), self._gpus())
+                    if self._place is not None:
+                        replica.gpus = await self._place(replica)
+                    worker = await self._launcher().start(spec, replica.weights,
+                                                          replica.gpus)
                 except Exception as exc:  # told on the card; retried with backoff
                     if not await self._backoff(replica, f"start failed: {exc}"):
                         return
@@ -209,6 +260,7 @@ class Replicas:
             replica.base = None
             worker_ = replica.worker
             replica.worker = None
+            replica.gpus = []
             if replica.state != "failed":
                 replica.state = "stopped"
             if worker_ is not None:

@@ -18,10 +18,11 @@ from modelhost.gpu.scheduler import Tenant
 
 
 class Renamed:
-    """A tenant shown to placement under another id."""
+    """A tenant shown to placement under another id (`kept`: and never evicted)."""
 
-    def __init__(self, tenant: Tenant, name: str) -> None:
+    def __init__(self, tenant: Tenant, name: str, kept: bool = False) -> None:
         self.tenant = tenant
+        self.kept = kept
         self._spec = tenant.spec.model_copy(update={"id": name})
 
     @property
@@ -50,7 +51,7 @@ class Renamed:
 
     @property
     def busy(self) -> bool:
-        return self.tenant.busy
+        return self.kept or self.tenant.busy
 
     @property
     def last_used(self) -> float:
@@ -64,19 +65,24 @@ class Renamed:
         await self.tenant.evict()
 
 
-def seen_by(placed: Tenant, served: Iterable[Tenant], extras: Iterable[Tenant] = ()
-            ) -> dict[str, Tenant]:
+def seen_by(placed: Tenant, served: Iterable[Tenant], extras: Iterable[Tenant] = (),
+            kept: Tenant | None = None) -> dict[str, Tenant]:
     """The tenants by the names `placed` sees them under: itself left out, every other one
-    with its id unless that id is taken (by `placed` or another version): then `id~N`."""
+    with its id unless that id is taken (by `placed` or another version): then `id~N`.
+    `kept` (the model whose extra replica is placed) is never evicted for `placed`."""
     seen: dict[str, Tenant] = {}
     taken = {placed.spec.id}
     for tenant in [*served, *extras]:
         if tenant is placed:
             continue
         name, n = tenant.spec.id, 1
+        replica = 0 if tenant is kept else getattr(tenant, "replica_index", None)
+        if replica is not None:  # as placement's messages name it
+            name = f"{tenant.spec.id} (replica {replica})"
         while name in taken:
             n += 1
             name = f"{tenant.spec.id}~{n}"
         taken.add(name)
-        seen[name] = tenant if name == tenant.spec.id else Renamed(tenant, name)
+        seen[name] = tenant if name == tenant.spec.id else \
+            Renamed(tenant, name, kept=tenant is kept)
     return seen
