@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -63,6 +64,23 @@ def card(gw: Gateway, model: str) -> dict[str, Any]:
     assert answer.status_code == 200, answer.text
     data: dict[str, Any] = answer.json()
     return data
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses a worker (its shim `pid` and the shim's children) listens on."""
+    shim = psutil.Process(pid)
+    return {(c.laddr.ip, c.laddr.port) for proc in [shim, *shim.children(recursive=True)]
+            for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
+def refused(port: int) -> None:
+    """127.0.0.1:`port` refuses a connection, unless another test's process happens to
+    listen there (the tests run in parallel; `listening` is the proof)."""
+    taken = any(c.laddr == ("127.0.0.1", port) and c.status == psutil.CONN_LISTEN
+                for c in psutil.net_connections(kind="tcp"))
+    if not taken:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def alive(events: Path) -> list[int]:
@@ -165,8 +183,8 @@ def test_workers_listen_where_the_other_gateways_reach_them(
     assert address == f"http://127.0.0.2:{port}/v1"
     with socket.create_connection(("127.0.0.2", port), timeout=2):
         pass
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert listening(card(a, "far")["worker"]["pid"]) == {("127.0.0.2", port)}
+    refused(port)
 
     for gw in (b, a, b):
         answer = chat(gw, "far")
@@ -270,8 +288,9 @@ def test_a_local_worker_listens_on_the_worker_host(tmp_path: Path) -> None:
             await worker.wait_ready(20)
             assert worker.base_url == f"http://127.0.0.2:{worker.port}/v1"
             assert worker.advertised_url == f"http://gw-a.internal:{worker.port}/v1"
-            with pytest.raises(ConnectionRefusedError):
-                await asyncio.open_connection("127.0.0.1", worker.port)
+            assert worker.pid is not None and worker.port is not None
+            assert listening(worker.pid) == {("127.0.0.2", worker.port)}
+            refused(worker.port)
         finally:
             await worker.stop()
 
