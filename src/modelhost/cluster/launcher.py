@@ -9,8 +9,9 @@ worker of the new spec (its own, or the one another gateway already started for 
 the old version's owner keeps the old one until it applies the change itself.
 
 * takes the lock of the model's version (`Member.own`). Got it: this gateway owns it. It
-  clears the address an earlier owner may have left, starts the worker through the inner
-  launcher, and once the worker answers publishes its address (`model_workers`). Its
+  clears the address an earlier owner may have left, asks for the worker's GPUs only now
+  (`ClusterContext.launch`: a gateway that relays books none on its machine), starts the
+  worker through the inner launcher, and once the worker answers publishes its address (`model_workers`). Its
   `wait()` returns when the worker exits or when the lock session broke (the lock is lost:
   the worker is stopped at once, another gateway may already own the model).
 * or else relays: it waits for the owner's published address and becomes a worker whose
@@ -46,7 +47,7 @@ from modelhost.cluster.member import Member
 from modelhost.config import ModelSpec
 from modelhost.db.workers import spec_version
 from modelhost.persistence import spec_json
-from modelhost.registry.context import ModelContext
+from modelhost.registry.context import ModelContext, Place
 from modelhost.workers.launchers import Launcher, Worker
 from modelhost.workers.process import WorkerStartError
 
@@ -67,12 +68,12 @@ class ClusterWorker:
     connect_to = None
 
     def __init__(self, inner: Launcher, member: Member, spec: ModelSpec,
-                 weights: Path | None, gpus: list[int]) -> None:
+                 weights: Path | None, place: Place) -> None:
         self._inner = inner
         self._member = member
         self._spec = spec
         self._weights = weights
-        self._gpus = gpus
+        self._place = place  # the GPUs, asked only once this gateway owns the model
         self._worker: Worker | None = None  # owner: the worker this gateway runs
         self._epoch: int | None = None  # owner: the lock's epoch
         self._owner: str | None = None  # relay: the gateway whose worker it reaches
@@ -134,7 +135,8 @@ class ClusterWorker:
             if found is not None and found[0] != self._member.gateway_id:
                 await self._member.clear(model_id, self._version, found[0])  # owner gone
             log.info("model %s: this gateway owns it, starting its worker", model_id)
-            self._worker = await self._inner.start(self._spec, self._weights, self._gpus)
+            gpus = await self._place()
+            self._worker = await self._inner.start(self._spec, self._weights, gpus)
             await self._worker.wait_ready(timeout)
             self.base_url = self._worker.base_url
             # Where the others reach it (`LocalWorker.advertised_url`; others: base_url).
@@ -220,7 +222,10 @@ class ClusterLauncher:
 
     async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
                     ) -> ClusterWorker:
-        return ClusterWorker(self.inner, self.member, spec, weights, gpus)
+        async def given() -> list[int]:
+            return gpus
+
+        return ClusterWorker(self.inner, self.member, spec, weights, given)
 
 
 @dataclass(frozen=True)
@@ -234,3 +239,15 @@ class ClusterContext(ModelContext):
         if self.member is None:
             return inner
         return ClusterLauncher(inner, self.member)
+
+    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place) -> Worker:
+        """The model's worker, placed on this machine's GPUs only once this gateway owns it
+        (a gateway that relays to another's worker books none)."""
+        if self.member is None:
+            return await super().launch(spec, weights, place)
+
+        async def nowhere() -> list[int]:  # a Ray cluster places its workers itself
+            return []
+
+        return ClusterWorker(super().local_launcher(spec), self.member, spec, weights,
+                             nowhere if self.on_cluster(spec) else place)

@@ -14,7 +14,7 @@ from typing import Any
 from modelhost.admin_policy import RemotePolicy
 from modelhost.config import HubSource, ModelSpec, RaySpec
 from modelhost.upstream import UpstreamClient
-from modelhost.workers.launchers import LOOPBACK, Launcher, LocalProcessLauncher
+from modelhost.workers.launchers import LOOPBACK, Launcher, LocalProcessLauncher, Worker
 from modelhost.workers.process import BackendConfigError
 
 
@@ -46,6 +46,8 @@ class DownloadCancelled(Exception):
 
 
 Progress = Callable[[dict[str, object]], None]
+# The GPUs for a worker about to start here (the model's `gpu.scheduler` placement).
+Place = Callable[[], Awaitable[list[int]]]
 # Fetches a model's weights into the cache, reporting progress (HubService.download).
 DownloadFn = Callable[[str, HubSource, Progress], Awaitable[Path]]
 
@@ -104,3 +106,11 @@ class ModelContext:
                                     self.max_audio_seconds, self.worker_log_bytes,
                                     self.worker_log_backups, self.worker_host,
                                     self.worker_advertised_host)
+
+    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place) -> Worker:
+        """Start the worker of a model that is not `remote` through its launcher, on the
+        GPUs `place` gives, asked just before it starts (a Ray cluster's worker: none, the
+        cluster places it). `cluster.launcher.ClusterContext` asks only once this gateway
+        owns the model: a gateway that relays to another's worker books no GPU."""
+        gpus = [] if self.on_cluster(spec) else await place()
+        return await self.local_launcher(spec).start(spec, weights, gpus)

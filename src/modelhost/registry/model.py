@@ -46,7 +46,7 @@ from modelhost.registry.errors import (
 )
 from modelhost.registry.lifecycle import State, check_transition
 from modelhost.registry.replicas import HEALTHY_UPTIME, MAX_BACKOFF, Replicas
-from modelhost.workers.launchers import Launcher, RemoteLauncher, Worker
+from modelhost.workers.launchers import RemoteLauncher, Worker
 from modelhost.workers.process import BackendConfigError, WorkerStartError
 
 __all__ = ["DownloadCancelled", "DownloadFn", "Listener", "Model", "ModelContext", "Pin",
@@ -509,23 +509,19 @@ class Model:
         self._set(State.failed, error)
 
     async def _start_once(self) -> str:
-        """Start a worker and wait until it answers; return its base URL.
-
-        The launcher says where it runs (`workers.launchers`): a `remote` model's server,
-        else a local process on the GPUs the scheduler gives, or a Ray actor on a node the
-        cluster chooses (`ModelContext.local_launcher`).
-        """
+        """Start a worker and wait until it answers; return its base URL. Where it runs is a
+        launcher's (`workers.launchers`): a `remote` model's server, else a local process on
+        the GPUs the scheduler gives, or a Ray actor (`ModelContext.launch`)."""
         spec = self.spec
         self.ctx.check_servable(spec)
         self._running_pin = self._pin
-        launcher: Launcher
+        self._gpus = []
+        worker: Worker
         if spec.backend is Backend.remote:
             policy = self.ctx.remote_policy(spec) if self.ctx.remote_policy else None
-            launcher = RemoteLauncher(self.ctx.client, policy)
-        else:  # a cluster's workers (Ray) are placed by the cluster, on its nodes' GPUs
-            self._gpus = [] if self.ctx.on_cluster(spec) else await self.scheduler.place(self)
-            launcher = self.ctx.local_launcher(spec)
-        worker = await launcher.start(spec, self._weights, self._gpus)
+            worker = await RemoteLauncher(self.ctx.client, policy).start(spec, self._weights, [])
+        else:
+            worker = await self.ctx.launch(spec, self._weights, self._placed)
         self._worker = worker
         try:
             await worker.wait_ready(spec.start_timeout)
@@ -534,6 +530,10 @@ class Model:
             self._worker = None
             raise
         return worker.base_url
+
+    async def _placed(self) -> list[int]:
+        self._gpus = await self.scheduler.place(self)
+        return self._gpus
 
     async def _backoff(self, reason: str) -> None:
         self._restarts += 1
