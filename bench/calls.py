@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import runpy
@@ -25,11 +24,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .arms import MODELHOST_KEY, clean_env, remote_models, start_upstream
+from .arms import start_upstream
 from .compare import export
-from .instructions import _requests
-from .overhead import MODEL
-from .procs import Procs, free_port, wait_http
+from .instructions import _requests, gateway_setup
+from .procs import Procs, wait_http
 from .runner import ROOT
 
 
@@ -61,16 +59,9 @@ def _key(func: tuple[str, int, str]) -> str:
 
 def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int, n: int,
             warmup: int) -> dict[str, tuple[float, float]]:
-    workdir = work / name
-    workdir.mkdir(parents=True)
-    config = workdir / "models.yaml"
-    config.write_text(json.dumps({"include_builtin": False,
-                                  "models": remote_models(upstream_port, [MODEL])}))
+    workdir, config, port, env = gateway_setup(work / name, upstream_port,
+                                               f"{src}{os.pathsep}{ROOT}")
     out = workdir / "calls.prof"
-    port = free_port()
-    env = clean_env(OPENAI_API_KEYS=MODELHOST_KEY, MODELHOST_DATA_DIR=str(workdir / "data"),
-                    HF_HUB_OFFLINE="1", MODELHOST_STOP_TIMEOUT="5",
-                    PYTHONPATH=f"{src}{os.pathsep}{ROOT}")
     proc = procs.start(name, [sys.executable, "-m", "bench.calls", "--child", str(out), "--",
                               "serve", "--config", str(config), "--port", str(port)],
                        env=env, cwd=workdir)

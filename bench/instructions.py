@@ -84,19 +84,25 @@ def _requests(port: int, n: int, seconds: float = 0.0) -> float:
     return time.monotonic() - start
 
 
-def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int,
-            n: int, warmup: int, seconds: float) -> dict[str, float]:
-    """Two windows of `seconds` each, `n` and then `2n` requests paced over it: what the
-    gateway's timers do in that time is in both, so the difference is `n` requests' own."""
-    workdir = work / name
+def gateway_setup(workdir: Path, upstream_port: int, pythonpath: str
+                  ) -> tuple[Path, Path, int, dict[str, str]]:
+    """A gateway's folder, models file (the fake upstream's chat model), port and
+    environment (`pythonpath`: the revision's src/ first)."""
     workdir.mkdir(parents=True)
     config = workdir / "models.yaml"
     config.write_text(json.dumps({"include_builtin": False,
                                   "models": remote_models(upstream_port, [MODEL])}))
-    out = workdir / "callgrind.out"
-    port = free_port()
     env = clean_env(OPENAI_API_KEYS=MODELHOST_KEY, MODELHOST_DATA_DIR=str(workdir / "data"),
-                    HF_HUB_OFFLINE="1", MODELHOST_STOP_TIMEOUT="5", PYTHONPATH=str(src))
+                    HF_HUB_OFFLINE="1", MODELHOST_STOP_TIMEOUT="5", PYTHONPATH=pythonpath)
+    return workdir, config, free_port(), env
+
+
+def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int,
+            n: int, warmup: int, seconds: float) -> dict[str, float]:
+    """Two windows of `seconds` each, `n` and then `2n` requests paced over it: what the
+    gateway's timers do in that time is in both, so the difference is `n` requests' own."""
+    workdir, config, port, env = gateway_setup(work / name, upstream_port, str(src))
+    out = workdir / "callgrind.out"
     proc: Proc = procs.start(name, [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
         sys.executable, "-m", "modelhost", "serve", "--config", str(config),

@@ -106,10 +106,10 @@ own), the same to within 0.3 % from one run to the next on a loaded machine. Per
 |---|---|---|
 | 061adbe | (the reference) | 184,010 |
 | e3b9955 | issue 14: one request path, one owner per model | 184,432 (x1.002) |
-| 34871e6 | logs with request ids, X-Request-ID, Server-Timing, the metrics registry | 209,063 (x1.134) |
+| 34871e6 | request ids in logs and answers, Server-Timing, metrics | 209,063 (x1.134) |
 | 88c5753 | the relayed calls' metrics tallies | 216,717 (x1.175) |
 | f9fe510 | usage by key (the answer's `usage` read, the ledger) | 241,322 (x1.308) |
-| 9d38897 | the rest: ids to workers as UUIDs, rollouts' status, access log, replicas | 245,524 (x1.331) |
+| 9d38897 | the rest: UUIDs to workers, rollouts, access log, replicas | 245,524 (x1.331) |
 
 `python -m bench.calls A B` (Python calls per request by function, exact counts) shows each
 step as a dozen or so small calls, none over a few thousand instructions: the usage step is

@@ -11,9 +11,10 @@ the old version's owner keeps the old one until it applies the change itself.
 * takes the lock of the model's version (`Member.own`). Got it: this gateway owns it. It
   clears the address an earlier owner may have left, asks for the worker's GPUs only now
   (`ClusterContext.launch`: a gateway that relays books none on its machine), starts the
-  worker through the inner launcher, and once the worker answers publishes its address (`model_workers`). Its
-  `wait()` returns when the worker exits or when the lock session broke (the lock is lost:
-  the worker is stopped at once, another gateway may already own the model).
+  worker through the inner launcher, and once the worker answers publishes its address
+  (`model_workers`). Its `wait()` returns when the worker exits or when the lock session
+  broke (the lock is lost: the worker is stopped at once, another gateway may already own
+  the model).
 * or else relays: it waits for the owner's published address and becomes a worker whose
   `base_url` is that address: the requests this gateway takes for the model go straight to
   the owner's worker, through the same relay as for a worker of its own (no second hop
