@@ -71,7 +71,7 @@ def visible_devices(pid: int) -> str | None:
 
 
 async def settle(registry: Registry, model_id: str, states: set[str], timeout: float
-                 ) -> dict[str, Any]:
+                 ) -> dict[int, dict[str, Any]]:
     """The model's replica cards once every extra replica is in one of `states`."""
     model = registry.models[model_id]
     assert model.replicas is not None

@@ -179,7 +179,7 @@ def no_launcher() -> Launcher:
 def test_the_pick_is_the_least_loaded_ready_replica_and_passes_over_a_shunned_one() -> None:
     spec = ModelSpec.model_validate({"id": "m", "backend": "command", "replicas": 3,
                                      "command": ["x", "{port}"]})
-    chosen = Replicas("m", spec, no_launcher, lambda: None, lambda: [], lambda: "http://a/v1")
+    chosen = Replicas("m", spec, no_launcher, lambda: None, None, lambda: "http://a/v1")
     one, two = chosen.extra
     assert chosen.pick("http://a/v1") == "http://a/v1"  # the others are not ready yet
     assert chosen.pick(None) is None
