@@ -68,8 +68,10 @@ LOST = -1
 # and a blocking call to the cluster's control (creating or removing an actor's reservation,
 # listing the nodes), run in a thread: with the head gone, such calls hang.
 CALL_TIMEOUT = 10.0
-# How long connecting to the cluster may take (ray.init retries for minutes on its own).
-CONNECT_TIMEOUT = 30.0
+# How long connecting to a cluster that answers may take (ray.init retries for minutes on
+# its own; an address nobody answers at fails at once, `_reachable`). Ray Client's server
+# starts a Python process of its own for each gateway: 30 s was passed on a loaded machine.
+CONNECT_TIMEOUT = 60.0
 # What a failed call to the cluster raises: Ray's errors, Ray Client's plain ones once its
 # channel is closed (ValueError "Cannot invoke RPC on closed channel!", ConnectionError),
 # and our own deadlines.
