@@ -404,3 +404,53 @@ def test_only_the_owner_places_the_worker_on_its_gpus(database: str, tmp_path: P
             await _close([first, second])
 
     asyncio.run(main())
+
+
+def test_replicas_are_owned_one_by_one_and_every_gateway_uses_them_all(
+        gateway_factory: GatewayFactory, database: str, store: Store, tmp_path: Path) -> None:
+    """`replicas: 2` behind two gateways: each replica is owned and published on its own
+    (two rows in model_workers, two worker processes in all, not two per gateway), and the
+    requests through the gateway that owns none reach both."""
+    a, b = two(gateway_factory, database)
+    events = tmp_path / "replicas.events"
+    assert admin(a, "PUT", "/models/pair",
+                 json=fake_model("pair", events, replicas=2)).status_code == 200
+    assert chat(a, "pair").status_code == 200
+
+    def published() -> list[str]:
+        with store.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT address FROM model_workers WHERE model_id = 'pair'").fetchall()
+        return sorted(row[0] for row in rows)
+
+    assert wait_for(lambda: len(published()) == 2, 30), published()
+    addresses = published()
+    assert addresses[0] != addresses[1]
+    within(5.0, lambda: listed(b, "pair") == 200)
+    assert chat(b, "pair").status_code == 200
+
+    def relayed() -> list[str | None]:  # B's replicas: each relaying to one of A's workers
+        cards = admin(b, "GET", "/models/pair").json()["replicas"]
+        return sorted(card["base_url"] or "" for card in cards if card["state"] == "ready")
+
+    assert wait_for(lambda: relayed() == addresses, 30), (relayed(), addresses)
+    statuses: list[int] = []
+
+    def client() -> None:  # four at once, 0.1 s each: the least loaded replica takes each
+        for _ in range(10):
+            statuses.append(httpx.post(
+                f"{b.url}/v1/chat/completions", timeout=30,
+                headers={"Authorization": f"Bearer {KEY}"},
+                json={"model": "pair", "messages": HI,
+                      "fake": {"first_token_delay": 0.1}}).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 40
+    counts = [httpx.get(address.removesuffix("/v1") + "/stats", timeout=5).json()["requests"]
+              for address in addresses]
+    assert all(count >= 3 for count in counts), counts  # B used both of A's workers
+    assert len(started_pids(events)) == 2, started_pids(events)

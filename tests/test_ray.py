@@ -363,7 +363,7 @@ class RayModelContext(ModelContext):
 
     cluster: RayCluster | None = None
 
-    def local_launcher(self, spec: ModelSpec | None = None) -> RayLauncher:
+    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> RayLauncher:
         assert self.cluster is not None
         return RayLauncher(self.cluster, self.log_dir, self.stop_timeout)
 

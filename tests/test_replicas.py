@@ -172,7 +172,7 @@ def test_a_failed_model_stops_its_other_replicas(gateway_factory: GatewayFactory
     assert replicas(gw)[1]["state"] == "stopped"
 
 
-def no_launcher() -> Launcher:
+def no_launcher(replica: int) -> Launcher:
     raise AssertionError("no worker is started here")
 
 

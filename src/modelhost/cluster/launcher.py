@@ -69,7 +69,7 @@ class ClusterWorker:
     connect_to = None
 
     def __init__(self, inner: Launcher, member: Member, spec: ModelSpec,
-                 weights: Path | None, place: Place) -> None:
+                 weights: Path | None, place: Place, replica: int = 0) -> None:
         self._inner = inner
         self._member = member
         self._spec = spec
@@ -81,7 +81,10 @@ class ClusterWorker:
         self._desired: tuple[str, str] | None = None  # relay: the desired state it began with
         self._published: str | None = None  # owner: the address the others relay to
         self._created = time.monotonic()
-        self._version = spec_version(spec_json(spec), spec.id)
+        # The spec's version; each replica of it is owned and published on its own
+        # (`replica_version`), so that N replicas are N workers for every gateway.
+        self._spec_version = spec_version(spec_json(spec), spec.id)
+        self._version = replica_version(self._spec_version, replica)
         self.base_url = ""
 
     @property
@@ -167,7 +170,8 @@ class ClusterWorker:
             await asyncio.sleep(WATCH_S)
             try:
                 if await self._member.owner_gone(self._spec.id, self._version):
-                    if await self._member.current_version(self._spec.id) != self._version:
+                    if await self._member.current_version(self._spec.id) != \
+                            self._spec_version:
                         continue  # an old version (a rollout's, standing by): not restarted
                     if await self._unloaded():
                         continue  # stopped here too (`Member.unloaded`): cancels this wait
@@ -216,17 +220,24 @@ class ClusterWorker:
         await self._member.disown(self._spec.id, self._version, epoch)
 
 
+def replica_version(version: str, replica: int) -> str:
+    """What replica `replica` of a spec's version is owned and published as (replica 0: the
+    version itself, as before replicas)."""
+    return version if replica == 0 else f"{version}#r{replica}"
+
+
 @dataclass(frozen=True)
 class ClusterLauncher:
     inner: Launcher
     member: Member
+    replica: int = 0
 
     async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
                     ) -> ClusterWorker:
         async def given() -> list[int]:
             return gpus
 
-        return ClusterWorker(self.inner, self.member, spec, weights, given)
+        return ClusterWorker(self.inner, self.member, spec, weights, given, self.replica)
 
 
 @dataclass(frozen=True)
@@ -235,11 +246,11 @@ class ClusterContext(ModelContext):
 
     member: Member | None = None
 
-    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
+    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> Launcher:
         inner = super().local_launcher(spec)
         if self.member is None:
             return inner
-        return ClusterLauncher(inner, self.member)
+        return ClusterLauncher(inner, self.member, replica)
 
     async def launch(self, spec: ModelSpec, weights: Path | None, place: Place) -> Worker:
         """The model's worker, placed on this machine's GPUs only once this gateway owns it

@@ -92,9 +92,10 @@ class ModelContext:
         """Whether `spec`'s worker runs on the Ray cluster (which places it itself)."""
         return self.ray is not None and spec.ray is not False
 
-    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
-        """The launcher of a model that is not `remote`: a Ray actor on the cluster when
-        there is one (`on_cluster`), else a process on this machine."""
+    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> Launcher:
+        """The launcher of a model that is not `remote` (of its replica `replica`: the same
+        here; gateways sharing a database own each replica apart): a Ray actor on the
+        cluster when there is one (`on_cluster`), else a process on this machine."""
         if spec is not None and self.on_cluster(spec):
             from modelhost.workers.ray_launcher import RayLauncher
             own = spec.ray if isinstance(spec.ray, RaySpec) else RaySpec()

@@ -103,7 +103,7 @@ class Model:
         self._task: asyncio.Task[None] | None = None
         # `replicas: N` > 1: workers 1 … N-1 (`registry.replicas`); None keeps N = 1 as it was.
         self.replicas = None if workers == 1 else \
-            Replicas(self.name, spec, lambda: ctx.local_launcher(spec), lambda: self._weights,
+            Replicas(self.name, spec, lambda i: ctx.local_launcher(spec, i), lambda: self._weights,
                      None if ctx.on_cluster(spec) else scheduler.place,
                      lambda: self._upstream if self._state is State.ready else None)
 

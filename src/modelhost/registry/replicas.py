@@ -103,7 +103,7 @@ class Replica:
 class Replicas:
     """Replicas 1 … N-1 of one model (see the module's docstring)."""
 
-    def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[], Launcher],
+    def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[int], Launcher],
                  weights: Callable[[], Path | None],
                  place: Callable[[Replica], Awaitable[list[int]]] | None,
                  primary: Callable[[], str | None]) -> None:
@@ -226,8 +226,8 @@ class Replicas:
                 try:
                     if self._place is not None:
                         replica.gpus = await self._place(replica)
-                    worker = await self._launcher().start(spec, replica.weights,
-                                                          replica.gpus)
+                    worker = await self._launcher(replica.index).start(
+                        spec, replica.weights, replica.gpus)
                 except Exception as exc:  # told on the card; retried with backoff
                     if not await self._backoff(replica, f"start failed: {exc}"):
                         return
