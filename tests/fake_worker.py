@@ -9,6 +9,7 @@ Each request may carry a `fake` object to steer it:
     gap (float)                seconds between chunks
     crash_after (int)          the process exits (os._exit) after sending this many chunks
     status (int)               answer with this HTTP status and an OpenAI error body
+    end_delay (float)          seconds between a stream's `data: [DONE]` and its end
 GET /stats reports requests, completed and cancelled streams (a client that went away);
 with --events, the same happenings are appended to FILE as lines ("started PID", "request",
 "completed", "cancelled"), so a test can watch a worker it cannot address.
@@ -89,6 +90,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await resp.write(b"data: " + usage[:20])
             await resp.write(usage[20:] + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        # A worker that ends its answer a while after its last event (as a loaded one may).
+        await asyncio.sleep(float(fake.get("end_delay", 0)))
     except (ConnectionResetError, asyncio.CancelledError):
         record("cancelled")
         raise

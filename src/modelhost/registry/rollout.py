@@ -266,6 +266,7 @@ class Rollouts:
         probes = failed_probes = 0
         next_probe = time.monotonic() + settings.probe_every
         reason: str | None = None
+        probe_error: str | None = None  # the last failed probe's, for the log and reason
         try:
             while (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
@@ -279,12 +280,18 @@ class Rollouts:
                     if result is not None:
                         probes += 1
                         failed_probes += not result.ok
+                        if not result.ok:
+                            probe_error = result.error
+                            log.warning("model %s: a probe of the watched version failed: %s",
+                                        new.spec.id, result.error)
                 answers, errors = new.answers + probes, new.errors + failed_probes
                 rollout.watch = {"answers": answers, "errors": errors, "crashes": new.crashes}
                 if answers >= settings.min_requests and errors / answers > \
                         settings.error_threshold:
+                    probed = f"; {failed_probes} of them probes, the last: {probe_error}" \
+                        if failed_probes else ""
                     reason = (f"the new version failed {errors} of {answers} answers while "
-                              f"watched (more than {settings.error_threshold:.0%})")
+                              f"watched (more than {settings.error_threshold:.0%}{probed})")
                     break
                 if new.spec.id in self._cut:
                     rollout.warning = "watch cut short by a newer change of the model"

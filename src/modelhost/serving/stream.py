@@ -30,6 +30,8 @@ from modelhost.upstream import UpstreamResponse, UpstreamTimeout
 log = logging.getLogger(__name__)
 
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+# The last event of a chat or completions stream.
+DONE = b"data: [DONE]"
 
 
 class UsageScan:
@@ -145,6 +147,7 @@ class RelayStream:
         self._scan = scan
         self._first: float | None = None
         self._complete = False
+        self._last = b""  # the last chunk sent to the client
         self._closed = False
         self._gone = False
 
@@ -163,6 +166,7 @@ class RelayStream:
                             continue
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
+                    self._last = chunk
                     if self._first is None:
                         self._first = time.perf_counter()
                 if scan is not None and (rest := scan.rest()):
@@ -203,7 +207,10 @@ class RelayStream:
             self._resp.close()
         self._model.release()
         if self._ended is not None:
-            self._ended(self._first, self._complete, self._scan)
+            # A client that leaves once it has the last event (`data: [DONE]`; OpenAI's
+            # client closes the stream there) got the whole answer: not a failure.
+            whole = self._complete or (self._gone and self._last.rstrip().endswith(DONE))
+            self._ended(self._first, whole, self._scan)
 
 
 async def _disconnected(receive: Receive) -> None:
