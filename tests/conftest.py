@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
@@ -217,6 +218,38 @@ def describe_process(pid: int, parents: int = 1) -> str:
 def wait_gone(pid: int, timeout: float = 10) -> bool:
     """Whether `pid` stops running within `timeout` seconds."""
     return wait_for(lambda: not pid_alive(pid), timeout, interval=0.02)
+
+
+@contextmanager
+def constant_load(url: str, body: dict[str, Any], clients: int = 4
+                  ) -> Iterator[tuple[list[str], list[int]]]:
+    """`clients` threads POSTing `body` to `url`, one request after another, until the
+    block ends; yields the failures (any answer but a 200, any HTTP error) and the list of
+    requests done (its length)."""
+    failures: list[str] = []
+    done: list[int] = []
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    resp = http.post(url, json=body)
+                    if resp.status_code != 200:
+                        failures.append(f"client {index}: {resp.status_code} {resp.text}")
+                    done.append(1)
+                except httpx.HTTPError as exc:
+                    failures.append(f"client {index}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield failures, done
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
 
 
 def started_pids(events: Path) -> list[int]:

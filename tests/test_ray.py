@@ -19,7 +19,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from modelhost.registry.model import Model, ModelContext
 from tests.conftest import (
     FAKE_WORKER,
     GatewayFactory,
+    constant_load,
     fake_model,
     pid_alive,
     started_pids,
@@ -498,27 +498,9 @@ def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
     assert httpx.post(gw.url + "/api/admin/models/smollm2-135m/load",
                       timeout=120).status_code == 200
     assert wait_for(lambda: hosts() == {"127.0.0.2", "127.0.0.3"}, 60), replicas()
-    failures: list[str] = []
-    done: list[int] = []
-    stop = threading.Event()
-
-    def client(index: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    resp = http.post(gw.url + "/v1/chat/completions", json={
-                        "model": "two", "max_tokens": 4, "temperature": 0,
-                        "messages": [{"role": "user", "content": "Say hi."}]})
-                    if resp.status_code != 200:
-                        failures.append(f"client {index}: {resp.status_code} {resp.text}")
-                    done.append(1)
-                except httpx.HTTPError as exc:
-                    failures.append(f"client {index}: {exc!r}")
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    body = {"model": "two", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hi."}]}
+    with constant_load(gw.url + "/v1/chat/completions", body) as (failures, done):
         assert wait_for(lambda: len(done) >= 8, 30), failures
         node_b.kill()
         assert wait_for(lambda: hosts() == {"127.0.0.2"}, 15), replicas()
@@ -531,9 +513,5 @@ def test_two_replicas_across_the_nodes_survive_the_loss_of_one(
         served = len(done)
         time.sleep(1)
         assert len(done) > served
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
     assert failures == [], failures[:5]
     assert gw.model("smollm2-135m")["state"] == "ready"

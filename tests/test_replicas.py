@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from modelhost.workers.launchers import Launcher
 from tests.conftest import (
     Gateway,
     GatewayFactory,
+    constant_load,
     fake_model,
     pid_alive,
     wait_for,
@@ -54,34 +54,12 @@ def ready(gw: Gateway, n: int) -> bool:
 def load(gw: Gateway, clients: int = 4) -> Iterator[list[str]]:
     """`clients` threads sending chat requests (not streamed, each taking 50 ms at the
     worker) until the block ends; yields the failures."""
-    failures: list[str] = []
-    done: list[int] = []
-    stop = threading.Event()
-
-    def client(index: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    resp = http.post(gw.url + "/v1/chat/completions", json={
-                        "model": "m", "messages": [{"role": "user", "content": "hi"}],
-                        "fake": {"first_token_delay": 0.05}})
-                    if resp.status_code != 200:
-                        failures.append(f"client {index}: {resp.status_code} {resp.text}")
-                    done.append(1)
-                except httpx.HTTPError as exc:
-                    failures.append(f"client {index}: {exc!r}")
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "fake": {"first_token_delay": 0.05}}
+    with constant_load(gw.url + "/v1/chat/completions", body, clients) as (failures, done):
         assert wait_for(lambda: len(done) >= clients, 30), failures
         yield failures
         assert len(done) > clients
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
 
 
 def served(card: dict[str, Any]) -> int:
