@@ -26,7 +26,7 @@ from types import FrameType
 
 from .arms import start_upstream
 from .compare import export
-from .instructions import _requests, gateway_setup
+from .instructions import gateway_setup, send_requests
 from .procs import Procs, wait_http
 from .runner import ROOT
 
@@ -66,10 +66,10 @@ def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int, 
                               "serve", "--config", str(config), "--port", str(port)],
                        env=env, cwd=workdir)
     wait_http(proc, port, "/health", 120)
-    _requests(port, warmup)
+    send_requests(port, warmup)
     os.kill(proc.pid, signal.SIGUSR1)
     time.sleep(0.2)
-    _requests(port, n)
+    send_requests(port, n)
     os.kill(proc.pid, signal.SIGUSR2)
     deadline = time.monotonic() + 30
     while not out.exists() and time.monotonic() < deadline:

@@ -63,7 +63,7 @@ def _zero(pid: int) -> None:
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
 
 
-def _requests(port: int, n: int, seconds: float = 0.0) -> float:
+def send_requests(port: int, n: int, seconds: float = 0.0) -> float:
     """`n` chat requests one after another on one connection, paced evenly over `seconds`
     (0: as fast as they go); the seconds they took."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -111,12 +111,12 @@ def measure(procs: Procs, work: Path, name: str, src: Path, upstream_port: int,
     print(f"{name}: up under valgrind in {started:.0f} s", flush=True)
     subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True,
                    capture_output=True)
-    _requests(port, warmup)
+    send_requests(port, warmup)
     _zero(proc.pid)
-    took_low = _requests(port, n, seconds)
+    took_low = send_requests(port, n, seconds)
     low = _dump(proc.pid, out, "low")
     _zero(proc.pid)
-    took_high = _requests(port, 2 * n, seconds)
+    took_high = send_requests(port, 2 * n, seconds)
     high = _dump(proc.pid, out, "high")
     procs.stop(proc)
     if max(took_low, took_high) > seconds * 1.1:
