@@ -130,6 +130,39 @@ def test_unload_through_the_relaying_gateway_unloads_everywhere(
 
 
 @needs_postgres
+def test_an_unload_sent_while_the_owner_did_not_listen_still_stops_its_worker(
+        pair: tuple[Gateway, Gateway], database: str, tmp_path: Path) -> None:
+    """The listening connections break (killed by the server), the model is unloaded
+    through the relaying gateway at once, before they listen again: the notification is
+    lost, yet the owner reads the stored unload when it listens again and stops its worker
+    (without it, the worker would run on until its idle timer)."""
+    a, b = pair
+    events = tmp_path / "lost.events"
+    assert admin(a, "PUT", "/models/lost", json=fake_model("lost", events)).status_code == 200
+    within(1.0, lambda: listed(b, "lost") == 200)
+    assert chat(b, "lost").status_code == 200  # B owns it
+    assert chat(a, "lost").status_code == 200  # A relays
+    [owner_worker] = alive(events)
+    engine = sa.create_engine(database)
+    try:
+        with engine.connect() as conn:
+            ended = conn.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'modelhost-listen'")).scalar()
+    finally:
+        engine.dispose()
+    assert ended and ended >= 2  # (other tests' gateways may listen on this server too)
+    assert admin(a, "POST", "/models/lost/unload").status_code == 200
+    print(f"owner's worker gone: {within(6.0, lambda: not pid_alive(owner_worker)):.2f} s")
+    log = b.log.read_text(errors="replace")
+    assert "model lost was unloaded on every gateway while this one did not listen" in log
+    assert "listening to model changes again" in log
+    assert wait_for(lambda: card(b, "lost")["state"] == "cached", 5), card(b, "lost")
+    time.sleep(2)
+    assert alive(events) == [] and len(started_pids(events)) == 1
+
+
+@needs_postgres
 def test_idle_time_counts_the_requests_of_every_gateway(
         pair: tuple[Gateway, Gateway], store: Store, tmp_path: Path) -> None:
     """idle_ttl 4 s: requests through B only keep A's worker up well past it; once they

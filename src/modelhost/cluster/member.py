@@ -8,7 +8,10 @@ it guarded are stopped), and reads and writes the `model_workers` table through 
 
 Unloads act on every gateway (`lifecycle`): one announced here (`announce_unload`) or
 heard from another gateway (`unloaded`) is remembered per model (`unloaded_after`), so that
-a start already under way here does not take the model over.
+a start already under way here does not take the model over. Notifications sent while the
+listening connection was down are lost; on listening again (`_catch_up`) the stored desired
+states are read, and a model whose state became `unloaded` since the last reading, with no
+unload heard meanwhile, is unloaded here as if it had been heard.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class Member:
         # A model unloaded on every gateway, told by another one (`lifecycle` stops it here).
         self.on_unload: Callable[[str], None] | None = None
         self._unloads: dict[str, float] = {}  # model id: when its last unload was heard
+        # The desired states (model id: state, when set) read when this gateway last began
+        # to listen, and when (monotonic): what `_catch_up` compares with.
+        self._desired_seen: dict[str, tuple[str, str]] | None = None
+        self._listened_at = 0.0
+        self._catching_up: set[asyncio.Task[None]] = set()
         self._listener: ChangeListener | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._epoch_moved = asyncio.Event()
@@ -88,6 +96,8 @@ class Member:
         self._heartbeat = asyncio.create_task(self._beat(), name="cluster-heartbeat")
 
     async def stop(self) -> None:
+        for task in list(self._catching_up):
+            task.cancel()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +114,10 @@ class Member:
         elif (change is None or change.kind == SPEC) and self.on_change is not None:
             # (other kinds are a later version's)
             self.on_change(None if change is None else (change.model, change.gateway))
+        if change is None:  # listening (again): what was sent meanwhile is lost
+            task = asyncio.get_running_loop().create_task(self._catch_up())
+            self._catching_up.add(task)
+            task.add_done_callback(self._catching_up.discard)
 
     # -- unloads on every gateway (`lifecycle`) ---------------------------------------------
 
@@ -113,6 +127,27 @@ class Member:
         self._unloads[model_id] = time.monotonic()
         if self.on_unload is not None:
             self.on_unload(model_id)
+
+    async def _catch_up(self) -> None:
+        """Listening again: act on the unloads stored since this gateway last began to
+        listen whose notifications it did not hear (sent while it did not listen)."""
+        since, now = self._listened_at, time.monotonic()
+        try:
+            rows = await asyncio.to_thread(self._store().desired_states)
+        except Exception as exc:  # read at the next reconnection, from the same reading
+            log.warning("could not read the models' desired states: %s", exc)
+            return
+        seen: dict[str, tuple[str, str]] = {
+            model_id: (row.desired, row.updated_at.isoformat()) for model_id, row in rows.items()}
+        before, self._desired_seen, self._listened_at = self._desired_seen, seen, now
+        if before is None:
+            return
+        for model_id, (desired, set_at) in seen.items():
+            if desired == "unloaded" and before.get(model_id) != (desired, set_at) and \
+                    not self.unloaded_after(model_id, since):
+                log.info("model %s was unloaded on every gateway while this one did not "
+                         "listen: unloading it here", model_id)
+                self.unloaded(model_id)
 
     def unloaded_after(self, model_id: str, since: float) -> bool:
         """Whether the model was unloaded everywhere after `since` (monotonic clock)."""
