@@ -366,10 +366,12 @@ def test_a_gateway_whose_lock_session_breaks_loses_its_models(database: str) -> 
     asyncio.run(main())
 
 
-def test_only_the_owner_places_the_worker_on_its_gpus(database: str, tmp_path: Path) -> None:
-    """The GPUs of a model's worker are asked for by the gateway that owns it, once it owns
-    it: a gateway that relays to another's worker books none of its own (no room reserved,
-    no idle model evicted for a worker it will never run)."""
+@pytest.mark.parametrize("replica", [0, 1])
+def test_only_the_owner_places_the_worker_on_its_gpus(database: str, tmp_path: Path,
+                                                      replica: int) -> None:
+    """The GPUs of a model's worker (of each of its replicas) are asked for by the gateway
+    that owns it, once it owns it: a gateway that relays to another's worker books none of
+    its own (no room reserved, no idle model evicted for a worker it will never run)."""
     from modelhost.cluster.launcher import ClusterContext
     from modelhost.config import ModelSpec
 
@@ -392,9 +394,9 @@ def test_only_the_owner_places_the_worker_on_its_gpus(database: str, tmp_path: P
                                    stop_timeout=5, download=no_download, member=member)
                     for name, member in (("a", first), ("b", second))]
         try:
-            owner = await contexts[0].launch(spec, None, placing("a"))
+            owner = await contexts[0].launch(spec, None, placing("a"), replica)
             await owner.wait_ready(30)
-            relay = await contexts[1].launch(spec, None, placing("b"))
+            relay = await contexts[1].launch(spec, None, placing("b"), replica)
             await relay.wait_ready(30)
             assert relay.base_url == owner.base_url and relay.pid is None
             assert asked == ["a"]

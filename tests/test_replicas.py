@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 
 from modelhost.config import ModelSpec
-from modelhost.registry.replicas import Replicas
-from modelhost.workers.launchers import Launcher
+from modelhost.registry.context import Place
+from modelhost.registry.replicas import Replica, Replicas
+from modelhost.workers.launchers import Worker
 from tests.conftest import (
     Gateway,
     GatewayFactory,
@@ -150,14 +151,18 @@ def test_a_failed_model_stops_its_other_replicas(gateway_factory: GatewayFactory
     assert replicas(gw)[1]["state"] == "stopped"
 
 
-def no_launcher(replica: int) -> Launcher:
+async def no_launch(replica: int, weights: Path | None, place: Place) -> Worker:
     raise AssertionError("no worker is started here")
+
+
+async def no_place(replica: Replica) -> list[int]:
+    raise AssertionError("no GPU is asked for here")
 
 
 def test_the_pick_is_the_least_loaded_ready_replica_and_passes_over_a_shunned_one() -> None:
     spec = ModelSpec.model_validate({"id": "m", "backend": "command", "replicas": 3,
                                      "command": ["x", "{port}"]})
-    chosen = Replicas("m", spec, no_launcher, lambda: None, None, lambda: "http://a/v1")
+    chosen = Replicas("m", spec, no_launch, lambda: None, no_place, lambda: "http://a/v1")
     one, two = chosen.extra
     assert chosen.pick("http://a/v1") == "http://a/v1"  # the others are not ready yet
     assert chosen.pick(None) is None

@@ -1,7 +1,7 @@
 """Every model's start when gateways share a PostgreSQL database: one owner, relays elsewhere.
 
-`ClusterContext.local_launcher` wraps the launcher the model would use alone (a local
-process, or Ray's) in a `ClusterLauncher`. Its `ClusterWorker`, when asked to be ready:
+`ClusterContext.launch` wraps the launcher the model would use alone (a local process, or
+Ray's) in a `ClusterWorker` (one per replica). When asked to be ready, it:
 
 Ownership is by version: the lock and the published address are those of the model's id
 and its spec's digest (`db.workers.spec_version`). A gateway rolling an update out gets a
@@ -227,39 +227,21 @@ def replica_version(version: str, replica: int) -> str:
 
 
 @dataclass(frozen=True)
-class ClusterLauncher:
-    inner: Launcher
-    member: Member
-    replica: int = 0
-
-    async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
-                    ) -> ClusterWorker:
-        async def given() -> list[int]:
-            return gpus
-
-        return ClusterWorker(self.inner, self.member, spec, weights, given, self.replica)
-
-
-@dataclass(frozen=True)
 class ClusterContext(ModelContext):
     """A model's context whose launcher is shared out between the gateways (`member`)."""
 
     member: Member | None = None
 
-    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> Launcher:
-        inner = super().local_launcher(spec)
+    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place,
+                     replica: int = 0) -> Worker:
+        """The worker of the model's replica `replica`, placed on this machine's GPUs only
+        once this gateway owns that replica (a gateway that relays to another's worker books
+        none)."""
         if self.member is None:
-            return inner
-        return ClusterLauncher(inner, self.member, replica)
-
-    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place) -> Worker:
-        """The model's worker, placed on this machine's GPUs only once this gateway owns it
-        (a gateway that relays to another's worker books none)."""
-        if self.member is None:
-            return await super().launch(spec, weights, place)
+            return await super().launch(spec, weights, place, replica)
 
         async def nowhere() -> list[int]:  # a Ray cluster places its workers itself
             return []
 
         return ClusterWorker(super().local_launcher(spec), self.member, spec, weights,
-                             nowhere if self.on_cluster(spec) else place)
+                             nowhere if self.on_cluster(spec) else place, replica)

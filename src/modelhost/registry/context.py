@@ -92,10 +92,9 @@ class ModelContext:
         """Whether `spec`'s worker runs on the Ray cluster (which places it itself)."""
         return self.ray is not None and spec.ray is not False
 
-    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> Launcher:
-        """The launcher of a model that is not `remote` (of its replica `replica`: the same
-        here; gateways sharing a database own each replica apart): a Ray actor on the
-        cluster when there is one (`on_cluster`), else a process on this machine."""
+    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
+        """The launcher of a model that is not `remote`: a Ray actor on the cluster when
+        there is one (`on_cluster`), else a process on this machine."""
         if spec is not None and self.on_cluster(spec):
             from modelhost.workers.ray_launcher import RayLauncher
             own = spec.ray if isinstance(spec.ray, RaySpec) else RaySpec()
@@ -108,10 +107,12 @@ class ModelContext:
                                     self.worker_log_backups, self.worker_host,
                                     self.worker_advertised_host)
 
-    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place) -> Worker:
-        """Start the worker of a model that is not `remote` through its launcher, on the
-        GPUs `place` gives, asked just before it starts (a Ray cluster's worker: none, the
-        cluster places it). `cluster.launcher.ClusterContext` asks only once this gateway
-        owns the model: a gateway that relays to another's worker books no GPU."""
+    async def launch(self, spec: ModelSpec, weights: Path | None, place: Place,
+                     replica: int = 0) -> Worker:
+        """Start the worker of a model that is not `remote` (of its replica `replica`: the
+        same here; gateways sharing a database own each replica apart) through its launcher,
+        on the GPUs `place` gives, asked just before it starts (a Ray cluster's worker: none,
+        the cluster places it). `cluster.launcher.ClusterContext` asks only once this gateway
+        owns the replica: a gateway that relays to another's worker books no GPU."""
         gpus = [] if self.on_cluster(spec) else await place()
         return await self.local_launcher(spec).start(spec, weights, gpus)

@@ -103,8 +103,8 @@ class Model:
         self._task: asyncio.Task[None] | None = None
         # `replicas: N` > 1: workers 1 … N-1 (`registry.replicas`); None keeps N = 1 as it was.
         self.replicas = None if workers == 1 else \
-            Replicas(self.name, spec, lambda i: ctx.local_launcher(spec, i), lambda: self._weights,
-                     None if ctx.on_cluster(spec) else scheduler.place,
+            Replicas(self.name, spec, lambda i, w, p: ctx.launch(spec, w, p, i),
+                     lambda: self._weights, scheduler.place,
                      lambda: self._upstream if self._state is State.ready else None)
 
     # -- what the owner keeps, read-only ------------------------------------------------

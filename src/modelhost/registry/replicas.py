@@ -13,19 +13,22 @@ In flight is counted by the relay's calls (`took` when a call picks a replica, `
 release); N = 1 has no `Replicas` at all, so its path is unchanged.
 
 GPUs: each local replica is placed on GPUs of its own by the gateway's scheduler (`place`,
-asked just before its worker starts, as the model's own worker is): a replica is a `Tenant`
+asked through `ModelContext.launch` just before its worker starts, as the model's own worker
+is; with gateways sharing a database, only by the gateway that owns that replica): a replica
+is a `Tenant`
 that placement sees beside every other worker (`Registry`'s scheduler lists them), under a
 name of its own, so that two replicas of a model that wants a GPU go to two GPUs with room,
 never onto one that has none. A spec that pins `gpus` keeps its replicas on those GPUs (the
 placement checks they have room for each). A replica is never evicted to make room for
-another model (it goes with its model). Replicas that Ray places (`place` None) are placed
-by the cluster on its nodes' GPUs.
+another model (it goes with its model). Replicas on the Ray cluster are placed by the
+cluster on its nodes' GPUs (`place` is not asked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,13 +38,17 @@ from typing import Any
 
 from modelhost.config import ModelSpec
 from modelhost.gpu.placement import PlacementError
-from modelhost.workers.launchers import Launcher, Worker
+from modelhost.registry.context import Place
+from modelhost.workers.launchers import Worker
 
 log = logging.getLogger(__name__)
 
 # A worker that stayed up this long is healthy again: its crash count starts over.
 HEALTHY_UPTIME = 60.0
 MAX_BACKOFF = 30.0
+# Starts the worker of replica N with these weights, on the GPUs `Place` gives when asked
+# (`ModelContext.launch`).
+Launch = Callable[[int, Path | None, Place], Awaitable[Worker]]
 # A replica a call could not reach is passed over this long (its exit may be reported later).
 SHUNNED = 5.0
 
@@ -103,15 +110,15 @@ class Replica:
 class Replicas:
     """Replicas 1 … N-1 of one model (see the module's docstring)."""
 
-    def __init__(self, name: str, spec: ModelSpec, launcher: Callable[[int], Launcher],
+    def __init__(self, name: str, spec: ModelSpec, launch: Launch,
                  weights: Callable[[], Path | None],
-                 place: Callable[[Replica], Awaitable[list[int]]] | None,
+                 place: Callable[[Replica], Awaitable[list[int]]],
                  primary: Callable[[], str | None]) -> None:
         self.name = name
         self.spec = spec
-        self._launcher = launcher
+        self._launch = launch  # `ModelContext.launch`, for one replica
         self._weights = weights
-        self._place = place  # the GPU scheduler's (None: the cluster places them)
+        self._place = place  # the GPU scheduler's
         self._primary = primary  # replica 0's base URL while the model is ready
         self.extra = [Replica(i, spec) for i in range(1, spec.replicas)]
         self.primary_in_flight = 0  # replica 0's (the model's own worker)
@@ -224,10 +231,8 @@ class Replicas:
                 replica.state = "starting"
                 replica.weights = self._weights()
                 try:
-                    if self._place is not None:
-                        replica.gpus = await self._place(replica)
-                    worker = await self._launcher(replica.index).start(
-                        spec, replica.weights, replica.gpus)
+                    worker = await self._launch(replica.index, replica.weights,
+                                                functools.partial(self._placed, replica))
                 except Exception as exc:  # told on the card; retried with backoff
                     if not await self._backoff(replica, f"start failed: {exc}"):
                         return
@@ -265,6 +270,12 @@ class Replicas:
                 replica.state = "stopped"
             if worker_ is not None:
                 await _quietly(worker_.stop())
+
+    async def _placed(self, replica: Replica) -> list[int]:
+        """The GPUs of `replica`, asked only when its worker starts here (not for a worker
+        on the Ray cluster, nor for one another gateway owns)."""
+        replica.gpus = await self._place(replica)
+        return replica.gpus
 
     async def _backoff(self, replica: Replica, reason: str) -> bool:
         """Wait before the next start; False when the restarts ran out (failed)."""
