@@ -99,6 +99,10 @@ def test_three_replicas_share_the_load_and_survive_a_kill(gateway_factory: Gatew
     assert served(cards[1]) > 0
     gw.stop()  # every replica's worker goes with the gateway
     assert all(wait_gone(c["pid"]) for c in cards), cards
+    # Each replica wrote its own log (two processes never rotate one file).
+    logs = gw.tmp / "data" / "logs" / "workers"
+    assert sorted(p.name for p in logs.iterdir()) == ["m.log", "m.r1.log", "m.r2.log"]
+    assert all(p.stat().st_size > 0 for p in logs.iterdir())
 
 
 def test_scaling_through_the_admin_api_drops_nothing(gateway_factory: GatewayFactory,

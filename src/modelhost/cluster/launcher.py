@@ -243,5 +243,5 @@ class ClusterContext(ModelContext):
         async def nowhere() -> list[int]:  # a Ray cluster places its workers itself
             return []
 
-        return ClusterWorker(super().local_launcher(spec), self.member, spec, weights,
+        return ClusterWorker(super().local_launcher(spec, replica), self.member, spec, weights,
                              nowhere if self.on_cluster(spec) else place, replica)

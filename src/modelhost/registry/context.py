@@ -92,20 +92,21 @@ class ModelContext:
         """Whether `spec`'s worker runs on the Ray cluster (which places it itself)."""
         return self.ray is not None and spec.ray is not False
 
-    def local_launcher(self, spec: ModelSpec | None = None) -> Launcher:
-        """The launcher of a model that is not `remote`: a Ray actor on the cluster when
-        there is one (`on_cluster`), else a process on this machine."""
+    def local_launcher(self, spec: ModelSpec | None = None, replica: int = 0) -> Launcher:
+        """The launcher of a model that is not `remote` (of its replica `replica`: its own
+        log file): a Ray actor on the cluster when there is one (`on_cluster`), else a
+        process on this machine."""
         if spec is not None and self.on_cluster(spec):
             from modelhost.workers.ray_launcher import RayLauncher
             own = spec.ray if isinstance(spec.ray, RaySpec) else RaySpec()
             return RayLauncher(self.ray, self.log_dir, self.stop_timeout, self.hf_token,
                                self.max_audio_seconds, self.worker_log_bytes,
                                self.worker_log_backups, resources=own.resources,
-                               num_cpus=own.num_cpus)
+                               num_cpus=own.num_cpus, replica=replica)
         return LocalProcessLauncher(self.log_dir, self.stop_timeout, self.hf_token,
                                     self.max_audio_seconds, self.worker_log_bytes,
                                     self.worker_log_backups, self.worker_host,
-                                    self.worker_advertised_host)
+                                    self.worker_advertised_host, replica)
 
     async def launch(self, spec: ModelSpec, weights: Path | None, place: Place,
                      replica: int = 0) -> Worker:
@@ -115,4 +116,4 @@ class ModelContext:
         the cluster places it). `cluster.launcher.ClusterContext` asks only once this gateway
         owns the replica: a gateway that relays to another's worker books no GPU."""
         gpus = [] if self.on_cluster(spec) else await place()
-        return await self.local_launcher(spec).start(spec, weights, gpus)
+        return await self.local_launcher(spec, replica).start(spec, weights, gpus)

@@ -51,10 +51,11 @@ PROBE_TIMEOUT = 10.0  # a remote server's readiness probe, in all
 
 
 
-def worker_log(log_dir: Path, model_id: str) -> Path:
-    """The file a local worker of `model_id` writes its output to (rotated by size)."""
+def worker_log(log_dir: Path, model_id: str, replica: int = 0) -> Path:
+    """The file a worker of `model_id` writes its output to (rotated by size); each replica
+    past the first (`replicas: N`) has its own, `<id>.r<N>.log`."""
     safe = model_id.replace("/", "__").replace(":", "_")
-    return log_dir / "workers" / f"{safe}.log"
+    return log_dir / "workers" / (f"{safe}.log" if replica == 0 else f"{safe}.r{replica}.log")
 
 class Worker(Protocol):
     """A running worker, wherever it runs."""
@@ -156,6 +157,7 @@ class LocalProcessLauncher:
     log_backups: int
     host: str = LOOPBACK
     advertised_host: str | None = None
+    replica: int = 0  # which replica of the model it starts (its log file)
 
     async def start(self, spec: ModelSpec, weights: Path | None, gpus: list[int]
                     ) -> LocalWorker:
@@ -164,7 +166,8 @@ class LocalProcessLauncher:
                            max_audio_seconds=self.max_audio_seconds)
         plan.env.update(spec.env)
         process = WorkerProcess(spec.id, plan, reach(self.host), port,
-                                worker_log(self.log_dir, spec.id), self.stop_timeout,
+                                worker_log(self.log_dir, spec.id, self.replica),
+                                self.stop_timeout,
                                 log_bytes=self.log_bytes, log_backups=self.log_backups)
         await process.start()
         return LocalWorker(process, self.advertised_host)

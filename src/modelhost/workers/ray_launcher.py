@@ -45,6 +45,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from modelhost.config import ModelSpec
 from modelhost.upstream import UpstreamClient
+from modelhost.workers.launchers import worker_log
 from modelhost.workers.plans import launch_plan
 from modelhost.workers.process import (
     LOG_FILE_BYTES,
@@ -164,6 +165,7 @@ class RayLauncher:
     log_backups: int = 3
     resources: Mapping[str, float] = field(default_factory=dict)
     num_cpus: float | None = None
+    replica: int = 0  # which replica of the model it starts (its log file)
 
     def bundle(self, spec: ModelSpec) -> dict[str, float]:
         """What one worker of `spec` reserves on its node."""
@@ -248,8 +250,7 @@ class RayLauncher:
         return [str(weights)] if weights is not None else []
 
     def _log_file(self, spec: ModelSpec) -> str:
-        safe = spec.id.replace("/", "__").replace(":", "_")
-        return str(self.log_dir / "workers" / f"{safe}.log")
+        return str(worker_log(self.log_dir, spec.id, self.replica))
 
 
 class RayWorker:
