@@ -16,7 +16,9 @@ gateway (never on SQLite):
   `model_activity` (`tick`, from the idle reaper's timer: at most every `ACTIVITY_S` per
   model, only while the model is used; a request only stamps `Model.last_used`, as it does
   alone). A model idle here for its `idle_ttl` is unloaded only when no gateway used it
-  within that time (`idle`); then it is unloaded everywhere, as above.
+  within that time (`idle`), nor within `RECORD_LAG_S` (how late another gateway's use may
+  be recorded: a shorter `idle_ttl` is held to that); then it is unloaded everywhere, as
+  above.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # How often a gateway records its uses of the models (seconds, at most, per model).
 ACTIVITY_S: Final = 2.0
+# How late another gateway's use may be recorded (`ACTIVITY_S` plus a reaper's tick, and
+# some room): across gateways nothing counts as idle for less, whatever its `idle_ttl`.
+RECORD_LAG_S: Final = ACTIVITY_S + 1.5
 # A row of `model_activity` older than this is dropped (a gateway that died without
 # forgetting its rows), when a gateway starts or stops.
 FORGET_AFTER_S: Final = 24 * 3600.0
@@ -121,9 +126,10 @@ class SharedLifecycle:
                         "unloaded for now: %s", model_id, exc)
             self._used_until[model_id] = now + ACTIVITY_S
             return False
-        if idle_for is not None and idle_for < ttl:
-            log.debug("model %s: used through another gateway %.1f s ago", model_id, idle_for)
-            self._used_until[model_id] = now + (ttl - idle_for)
+        wait = max(ttl, RECORD_LAG_S)
+        if idle_for is not None and idle_for < wait:
+            log.debug("model %s: used through a gateway %.1f s ago", model_id, idle_for)
+            self._used_until[model_id] = now + (wait - idle_for)
             return False
         self._used_until.pop(model_id, None)
         return True
