@@ -73,6 +73,11 @@ CALL_TIMEOUT = 10.0
 # its own; an address nobody answers at fails at once, `_reachable`). Ray Client's server
 # starts a Python process of its own for each gateway: 30 s was passed on a loaded machine.
 CONNECT_TIMEOUT = 60.0
+# Ray Client's server answered but could not start that process (it exited while starting:
+# seen once in 4 runs of the suite on a loaded machine): tried again this many times in all,
+# within CONNECT_TIMEOUT, this long apart.
+CONNECT_ATTEMPTS = 3
+CONNECT_RETRY_S = 1.0
 # What a failed call to the cluster raises: Ray's errors, Ray Client's plain ones once its
 # channel is closed (ValueError "Cannot invoke RPC on closed channel!", ConnectionError),
 # and our own deadlines.
@@ -122,12 +127,7 @@ class RayCluster:
         worker_log = logging.getLogger("ray._private.worker")
         worker_log.addFilter(_not_sigterm_notice)
         try:
-            await asyncio.wait_for(asyncio.to_thread(
-                ray.init, address=options.address, namespace=options.namespace,
-                _node_ip_address=options.node_ip,
-                # The workers' output is theirs (`RayWorker.fetch_tail`, the node's log
-                # files), not the gateway's; Ray's own logging stays as the gateway set it.
-                log_to_driver=False, configure_logging=False), CONNECT_TIMEOUT)
+            await asyncio.wait_for(self._init(), CONNECT_TIMEOUT)
         except TimeoutError:
             raise ConnectionError(f"the Ray cluster at {options.address} did not accept "
                                   f"the gateway within {CONNECT_TIMEOUT:g} s") from None
@@ -136,6 +136,28 @@ class RayCluster:
         self._owns_connection = True
         log.info("connected to the Ray cluster at %s (namespace %s)", options.address,
                  options.namespace)
+
+    async def _init(self) -> None:
+        """ray.init, tried again when Ray Client's server fails to start the process that
+        would serve this gateway (`ConnectionAbortedError`, "Initialization failure from
+        server"); any other error, or the last attempt's, is raised as it is."""
+        options = self.options
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                await asyncio.to_thread(
+                    ray.init, address=options.address, namespace=options.namespace,
+                    _node_ip_address=options.node_ip,
+                    # The workers' output is theirs (`RayWorker.fetch_tail`, the node's log
+                    # files), not the gateway's; Ray's own logging stays as the gateway's.
+                    log_to_driver=False, configure_logging=False)
+                return
+            except ConnectionAbortedError as exc:
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
+                log.warning("the Ray cluster at %s failed to take the gateway (attempt %d "
+                            "of %d), trying again: %s", options.address, attempt,
+                            CONNECT_ATTEMPTS, str(exc).strip().splitlines()[0])
+                await asyncio.sleep(CONNECT_RETRY_S)
 
     async def close(self) -> None:
         """Stop every worker started through this cluster, then disconnect."""
