@@ -42,6 +42,8 @@ class RayNode:
     process: subprocess.Popen[bytes]
     folder: Path
     output: Path
+    resources: dict[str, float] = field(default_factory=dict)
+    gpus: int = 0
 
     def descendants(self) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
@@ -96,7 +98,7 @@ class LoopbackCluster:
             process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env,
                                        start_new_session=True)
-        node = RayNode(name, ip, process, folder, output)
+        node = RayNode(name, ip, process, folder, output, resources, gpus)
         self.nodes.append(node)
         deadline = time.monotonic() + START_TIMEOUT
         while STARTED not in output.read_text(errors="replace"):
@@ -105,6 +107,14 @@ class LoopbackCluster:
                 raise RuntimeError(f"ray start for {name} on {ip} failed:\n{text}")
             time.sleep(0.2)
         return node
+
+    def restart(self, node: RayNode) -> RayNode:
+        """`node` started again (after it was killed), same name, address and resources,
+        in a new folder; its old folder goes."""
+        node.kill()
+        shutil.rmtree(node.folder, ignore_errors=True)
+        self.nodes.remove(node)
+        return self.start_node(node.name, node.ip, node.resources, node.gpus)
 
     def close(self) -> None:
         for node in reversed(self.nodes):
