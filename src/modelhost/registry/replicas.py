@@ -15,12 +15,11 @@ release); N = 1 has no `Replicas` at all, so its path is unchanged.
 GPUs: each local replica is placed on GPUs of its own by the gateway's scheduler (`place`,
 asked through `ModelContext.launch` just before its worker starts, as the model's own worker
 is; with gateways sharing a database, only by the gateway that owns that replica): a replica
-is a `Tenant`
-that placement sees beside every other worker (`Registry`'s scheduler lists them), under a
-name of its own, so that two replicas of a model that wants a GPU go to two GPUs with room,
-never onto one that has none. A spec that pins `gpus` keeps its replicas on those GPUs (the
-placement checks they have room for each). A replica is never evicted to make room for
-another model (it goes with its model). Replicas on the Ray cluster are placed by the
+is a `Tenant` that placement sees beside every other worker (`Registry`'s scheduler lists
+them), under a name of its own, so that two replicas of a model that wants a GPU go to two
+GPUs with room, never onto one that has none. A spec that pins `gpus` keeps its replicas on
+those GPUs (the placement checks they have room for each). A replica is never evicted to
+make room for another model (it goes with its model). Replicas on the Ray cluster are placed by the
 cluster on its nodes' GPUs (`place` is not asked).
 """
 
