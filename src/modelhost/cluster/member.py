@@ -134,7 +134,7 @@ class Member:
         since, now = self._listened_at, time.monotonic()
         try:
             rows = await asyncio.to_thread(self._store().desired_states)
-        except Exception as exc:  # read at the next reconnection, from the same reading
+        except Exception as exc:  # the next reconnection compares with the last reading
             log.warning("could not read the models' desired states: %s", exc)
             return
         seen: dict[str, tuple[str, str]] = {
