@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from modelhost.db.store import Store
 from modelhost.sealing import Malformed, Sealer, Tampered, WrongKey
 from modelhost.settings import Settings
 from modelhost.workers.process import free_port
@@ -294,6 +296,11 @@ def test_a_model_with_a_secret_added_through_one_is_served_by_the_other(
             for secret in (REMOTE_KEY, URL_PASSWORD):
                 assert secret not in gw.output()
         assert chat(b, "sealed").status_code == 200
+        # Their failed starts are theirs: the model stays `loaded` for every gateway (a
+        # gateway alone records a failed load as `unloaded`, not to load it at its next start).
+        time.sleep(0.5)  # (a queued write lands within milliseconds)
+        with Store.open(database) as store:
+            assert store.desired_states()["sealed"].desired == "loaded"
 
     # A new key for the same server (the stored spec does not change): B hears of it.
     with upstream(port, REMOTE_KEY + "-rotated") as url:

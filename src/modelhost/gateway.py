@@ -184,12 +184,13 @@ class Gateway:
         model_id, gpus = model.spec.id, list(model.pin) if model.pin is not None else None
         if model.state is State.starting and previous is State.cached:
             self.persistence.later(lambda store: store.set_desired(model_id, "loaded", gpus))
-        elif (model.state is State.cached and previous is State.stopping
-              and self.registry.shared is None) or \
-                (model.state is State.failed and previous is State.starting):
+        elif self.registry.shared is None and (
+                (model.state is State.cached and previous is State.stopping) or
+                (model.state is State.failed and previous is State.starting)):
             # Unloaded, or its load failed: not to be loaded again at the next start. (With
             # other gateways an unload stores it as it is announced, `cluster.lifecycle`: a
-            # stop that ends later must not undo a load another gateway made meanwhile.)
+            # stop that ends later must not undo a load another gateway made meanwhile; and a
+            # load that failed here is this gateway's, not an unload of the others' models.)
             self.persistence.later(lambda store: store.set_desired(model_id, "unloaded"))
 
     async def history(self, model_id: str) -> list[dict[str, Any]]:
