@@ -311,6 +311,17 @@ def module_gateway_factory(tmp_path_factory: pytest.TempPathFactory
         yield make
 
 
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A PostgreSQL server of the test module's own, on loopback, torn down after it
+    (`tests/postgres.py`); skipped, saying why, where one cannot run."""
+    from tests.postgres import missing, postgres_server
+
+    if (why := missing()) is not None:
+        pytest.skip(why)
+    with postgres_server() as url:
+        yield url
+
 
 # Parallel runs (pytest-xdist): how many workers, and which tests go together
 # (tests/parallel.py, docs/testing.md).

@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from modelhost.workers.process import free_port
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -91,3 +93,7 @@ def postgres_server() -> Iterator[str]:
                                       "immediate", "-w", "stop"]),
                            capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# Tests that need the server (and psycopg): skipped, saying why, where they cannot run.
+needs_postgres = pytest.mark.skipif(missing() is not None, reason=str(missing()))

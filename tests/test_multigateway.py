@@ -34,19 +34,13 @@ from tests.conftest import (
     started_pids,
     wait_for,
 )
-from tests.postgres import missing, postgres_server
+from tests.postgres import needs_postgres
 
-pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+pytestmark = needs_postgres
 
 KEY = "sk-multi-user-4c1e9a7b2d5f8e3a"
 ADMIN = "sk-multi-admin-7f2a9c4e1b8d6a3f"
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
 
 
 @pytest.fixture

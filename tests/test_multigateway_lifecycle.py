@@ -34,16 +34,8 @@ from tests.conftest import (
     started_pids,
     wait_for,
 )
-from tests.postgres import missing, postgres_server
+from tests.postgres import needs_postgres
 from tests.test_multigateway import _close, _members, admin, chat, env, listed, within
-
-needs_postgres = pytest.mark.skipif(missing() is not None, reason=str(missing()))
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

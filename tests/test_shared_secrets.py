@@ -29,7 +29,7 @@ from modelhost.sealing import Malformed, Sealer, Tampered, WrongKey
 from modelhost.settings import Settings
 from modelhost.workers.process import free_port
 from tests.conftest import FAKE_WORKER, Gateway, GatewayFactory, wait_for
-from tests.postgres import missing, postgres_server
+from tests.postgres import needs_postgres
 
 KEY = "sk-shared-user-5e1a9c7b3d2f8e4a"
 ADMIN = "sk-shared-admin-8b2d6f1a9c4e7b3d"
@@ -38,7 +38,6 @@ OTHER_KEY = "Zq1Wx2Ec3Rv4Tb5Yn6Um7Ii8Oo9Pp0AaSsDdFfGgHh="
 REMOTE_KEY = "sk-upstream-3f9a7c1e5b2d4f6a"
 URL_PASSWORD = "urlpass-6c2e9b4d1a"
 HI = [{"role": "user", "content": "hi"}]
-needs_postgres = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 
 # ----------------------------------------------------------------------------- sealing
@@ -243,14 +242,6 @@ def last_error(gw: Gateway, model: str) -> str:
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    if missing() is not None:
-        pytest.skip(str(missing()))
-    with postgres_server() as url:
-        yield url
 
 
 @needs_postgres
