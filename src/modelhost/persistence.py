@@ -37,6 +37,7 @@ from pydantic import SecretStr, ValidationError
 
 from modelhost.admin_policy import remote_url
 from modelhost.config import UNION_TAGS, ModelSpec
+from modelhost.db.rows import ModelRow
 from modelhost.db.store import Store
 from modelhost.db.workers import spec_version
 from modelhost.errors import InvalidRequest, validation_message
@@ -217,8 +218,8 @@ class Persistence:
                           row.model_id, problems)
         return specs
 
-    async def stored_spec(self, row: Any) -> dict[str, Any]:
-        """A stored model's spec (a `ModelRow`), with its secrets put back where this
+    async def stored_spec(self, row: ModelRow) -> dict[str, Any]:
+        """A stored model's spec, with its secrets put back where this
         gateway can get them; else with `***`, and the reason in `locked` (logged)."""
         keeper = self.keeper
         try:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,6 @@ class SecretFile:
         self._write(data)
 
     def _write(self, data: dict[str, dict[str, str]]) -> None:
-        import tempfile
-
         folder = self.path.parent
         if not folder.is_dir():
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def check_settings(settings: Settings) -> list[Finding]:
             fix="List the names clients use (e.g. llm.example.com, .example.com).",
             path="(environment)"))
     url = settings.database_url
-    if url is not None and not url.startswith("sqlite") and settings.secret_key is None:
+    if url is not None and settings.secret_key is None and _shared(url):
         out.append(Finding(
             R.SHARED_NO_KEY, "MODELHOST_DATABASE_URL is not SQLite (gateways may share it) "
             "and MODELHOST_SECRET_KEY is not set",
@@ -145,3 +145,15 @@ def check_settings(settings: Settings) -> list[Finding]:
             "exist", fix="Point MODELHOST_CONFIG at the models file.", path="(environment)"))
     return out
 
+
+def _shared(url: str) -> bool:
+    """Whether a state database URL may be shared by several gateways (not SQLite)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from modelhost.db.engine import is_sqlite
+
+    try:
+        return not is_sqlite(make_url(url))
+    except ArgumentError:  # not a URL: the gateway refuses it at start, saying why
+        return False
